@@ -1,0 +1,28 @@
+"""Checks beyond the recipe's types that still load no model: data records fit their format, trackers exist."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from llmcl.data.formatting import check_record
+from llmcl.data.sources import peek
+from llmcl.errors import LlmclError, RecipeError
+from llmcl.recipe import Recipe
+
+_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check(recipe: Recipe) -> None:
+    """Raise LlmclError/RecipeError naming the recipe key of the first problem found."""
+    for tracker in recipe.logging.trackers:
+        if not any(importlib.util.find_spec(m) for m in _TRACKER_PACKAGES[tracker]):
+            raise RecipeError("logging.trackers", message=f"recipe key 'logging.trackers': {tracker} is not installed "
+                              f"(pip install {_TRACKER_PACKAGES[tracker][0]})")
+    for i, stage in enumerate(recipe.stages):
+        record = peek(stage.data, recipe.seed)
+        if record is None:
+            continue
+        if not isinstance(record, dict):
+            raise LlmclError(f"recipe key 'stages.{i}.data.path': records must be objects with named fields, "
+                             f"got {type(record).__name__}")
+        check_record(stage.data, record, f"stages.{i}.data")

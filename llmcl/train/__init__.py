@@ -1,0 +1,1 @@
+"""Training: the explicit Accelerate loop, LR schedules, checkpoints and the run ledger, progress and metrics."""

@@ -1,0 +1,289 @@
+"""The training loop: every stage of a recipe, one after another, in one explicit Accelerate loop.
+
+Read it top to bottom:
+    run()            open the run dir and ledger, decide which stages to train, train them in order
+    _train_stage()   1) data  2) model from the previous stage + method.prepare  3) optimizer
+                     4) resume from a step checkpoint  5) the step loop  6) save the stage, mark it done
+
+Each stage starts from the previous stage's saved checkpoint, so an uninterrupted run, a resumed run and a
+`--stage N` job take the same path and give the same weights. The examples of step s are a pure function
+of (seed, stage, s) and the lr is a pure function of s: a step checkpoint holds only the trainable
+parameters, the optimizer, the RNG and the method state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from llmcl import methods
+from llmcl.data.batching import BatchPlan, collate
+from llmcl.data.formatting import IGNORE, encode
+from llmcl.data.sources import load_records
+from llmcl.errors import LlmclError
+from llmcl.methods.base import StageInfo
+from llmcl.models import count_parameters, load_base_model, load_stage_model, load_tokenizer
+from llmcl.recipe import Recipe
+from llmcl.schedules import lr_at, warmup_steps
+from llmcl.train import checkpoint as ckpt
+from llmcl.train.metrics import MetricsLog
+from llmcl.train.progress import Display
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    trained: list[int] = field(default_factory=list)
+    already_done: list[int] = field(default_factory=list)
+
+
+def mixed_precision(precision: str) -> str:
+    """Accelerate's mixed_precision for the recipe's train.precision."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display: Display | None = None) -> RunResult:
+    """Train every stage of `recipe` not yet done in `run_dir` (or only stage `only_stage`)."""
+    from accelerate import Accelerator
+
+    run_dir = Path(run_dir)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(recipe.train.precision),
+        log_with=list(recipe.logging.trackers) or None,
+        project_dir=str(run_dir),
+    )
+    display = display or Display(enabled=accelerator.is_main_process)
+    display.enabled = display.enabled and accelerator.is_main_process
+
+    # 1) the ledger decides what is left to do (recipe.yaml is written before anything else)
+    with accelerator.main_process_first():
+        ledger = ckpt.Ledger.open(run_dir, recipe, write=accelerator.is_main_process)
+    n = len(recipe.stages)
+    done = ledger.done_stages()
+    result = RunResult(run_dir, already_done=done)
+    if only_stage is not None:
+        if not 0 <= only_stage < n:
+            raise LlmclError(f"--stage {only_stage}: the recipe has {n} stages (0..{n - 1})")
+        if only_stage in done:
+            display.message(f"stage {only_stage} ({recipe.stages[only_stage].name}) is already done in {run_dir}; "
+                            "nothing to train")
+            return result
+        if only_stage > 0 and only_stage - 1 not in done:
+            raise LlmclError(f"--stage {only_stage}: stage {only_stage - 1} ({recipe.stages[only_stage - 1].name}) "
+                             f"is not done in {run_dir}; train it first (--stage {only_stage - 1})")
+        todo = [only_stage]
+    else:
+        todo = [i for i in range(n) if i not in done]
+        if not todo:
+            display.message(f"all {n} stages of {run_dir} are done; nothing to train")
+            return result
+    if done:
+        display.message(f"{run_dir}: stages {', '.join(map(str, done))} already done")
+
+    # 2) train the stages in order
+    tokenizer = load_tokenizer(recipe.model)
+    metrics = MetricsLog(run_dir, accelerator, trackers=list(recipe.logging.trackers),
+                         project=recipe.logging.project or recipe.name, config=recipe.to_dict())
+    try:
+        for i in todo:
+            _train_stage(recipe, i, run_dir, ledger, accelerator, tokenizer, metrics, display)
+            result.trained.append(i)
+    finally:
+        metrics.close()
+    return result
+
+
+def _adamw(named: list[tuple[str, torch.nn.Parameter]], cfg: Any) -> torch.optim.Optimizer:
+    """AdamW, fused where torch supports it; no weight decay on biases and norm weights (1-D tensors)."""
+    if not named:
+        raise LlmclError("the method left no trainable parameters")
+    decay = [p for _, p in named if p.ndim >= 2]
+    no_decay = [p for _, p in named if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    devices = {p.device.type for _, p in named}
+    fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() for _, p in named)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, fused=fused)
+
+
+def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, accelerator: Any, tokenizer: Any,
+                 metrics: MetricsLog, display: Display) -> None:
+    from accelerate.utils import set_seed
+
+    stage, cfg, n = recipe.stages[i], recipe.stage_train(i), len(recipe.stages)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    set_seed(recipe.seed + i)
+
+    # 1) data: tokenized examples and a deterministic step -> examples plan
+    records = load_records(stage.data, "train", recipe.seed)
+    examples, stats = encode(records, stage.data, tokenizer, cfg.seq_len)
+    label_counts = [sum(1 for x in e.labels[1:] if x != IGNORE) for e in examples]
+    plan = BatchPlan(len(examples), cfg.batch_size, cfg.grad_accum, world, recipe.seed, i)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch()))
+    warm = warmup_steps(cfg.warmup, total)
+    pad_id = tokenizer.pad_token_id
+
+    def calibration_batches() -> Iterator[dict[str, torch.Tensor]]:
+        for s in range(total):
+            yield collate([examples[j] for j in plan.micro_indices(s, 0, rank)], pad_id)
+
+    # 2) model: the base model for stage 0, else the previous stage's checkpoint; then the method
+    origin = {"kind": "base"} if i == 0 else ledger.manifest(i - 1)
+    with accelerator.main_process_first():  # rank 0 builds caches (SmolLM2 dequantization) first
+        if i == 0:
+            model = load_base_model(recipe.model, recipe.seed)
+        else:
+            model = load_stage_model(run_dir, origin, recipe.model, recipe.seed, trainable=True)
+    method = methods.create(recipe.method)
+    if i > 0:
+        method.load_state_dict(ckpt.load_tree(run_dir / ledger.stage(i - 1)["checkpoint"], "method_state"))
+    info = StageInfo(index=i, name=stage.name, num_stages=n, max_steps=total, seed=recipe.seed + i, origin=origin,
+                     batches=calibration_batches)
+    model = method.prepare(model, info)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.to(device)
+    trainable_params, total_params = count_parameters(model)
+
+    # 3) optimizer over what the method trains
+    named = method.trainable_parameters(model)
+    optimizer = _adamw(named, cfg)
+
+    # 4) resume from this stage's step checkpoint, if a previous attempt left one
+    start, tokens_done, wall_before = 0, 0, 0.0
+    resume = ckpt.load_step(run_dir, i)
+    if resume is not None:
+        by_name = dict(named)
+        missing = set(by_name) ^ set(resume["params"])
+        if missing:
+            raise LlmclError(f"the step checkpoint in {run_dir} does not match this recipe's trainable parameters "
+                             f"({len(missing)} differ, e.g. {sorted(missing)[0]}); delete {run_dir / ckpt.STEP_DIR}")
+        with torch.no_grad():
+            for name, tensor in resume["params"].items():
+                by_name[name].copy_(tensor)
+        optimizer.load_state_dict(resume["optimizer"])
+        method.load_state_dict(resume["method_state"])
+        start = resume["state"]["step"]
+        tokens_done, wall_before = resume["state"]["tokens"], resume["state"]["wall_seconds"]
+    metrics.truncate(i, start)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.gradient_accumulation_steps = cfg.grad_accum
+    accelerator.step = 0
+    if resume is not None:
+        ckpt.restore_rng(resume["rng"])  # last: model init and adapters above consumed random numbers
+    if accelerator.is_main_process:
+        ledger.mark(i, "running", started_at=ckpt.now())
+    step_offset = sum(ledger.stage(j).get("steps", 0) for j in range(i))
+    display.start_stage(
+        i, n, stage.name, total, start,
+        f"{stats.examples} {stats.format} examples, {total} steps x {plan.global_batch} (lr {cfg.lr:g}, "
+        f"{recipe.method.name}, {trainable_params:,}/{total_params:,} trainable)"
+        + (f", resuming after step {start}" if start else "")
+        + (f"; {stats.truncated} examples truncated to {cfg.seq_len} tokens" if stats.truncated else ""),
+    )
+
+    # 5) the step loop
+    model.train()
+    params = [p for _, p in named]
+    t_stage = t_log = time.perf_counter()
+    tokens_log = 0
+    loss_sum = torch.zeros((), device=device)
+    steps_in_window = 0
+    for step in range(start, total):
+        lr = lr_at(step, total, max_lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio, warmup=warm, schedule=cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # the loss is a mean over every trained token of the step, across micro-batches and ranks
+        n_items = sum(label_counts[j] for j in plan.step_indices(step))
+        for micro in range(cfg.grad_accum):
+            batch = collate([examples[j] for j in plan.micro_indices(step, micro, rank)], pad_id)
+            tokens_log += int(batch["attention_mask"].sum())
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    outputs = model(**batch, num_items_in_batch=n_items)
+                    loss = method.loss(model, batch, outputs)
+                # accelerate divides by grad_accum and DDP averages over ranks: undo both for a token mean
+                accelerator.backward(loss * (cfg.grad_accum * world))
+            loss_sum += loss.detach()
+        method.after_backward(model)
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step(model)
+        steps_in_window += 1
+
+        done_steps = step + 1
+        if done_steps % cfg.log_every == 0 or done_steps == total:
+            window = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(tokens_log), device=device)]), "sum")
+            now = time.perf_counter()
+            tokens_done += int(window[1])
+            record = {
+                "stage": i, "stage_name": stage.name, "step": done_steps, "global_step": step_offset + done_steps,
+                "loss": float(window[0]) / steps_in_window, "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens": tokens_done, "tokens_per_s": float(window[1]) / max(now - t_log, 1e-9),
+                "elapsed_s": wall_before + now - t_stage,
+            }
+            metrics.log(record)
+            display.update(done_steps, record["loss"], lr, record["tokens_per_s"])
+            loss_sum.zero_()
+            tokens_log, steps_in_window, t_log = 0, 0, now
+        if cfg.save_every and done_steps % cfg.save_every == 0 and done_steps < total:
+            _save_step(run_dir, i, done_steps, accelerator, model, named, optimizer, method,
+                       tokens_done, wall_before + time.perf_counter() - t_stage)
+
+    # 6) end of stage: the method's hook, the stage checkpoint (atomic), then the ledger
+    unwrapped = method.end_stage(accelerator.unwrap_model(model), info)
+    wall = wall_before + time.perf_counter() - t_stage
+    name = ckpt.stage_dir_name(i, stage.name)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        def write(tmp: Path) -> None:
+            manifest = method.save(unwrapped, tmp, info)
+            tokenizer.save_pretrained(tmp / manifest["path"])
+            ckpt.save_tree(method.state_dict(), tmp, "method_state")
+            ckpt.write_json(tmp / "stage.json", {"index": i, "name": stage.name, "data": stats.__dict__,
+                                                 "train": cfg.__dict__, "steps": total})
+            manifest.update(path=f"{name}/{manifest['path']}", stage=i, method=recipe.method.name,
+                            base_model=recipe.model.path, seed=recipe.seed)
+            ckpt.write_json(tmp / "manifest.json", manifest)
+
+        ckpt.write_dir(run_dir / name, write)
+        ledger.mark(i, "done", checkpoint=name, steps=total, examples=stats.examples, tokens=tokens_done,
+                    wall_seconds=round(wall, 3), trainable_params=trainable_params, total_params=total_params,
+                    finished_at=ckpt.now())
+        ckpt.clear_step(run_dir)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        ledger.data = ckpt.Ledger.read(run_dir).data
+    display.end_stage(f"stage {i + 1}/{n} {stage.name}: done in {wall:.1f}s, final loss "
+                      f"{_last_loss(run_dir, i):.4f} -> {run_dir / name}")
+    accelerator.free_memory(model, optimizer)
+    del model, optimizer, unwrapped
+
+
+def _save_step(run_dir: Path, i: int, step: int, accelerator: Any, model: Any, named: list, optimizer: Any,
+               method: Any, tokens: int, wall: float) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.save_step(run_dir, stage=i, step=step, params={n: p for n, p in named},
+                       optimizer_state=optimizer.state_dict(), method_state=method.state_dict(),
+                       progress={"tokens": tokens, "wall_seconds": wall})
+    accelerator.wait_for_everyone()
+
+
+def _last_loss(run_dir: Path, stage: int) -> float:
+    from llmcl.train.metrics import read
+
+    losses = [r["loss"] for r in read(run_dir) if r.get("stage") == stage]
+    return losses[-1] if losses else float("nan")
+

@@ -1,0 +1,62 @@
+"""Shared fixtures: offline environment, a tiny-model recipe, in-process CLI runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_recipe(path: Path, **changes) -> Path:
+    """A 2-stage recipe on builtin:tiny that trains in about a second per stage."""
+    recipe = {
+        "name": "tiny",
+        "seed": 0,
+        "model": {"path": "builtin:tiny"},
+        "method": {"name": "seqft"},
+        "train": {"lr": 1e-3, "max_steps": 4, "batch_size": 4, "seq_len": 48, "warmup": 1},
+        "stages": [{"data": {"path": "builtin:facts"}}, {"data": {"path": "builtin:reverse"}}],
+    }
+    for key, value in changes.items():
+        node = recipe
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        node[parts[-1]] = value
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Path:
+    return write_recipe(tmp_path / "tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_cli(*args: str):
+    from click.testing import CliRunner
+
+    from llmcl.cli import cli
+
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)

@@ -1,0 +1,166 @@
+"""Data: built-in tasks, file readers, formatting/masking, packing, deterministic batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import SHARED_DATA
+from llmcl.data import builtin
+from llmcl.data.batching import BatchPlan, collate, label_tokens
+from llmcl.data.formatting import IGNORE, encode, pack
+from llmcl.data.sources import load_records, read_file
+from llmcl.errors import LlmclError
+from llmcl.recipe import DataConfig
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from llmcl.models import load_tokenizer
+    from llmcl.recipe import ModelConfig
+
+    return load_tokenizer(ModelConfig(path="builtin:tiny"))
+
+
+@pytest.mark.parametrize("task", sorted(builtin.TASKS))
+def test_builtin_tasks_are_deterministic_by_seed(task):
+    a = builtin.generate(task, "train", 0)
+    assert a == builtin.generate(task, "train", 0)
+    assert a != builtin.generate(task, "train", 1)
+    assert all(set(r) == {"prompt", "completion"} and r["prompt"].endswith("\nAnswer:") for r in a)
+
+
+def test_builtin_skill_tasks_hold_out_unseen_test_items_and_are_correct():
+    for task in ("reverse", "arithmetic"):
+        train = {r["prompt"] for r in builtin.generate(task, "train", 0)}
+        test = builtin.generate(task, "test", 0)
+        assert len(test) == 100 and not train & {r["prompt"] for r in test}
+    for r in builtin.generate("reverse", "test", 0):
+        words = r["prompt"].split(": ", 1)[1].split("\n")[0].split()
+        assert r["completion"] == " " + " ".join(reversed(words))
+    for r in builtin.generate("arithmetic", "test", 0):
+        a, b = [int(x) for x in r["prompt"].replace("?", " ").split() if x.isdigit()]
+        assert r["completion"] == f" {a + b}"
+
+
+def test_knowledge_tasks_test_recall_of_the_trained_facts():
+    for task in ("facts", "vocab"):
+        assert builtin.generate(task, "train", 3) == builtin.generate(task, "test", 3)
+        prompts = [r["prompt"] for r in builtin.generate(task, "train", 3)]
+        assert len(prompts) == len(set(prompts)) == 48
+
+
+def test_prompt_completion_loss_is_on_completion_and_eos_only(tok):
+    cfg = DataConfig(path="builtin:facts")
+    rec = {"prompt": "Q: In which city does Ana Bel live?\nAnswer:", "completion": " Korvan"}
+    (ex,), stats = encode([rec], cfg, tok, 64)
+    n_prompt = len(tok(rec["prompt"])["input_ids"])
+    assert ex.labels[:n_prompt] == [IGNORE] * n_prompt
+    trained = [t for t in ex.labels if t != IGNORE]
+    assert tok.decode(trained) == " Korvan" + tok.eos_token
+    assert ex.input_ids[n_prompt:] == trained
+    assert stats.format == "prompt_completion" and stats.label_tokens == len(trained)
+
+
+def test_templates_map_record_fields(tok):
+    cfg = DataConfig(path="x.json", prompt_template="Text: {sentence}\nLabel:", completion_template=" {label}")
+    (ex,), _ = encode([{"sentence": "great film", "label": "positive"}], cfg, tok, 64)
+    assert tok.decode(ex.input_ids) == "Text: great film\nLabel: positive" + tok.eos_token
+    assert tok.decode([t for t in ex.labels if t != IGNORE]) == " positive" + tok.eos_token
+
+
+def test_chat_messages_train_only_assistant_turns(tok):
+    cfg = DataConfig(path="x.jsonl")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    (ex,), stats = encode([{"messages": msgs}], cfg, tok, 256)
+    assert stats.format == "messages"
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(msgs, tokenize=False)
+    trained = tok.decode([t for t in ex.labels if t != IGNORE])
+    assert trained == "hello!<|im_end|>\n4<|im_end|>\n"
+
+
+def test_truncation_keeps_seq_len_and_counts(tok):
+    cfg = DataConfig(path="x.jsonl")
+    recs = [{"prompt": "a b c d e f g h i j k l m n o p", "completion": " q r s t u v w x y z"}]
+    (ex,), stats = encode(recs, cfg, tok, 20)
+    assert len(ex.input_ids) == 20 and stats.truncated == 1
+
+
+def test_text_packing_is_lossless_blocks(tok):
+    texts = [f"document number {i} " * (i + 1) for i in range(20)]
+    blocks = pack(texts, tok, 16)
+    stream = []
+    for t in texts:
+        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert all(len(b.input_ids) == 16 and b.labels == b.input_ids for b in blocks)
+    assert sum((b.input_ids for b in blocks), []) == stream[: 16 * len(blocks)]
+    assert len(stream) - 16 * len(blocks) < 16
+
+
+def test_file_readers(tmp_path):
+    rows = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "a.csv").write_text("prompt,completion\np1,c1\np2,c2\n")
+    (tmp_path / "a.txt").write_text("line one\n\nline two\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    for ext in ("json", "jsonl", "csv", "parquet"):
+        assert read_file(tmp_path / f"a.{ext}") == rows, ext
+    assert read_file(tmp_path / "a.txt") == [{"text": "line one"}, {"text": "line two"}]
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(LlmclError, match="cannot read data file"):
+        read_file(tmp_path / "bad.json")
+
+
+def test_directory_splits_and_sample_limits(tmp_path):
+    d = tmp_path / "task"
+    d.mkdir()
+    (d / "train.json").write_text(json.dumps([{"text": f"t{i}"} for i in range(50)]))
+    (d / "test.jsonl").write_text("".join(json.dumps({"text": f"e{i}"}) + "\n" for i in range(10)))
+    cfg = DataConfig(path=str(d), max_train_samples=5, max_test_samples=3)
+    train = load_records(cfg, "train", seed=0)
+    assert len(train) == 5 and train == load_records(cfg, "train", seed=0)
+    assert train != load_records(cfg, "train", seed=1)
+    assert len(load_records(cfg, "test", seed=0)) == 3
+    single = DataConfig(path=str(d / "train.json"))
+    assert load_records(single, "test", seed=0) is None
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cl_benchmark").exists(), reason="shared data not present")
+def test_reads_the_cl_benchmark_format(tok):
+    cfg = DataConfig(path=str(SHARED_DATA / "cl_benchmark/TC/agnews"), prompt_template="{sentence}\nTopic:",
+                     completion_template=" {label}", max_train_samples=8)
+    recs = load_records(cfg, "train", 0)
+    examples, stats = encode(recs, cfg, tok, 256)
+    assert len(examples) == 8 and stats.format == "prompt_completion"
+    labels = set(json.loads((SHARED_DATA / "cl_benchmark/TC/agnews/labels.json").read_text()))
+    assert {r["label"] for r in recs} <= labels
+
+
+def test_batch_plan_layout_and_epochs():
+    plan = BatchPlan(n_examples=10, batch_size=2, grad_accum=2, world_size=2, seed=0, stage=1)
+    assert plan.global_batch == 8
+    first_epoch = plan.step_indices(0) + plan.step_indices(1)[:2]
+    assert sorted(first_epoch) == list(range(10))  # every example once per epoch
+    for step in range(4):
+        parts = [plan.micro_indices(step, m, r) for m in range(2) for r in range(2)]
+        assert sum(parts, []) == plan.step_indices(step)  # micro-batches x ranks tile the global batch
+    again = BatchPlan(10, 2, 2, 2, 0, 1)
+    assert [again.step_indices(s) for s in (3, 0)] == [plan.step_indices(3), plan.step_indices(0)]
+    other_stage = BatchPlan(10, 2, 2, 2, 0, 2)
+    assert other_stage.step_indices(0) != plan.step_indices(0)
+
+
+def test_collate_pads_right_and_masks(tok):
+    from llmcl.data.formatting import Example
+
+    batch = collate([Example([5, 6, 7], [IGNORE, 6, 7]), Example([8], [8])], pad_id=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+    assert label_tokens([Example([5, 6, 7], [IGNORE, 6, 7])]) == 2

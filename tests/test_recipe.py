@@ -1,0 +1,151 @@
+"""Recipes: typed parsing, overrides, errors that name the key, docs on every field, shipped recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_recipe
+from llmcl import catalog, checks, methods, recipe
+from llmcl.config import field_docs
+from llmcl.errors import LlmclError, RecipeError
+from llmcl.methods.lora import LoraMethodConfig
+
+
+def test_load_types_and_defaults(tiny_recipe):
+    r = recipe.load(tiny_recipe)
+    assert r.name == "tiny"
+    assert [s.name for s in r.stages] == ["facts", "reverse"]
+    assert isinstance(r.train.lr, float) and r.train.lr == 1e-3
+    assert r.train.warmup == 1 and isinstance(r.train.warmup, int)  # integer warmup = steps
+    assert r.method.name == "seqft"
+    assert r.model.path == "builtin:tiny"
+
+
+def test_overrides_are_yaml_scalars_on_dotted_keys(tiny_recipe):
+    r = recipe.load(tiny_recipe, ["train.lr=3e-5", "train.max_steps=20", "method.name=lora", "method.r=4",
+                                  "stages.1.data.path=builtin:vocab", "logging.trackers=tensorboard",
+                                  "train.warmup=0.25"])
+    assert r.train.lr == pytest.approx(3e-5)  # YAML 1.1 reads 3e-5 as a string; it is coerced
+    assert r.train.max_steps == 20
+    assert isinstance(r.method, LoraMethodConfig) and r.method.r == 4 and r.method.alpha == 16.0
+    assert r.stages[1].data.path == "builtin:vocab" and r.stages[1].name == "vocab"
+    assert r.logging.trackers == ["tensorboard"]
+    assert r.train.warmup == 0.25 and isinstance(r.train.warmup, float)
+
+
+def test_stage_train_overrides_apply_to_one_stage(tiny_recipe):
+    r = recipe.load(tiny_recipe, ["stages.1.train.max_steps=7", "stages.1.train.lr=0.01"])
+    assert r.stage_train(0).max_steps == 4 and r.stage_train(0).lr == 1e-3
+    assert r.stage_train(1).max_steps == 7 and r.stage_train(1).lr == 0.01
+
+
+def test_local_data_paths_are_stored_absolute(tmp_path, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": " b"}\n')
+    path = write_recipe(tmp_path / "r.yaml", stages=[{"data": {"path": "d.jsonl"}}])
+    monkeypatch.chdir(tmp_path)
+    r = recipe.load(path)
+    assert r.stages[0].data.path == str(data.resolve())
+    assert r.stages[0].name == "d"
+
+
+BAD = [
+    (["train.lrr=1"], "recipe key 'train.lrr' is unknown (did you mean 'train.lr'?)"),
+    (["model.pth=x"], "recipe key 'model.pth' is unknown (did you mean 'model.path'?)"),
+    (["stages.0.train.max_stpes=3"], "recipe key 'stages.0.train.max_stpes' is unknown (did you mean 'stages.0.train.max_steps'?)"),
+    (["train.lr=-0.001"], "recipe key 'train.lr': got -0.001; expected a number > 0"),
+    (["train.batch_size=abc"], "recipe key 'train.batch_size': got 'abc'; expected an integer"),
+    (["train.batch_size=0"], "recipe key 'train.batch_size': got 0; expected a positive integer"),
+    (["train.warmup=1.5"], "recipe key 'train.warmup': got 1.5; expected a fraction in [0, 1]"),
+    (["train.precision=bf17"], "recipe key 'train.precision': got 'bf17'; expected one of 'auto', 'fp32', 'bf16', 'fp16' (did you mean 'bf16'"),
+    (["stages=[]"], "recipe key 'stages': got []; expected a non-empty list of stages"),
+    (["stages.1.data.path=missing.json"], "recipe key 'stages.1.data.path': data file 'missing.json' does not exist"),
+    (["stages.1.data.path=builtin:fact"], "recipe key 'stages.1.data.path': unknown built-in task 'builtin:fact' (did you mean 'builtin:facts'"[:-15]),
+    (["method.name=lorra"], "recipe key 'method.name': unknown method 'lorra' (did you mean 'lora'?)"),
+    (["method.name=lora", "method.r=0"], "recipe key 'method.r': got 0; expected a positive integer"),
+    (["method.rank=3"], "recipe key 'method.rank' is unknown"),
+    (["model.path=builtin:huge"], "recipe key 'model.path': unknown built-in model 'builtin:huge'"),
+    (["model.path=./no/such/dir"], "recipe key 'model.path': got './no/such/dir'; expected an existing model directory"),
+    (["stages.4.data.path=x"], "recipe key 'stages.4': no such list index (the list has 2 entries, 0..1)"),
+    (["stages.1.name=facts"], "recipe key 'stages.1.name': 'facts' is already the name of stage 0"),
+    (["stages.1.name=a/b"], "recipe key 'stages.1.name': got 'a/b'; expected letters, digits, _ . - only"),
+    (["train.adam_betas=[0.9]"], "recipe key 'train.adam_betas': got [0.9]; expected two numbers in [0, 1)"),
+    (["train.lr"], "override 'train.lr' must look like KEY=VALUE"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[0][-1] for b in BAD])
+def test_bad_values_name_key_value_and_expectation(tiny_recipe, overrides, message):
+    with pytest.raises(LlmclError) as info:
+        recipe.load(tiny_recipe, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_builtin_task_typo_suggests_the_task(tiny_recipe):
+    with pytest.raises(RecipeError, match=r"did you mean 'facts'"):
+        recipe.load(tiny_recipe, ["stages.1.data.path=builtin:fact"])
+
+
+def test_missing_stages_and_bad_yaml(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: {path: builtin:tiny}\n")
+    with pytest.raises(RecipeError, match="recipe key 'stages' is required"):
+        recipe.load(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("stages: [\n")
+    with pytest.raises(LlmclError, match="not valid YAML at line"):
+        recipe.load(tmp_path / "b.yaml")
+    with pytest.raises(LlmclError, match="recipe file .* not found"):
+        recipe.load(tmp_path / "nope.yaml")
+
+
+def test_data_fields_checked_before_any_model_loads(tmp_path, monkeypatch):
+    data = tmp_path / "cls.json"
+    data.write_text('[{"sentence": "good film", "label": "positive"}]')
+    path = write_recipe(tmp_path / "r.yaml", stages=[{"data": {"path": str(data), "prompt_template": "{text}\nLabel:",
+                                                               "completion_template": " {label}"}}])
+    r = recipe.load(path)
+    import llmcl.models as models
+
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("model loaded during validation"))
+    with pytest.raises(LlmclError, match=r"'stages.0.data.prompt_template': field\(s\) \['text'\] not in the records"):
+        checks.check(r)
+
+
+def _config_classes():
+    out = [recipe.Recipe, recipe.ModelConfig, recipe.DataConfig, recipe.TrainConfig, recipe.StageConfig,
+           recipe.LoggingConfig]
+    out += [cls.config_class for cls in methods.REGISTRY.values()]
+    return out
+
+
+@pytest.mark.parametrize("cls", _config_classes(), ids=lambda c: c.__name__)
+def test_every_config_field_has_a_docstring(cls):
+    docs = field_docs(cls)
+    missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+SHIPPED = catalog.shipped()
+
+
+def test_shipped_recipes_exist():
+    names = {p.stem for p in SHIPPED}
+    assert {"quickstart", "quickstart_lora"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_recipe_validates_and_says_how_to_run_it(path: Path):
+    r = recipe.load(path)
+    checks.check(r)
+    head = path.read_text().splitlines()[:4]
+    assert head[0].startswith("# ") and len(head[0]) > 20, "recipe must open with its purpose"
+    assert any("llmcl train" in line for line in head if line.startswith("#")), "recipe must say how to run it"
+
+
+def test_quickstart_is_three_stages_on_smollm2():
+    r = recipe.load(REPO / "recipes" / "quickstart.yaml")
+    assert r.model.path == "builtin:smollm2-135m"
+    assert len(r.stages) >= 3 and all(s.data.path.startswith("builtin:") for s in r.stages)

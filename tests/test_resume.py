@@ -1,0 +1,145 @@
+"""Exact resume: a run interrupted at any step (or during a save) and restarted with the same command ends
+with weights bitwise equal to an uninterrupted run, and never marks a broken stage done."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli, write_recipe
+from llmcl import methods
+
+
+class Crash(Exception):
+    pass
+
+
+def _final_weights(run_dir, stage_dir="stage-01-reverse"):
+    manifest = json.loads((run_dir / stage_dir / "manifest.json").read_text())
+    name = "model/model.safetensors" if manifest["kind"] == "full" else "adapter/adapter_model.safetensors"
+    return load_file(str(run_dir / stage_dir / name))
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _crash_after(monkeypatch, method_name: str, n_steps: int):
+    """Make the method raise after its n-th optimizer step (counted across stages)."""
+    cls = methods.get(method_name)
+    original = cls.after_step
+    count = {"n": 0}
+
+    def after_step(self, model):
+        original(self, model)
+        count["n"] += 1
+        if count["n"] == n_steps:
+            raise Crash(f"injected crash after step {n_steps}")
+
+    monkeypatch.setattr(cls, "after_step", after_step)
+
+
+# 5 steps per stage, a step checkpoint every 2 steps; the crash comes after the n-th step of the whole run,
+# before that step's checkpoint would be written, so each case resumes from an earlier step checkpoint
+@pytest.mark.parametrize("method,crash_at,resume_from", [("seqft", 8, (1, 2)), ("seqft", 4, (0, 2)),
+                                                         ("lora", 9, (1, 2))])
+def test_crash_then_same_command_equals_uninterrupted(tmp_path, monkeypatch, method, crash_at, resume_from):
+    recipe = write_recipe(tmp_path / "r.yaml", method={"name": method, "between_stages": "merge", "dropout": 0.1} if method == "lora"
+                          else {"name": method}, train={"lr": 1e-3, "max_steps": 5, "batch_size": 4, "seq_len": 48,
+                                                        "save_every": 2, "warmup": 1})
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    assert run_cli("train", str(recipe), "--run-dir", str(clean)).exit_code == 0
+
+    with monkeypatch.context() as m:
+        _crash_after(m, method, crash_at)
+        with pytest.raises(Crash):
+            run_cli("train", str(recipe), "--run-dir", str(crashed))
+    ledger = json.loads((crashed / "ledger.json").read_text())
+    assert ledger["stages"][1]["status"] != "done"
+    state = json.loads((crashed / "step-checkpoint" / "state.json").read_text())
+    assert (state["stage"], state["step"]) == resume_from
+    assert run_cli("train", str(recipe), "--run-dir", str(crashed)).exit_code == 0
+
+    assert _equal(_final_weights(clean), _final_weights(crashed))
+    assert _equal(_final_weights(clean, "stage-00-facts"), _final_weights(crashed, "stage-00-facts"))
+    # the resumed log has each step once, with the same losses as the clean run
+    a, b = _metrics(clean), _metrics(crashed)
+    assert [(m["stage"], m["step"]) for m in a] == [(m["stage"], m["step"]) for m in b]
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert [m["tokens"] for m in a] == [m["tokens"] for m in b]
+
+
+def test_crash_while_saving_a_stage_never_marks_it_done(tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    assert run_cli("train", str(recipe), "--run-dir", str(clean)).exit_code == 0
+
+    from llmcl.train import checkpoint
+
+    real_save_tree = checkpoint.save_tree
+    calls = {"n": 0}
+
+    def failing_save_tree(tree, directory, stem):
+        calls["n"] += 1
+        if calls["n"] == 2:  # stage 1's save, after its model files were written
+            raise Crash("killed mid-save")
+        return real_save_tree(tree, directory, stem)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "save_tree", failing_save_tree)
+        with pytest.raises(Crash):
+            run_cli("train", str(recipe), "--run-dir", str(crashed))
+    ledger = json.loads((crashed / "ledger.json").read_text())
+    assert [s["status"] for s in ledger["stages"]] == ["done", "running"]
+    assert not (crashed / "stage-01-reverse").exists()  # only the temporary directory was written
+    assert (crashed / "stage-00-facts" / "manifest.json").exists()  # the finished stage is intact
+    assert run_cli("train", str(recipe), "--run-dir", str(crashed)).exit_code == 0
+    assert _equal(_final_weights(clean), _final_weights(crashed))
+    assert not (crashed / "stage-01-reverse.tmp").exists()
+
+
+def _train_cmd(recipe, run_dir):
+    return [sys.executable, "-m", "llmcl", "train", str(recipe), "--run-dir", str(run_dir)]
+
+
+def test_sigkill_mid_stage_then_restart_is_bitwise_equal(tmp_path):
+    """A real process killed with SIGKILL between step checkpoints, restarted with the same command."""
+    recipe = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 40, "batch_size": 4, "seq_len": 48,
+                                                      "save_every": 3, "warmup": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(_train_cmd(recipe, clean), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(_train_cmd(recipe, killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = killed / "step-checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            s = json.loads(state.read_text())
+            if s["stage"] == 1 and s["step"] >= 6:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        assert proc.poll() is None, "the run finished before it could be killed; make the stage longer"
+        time.sleep(0.02)
+    time.sleep(0.15)  # land somewhere between checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((killed / "ledger.json").read_text())["stages"][1]["status"] == "running"
+
+    subprocess.run(_train_cmd(recipe, killed), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+    assert _equal(_final_weights(clean), _final_weights(killed))
+    assert [m["loss"] for m in _metrics(clean)] == [m["loss"] for m in _metrics(killed)]

@@ -1,0 +1,173 @@
+"""End to end through the CLI on builtin:tiny: files written, their contents, stage control, error exits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli, write_recipe
+from llmcl.models import load_base_model
+from llmcl.recipe import ModelConfig
+from llmcl.schedules import lr_at
+
+
+def _weights(stage_dir):
+    return load_file(str(stage_dir / "model" / "model.safetensors"))
+
+
+def test_two_stage_run_writes_ledger_metrics_and_checkpoints(tmp_path, tiny_recipe):
+    run_dir = tmp_path / "run"
+    res = run_cli("train", str(tiny_recipe), "train.max_steps=5", "--run-dir", str(run_dir))
+    assert res.exit_code == 0, res.output
+    # the resolved recipe comes first and records the overrides
+    resolved = (run_dir / "recipe.yaml").read_text()
+    assert "max_steps: 5" in resolved
+
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [s["status"] for s in ledger["stages"]] == ["done", "done"]
+    assert [s["checkpoint"] for s in ledger["stages"]] == ["stage-00-facts", "stage-01-reverse"]
+    for s in ledger["stages"]:
+        assert s["steps"] == 5 and s["tokens"] > 0 and s["wall_seconds"] > 0
+        assert s["trainable_params"] == s["total_params"] > 3_000_000  # seqft trains everything
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["stage"], m["step"]) for m in metrics] == [(0, s) for s in range(1, 6)] + [(1, s) for s in range(1, 6)]
+    assert [m["global_step"] for m in metrics] == list(range(1, 11))
+    for m in metrics:
+        assert {"stage", "step", "loss", "lr", "tokens_per_s"} <= set(m)
+        assert m["lr"] == pytest.approx(lr_at(m["step"] - 1, 5, max_lr=1e-3, min_lr=1e-4, warmup=1))
+        assert m["tokens_per_s"] > 0 and m["loss"] > 0
+    assert metrics[4]["loss"] < metrics[0]["loss"]  # the facts stage learns
+
+    # each stage directory is a loadable HF model; training moved the weights stage after stage
+    base = load_base_model(ModelConfig(path="builtin:tiny"), 0).state_dict()
+    w0, w1 = _weights(run_dir / "stage-00-facts"), _weights(run_dir / "stage-01-reverse")
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(w0[key], base[key]) and not torch.equal(w1[key], w0[key])
+    manifest = json.loads((run_dir / "stage-01-reverse" / "manifest.json").read_text())
+    assert manifest["kind"] == "full" and manifest["path"] == "stage-01-reverse/model"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "stage-01-reverse" / "model")
+    assert torch.equal(model.state_dict()[key], w1[key])
+    assert not (run_dir / "step-checkpoint").exists()  # removed once the stage is done
+
+
+def test_finished_run_trains_nothing_and_says_so(tmp_path, tiny_recipe):
+    run_dir = tmp_path / "run"
+    assert run_cli("train", str(tiny_recipe), "--run-dir", str(run_dir)).exit_code == 0
+    before = (run_dir / "ledger.json").read_text(), (run_dir / "metrics.jsonl").read_text()
+    res = run_cli("train", str(tiny_recipe), "--run-dir", str(run_dir))
+    assert res.exit_code == 0
+    assert "nothing to train" in res.output
+    assert ((run_dir / "ledger.json").read_text(), (run_dir / "metrics.jsonl").read_text()) == before
+
+
+def test_stage_option_requires_previous_stage(tmp_path, tiny_recipe):
+    run_dir = tmp_path / "run"
+    res = run_cli("train", str(tiny_recipe), "--run-dir", str(run_dir), "--stage", "1")
+    assert res.exit_code == 2
+    assert "stage 0 (facts) is not done" in res.stderr and "Traceback" not in res.output
+    assert run_cli("train", str(tiny_recipe), "--run-dir", str(run_dir), "--stage", "0").exit_code == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [s["status"] for s in ledger["stages"]] == ["done", "pending"]
+    assert run_cli("train", str(tiny_recipe), "--run-dir", str(run_dir), "--stage", "1").exit_code == 0
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [s["status"] for s in ledger["stages"]] == ["done", "done"]
+    res = run_cli("train", str(tiny_recipe), "--run-dir", str(run_dir), "--stage", "1")
+    assert res.exit_code == 0 and "already done" in res.output
+    assert run_cli("train", str(tiny_recipe), "--run-dir", str(run_dir), "--stage", "7").exit_code == 2
+
+
+def test_stage_jobs_equal_one_uninterrupted_run(tmp_path, tiny_recipe):
+    """SLURM-style one-job-per-stage gives bit-identical weights to a single `llmcl train`."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli("train", str(tiny_recipe), "--run-dir", str(a)).exit_code == 0
+    for s in ("0", "1"):
+        assert run_cli("train", str(tiny_recipe), "--run-dir", str(b), "--stage", s).exit_code == 0
+    wa, wb = _weights(a / "stage-01-reverse"), _weights(b / "stage-01-reverse")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_default_run_dir_is_runs_recipe_name(tmp_path, tiny_recipe, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("train", str(tiny_recipe), "train.max_steps=1").exit_code == 0
+    assert (tmp_path / "runs" / "tiny" / "ledger.json").exists()
+
+
+def test_a_different_recipe_cannot_reuse_a_run_dir(tmp_path, tiny_recipe):
+    run_dir = tmp_path / "run"
+    assert run_cli("train", str(tiny_recipe), "--run-dir", str(run_dir), "--stage", "0").exit_code == 0
+    res = run_cli("train", str(tiny_recipe), "train.lr=0.5", "--run-dir", str(run_dir))
+    assert res.exit_code == 2 and "first difference at 'train.lr'" in res.stderr
+
+
+def test_per_stage_overrides_change_that_stage_only(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml")
+    res = run_cli("train", str(path), "stages.1.train.max_steps=2", "stages.1.train.lr=0.01", "--run-dir",
+                  str(tmp_path / "run"))
+    assert res.exit_code == 0, res.output
+    ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    assert [s["steps"] for s in ledger["stages"]] == [4, 2]
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["lr"] for m in metrics if m["stage"] == 1) == pytest.approx(0.01)
+
+
+def test_grad_accum_equals_bigger_batch(tmp_path):
+    """batch 4 x accum 2 trains on the same examples as batch 8 and gives the same weights (token-mean loss)."""
+    a = write_recipe(tmp_path / "a.yaml", train={"lr": 1e-3, "max_steps": 3, "batch_size": 8, "seq_len": 48})
+    b = write_recipe(tmp_path / "b.yaml", train={"lr": 1e-3, "max_steps": 3, "batch_size": 4, "grad_accum": 2,
+                                                 "seq_len": 48})
+    for r, d in ((a, "ra"), (b, "rb")):
+        assert run_cli("train", str(r), "--run-dir", str(tmp_path / d), "--stage", "0").exit_code == 0
+    wa, wb = _weights(tmp_path / "ra" / "stage-00-facts"), _weights(tmp_path / "rb" / "stage-00-facts")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    la = [json.loads(x)["loss"] for x in (tmp_path / "ra" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "rb" / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_tensorboard_tracker_logs_global_steps(tmp_path):
+    pytest.importorskip("tensorboard")
+    path = write_recipe(tmp_path / "r.yaml", logging={"trackers": ["tensorboard"], "project": "tb"})
+    assert run_cli("train", str(path), "train.max_steps=3", "--run-dir", str(tmp_path / "run")).exit_code == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accs = [EventAccumulator(str(p.parent)) for p in (tmp_path / "run" / "tb").rglob("events.out.tfevents*")]
+    accs = [a for a in accs if a.Reload() and "train/loss" in a.Tags()["scalars"]]
+    assert len(accs) == 1  # one run per recipe, across stages
+    acc = accs[0]
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == list(range(1, 7))  # stage-aware: stage 2 continues at step 4
+    stages = [e.value for e in acc.Scalars("train/stage")]
+    assert stages == [0, 0, 0, 1, 1, 1]
+
+
+def test_cli_validate_and_recipes(tiny_recipe):
+    res = run_cli("validate", str(tiny_recipe))
+    assert res.exit_code == 0 and res.output.startswith("ok: tiny: 2 stages (facts, reverse)")
+    res = run_cli("validate", str(tiny_recipe), "train.lr=-1")
+    assert res.exit_code == 2
+    assert res.stderr.strip() == "error: recipe key 'train.lr': got -1.0; expected a number > 0"
+    res = run_cli("recipes")
+    assert res.exit_code == 0 and "quickstart.yaml" in res.output and "SmolLM2" in res.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["validate", "{recipe}", "train.bogus=1"], "error: recipe key 'train.bogus' is unknown"),
+    (["validate", "no-such-recipe.yaml"], "error: recipe file 'no-such-recipe.yaml' not found"),
+    (["train", "{recipe}", "stages.0.data.path=nope.jsonl"], "error: recipe key 'stages.0.data.path': data file"),
+])
+def test_user_errors_exit_2_with_one_line_and_no_traceback(tiny_recipe, args, message):
+    """A real process: exit status 2, one line on stderr, no traceback, nothing loaded."""
+    cmd = [sys.executable, "-m", "llmcl"] + [a.format(recipe=tiny_recipe) for a in args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
