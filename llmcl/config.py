@@ -63,7 +63,13 @@ def _describe(tp: Any) -> str:
         text = " or ".join(parts)
         return text + " or null" if type(None) in args else text
     if origin is list:
-        return f"a list of {_describe(args[0])}" if args else "a list"
+        if not args:
+            return "a list"
+        inner = _describe(args[0])
+        for article in ("a ", "an "):
+            if inner.startswith(article):
+                inner = inner[len(article):] + "s"
+        return f"a list of {inner}"
     if origin is dict:
         return "a mapping"
     if dataclasses.is_dataclass(tp):

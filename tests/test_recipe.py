@@ -149,3 +149,14 @@ def test_quickstart_is_three_stages_on_smollm2():
     r = recipe.load(REPO / "recipes" / "quickstart.yaml")
     assert r.model.path == "builtin:smollm2-135m"
     assert len(r.stages) >= 3 and all(s.data.path.startswith("builtin:") for s in r.stages)
+
+
+def test_readme_key_reference_matches_the_code():
+    """README's recipe-key tables are generated from the field docstrings; regenerate with scripts/gen_reference.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_reference", REPO / "scripts" / "gen_reference.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    text = (REPO / "README.md").read_text()
+    assert gen.updated(text) == text, "README key reference is stale: run python scripts/gen_reference.py"

@@ -209,7 +209,7 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    outputs = model(**batch, num_items_in_batch=n_items)
+                    outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
                     loss = method.loss(model, batch, outputs)
                 # accelerate divides by grad_accum and DDP averages over ranks: undo both for a token mean
                 accelerator.backward(loss * (cfg.grad_accum * world))

@@ -1,0 +1,60 @@
+"""The recipe key reference, generated from the config dataclasses' field docstrings (README's tables)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from llmcl import methods, recipe
+from llmcl.config import _describe, field_docs
+
+SECTIONS = [
+    ("", recipe.Recipe),
+    ("model.", recipe.ModelConfig),
+    ("train.", recipe.TrainConfig),
+    ("stages.N.", recipe.StageConfig),
+    ("stages.N.data.", recipe.DataConfig),
+    ("logging.", recipe.LoggingConfig),
+]
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default).replace("'", "")
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+        return "(section)" if dataclasses.is_dataclass(value) else repr(value).replace("'", "")
+    return "required"
+
+
+def table(prefix: str, cls: type) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]) or f.name in ("stages", "method"):
+            kind = "section"
+        else:
+            kind = _describe(hints[f.name])
+        doc = docs.get(f.name, "").replace("|", "\\|")
+        rows.append(f"| `{prefix}{f.name}` | {kind} | `{_default(f)}` | {doc} |")
+    return rows
+
+
+def method_tables() -> str:
+    parts = []
+    for name, mcls in sorted(methods.REGISTRY.items()):
+        rows = [r for r in table("method.", mcls.config_class) if not r.startswith("| `method.name`")]
+        parts.append(f"`method.name: {name}`\n\n| key | type | default | meaning |\n|---|---|---|---|\n" + "\n".join(rows))
+    return "\n\n".join(parts)
+
+
+def render() -> str:
+    out = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for prefix, cls in SECTIONS:
+        out += table(prefix, cls)
+    return "\n".join(out) + "\n\n" + method_tables() + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")

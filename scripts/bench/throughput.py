@@ -1,0 +1,174 @@
+"""Throughput of llmcl's training loop against the fastest bare PyTorch loop and the HF Trainer.
+
+Same model, same token blocks in the same order, same batch, same seed, fused AdamW everywhere, measured in
+one process and interleaved (llmcl, bare, trainer, llmcl, bare, trainer, ...) so machine noise hits all three
+alike. Prints tokens/s per loop (median of the repeats, warm-up steps excluded) and the ratios
+llmcl/bare and llmcl/Trainer.
+
+    python scripts/bench/throughput.py                          # builtin:tiny and SmolLM2-135M
+    python scripts/bench/throughput.py --models builtin:tiny --steps 30 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+from llmcl import recipe as recipe_mod  # noqa: E402
+from llmcl.data import builtin  # noqa: E402
+from llmcl.data.formatting import pack  # noqa: E402
+from llmcl.models import load_base_model, load_tokenizer  # noqa: E402
+from llmcl.recipe import ModelConfig  # noqa: E402
+
+LR = 1e-4
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def corpus(tmp: Path) -> Path:
+    """A text corpus from the built-in tasks (every loop packs it into the same seq_len blocks)."""
+    rows = []
+    for task in sorted(builtin.TASKS):
+        rows += [{"text": r["prompt"] + r["completion"]} for r in builtin.generate(task, "train", 0)]
+    path = tmp / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def steady_rate(step_times: list[float], tokens_per_step: int, warmup: int) -> float:
+    """tokens/s over the steps after `warmup` (step_times are the end times of each step)."""
+    t = step_times[warmup - 1:]
+    return tokens_per_step * (len(t) - 1) / (t[-1] - t[0])
+
+
+def run_llmcl(model_path: str, data: Path, args, tmp: Path, rep: int) -> float:
+    from llmcl.train.loop import run
+    from llmcl.train.progress import Display
+
+    _reset_accelerate()
+    r = recipe_mod.from_dict({
+        "name": "bench", "seed": 0, "model": {"path": model_path}, "method": {"name": "seqft"},
+        "train": {"lr": LR, "max_steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len,
+                  "warmup": 0, "schedule": "constant", "max_grad_norm": 1.0},
+        "stages": [{"data": {"path": str(data), "format": "text"}}],
+    })
+    run_dir = tmp / f"llmcl-{model_path.replace(':', '_')}-{rep}"
+    run(r, run_dir, display=Display(enabled=False))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ends = [m["elapsed_s"] for m in metrics]
+    return steady_rate(ends, args.batch * args.seq_len, args.warmup)
+
+
+def _blocks(model_path: str, data: Path, args) -> torch.Tensor:
+    tok = load_tokenizer(ModelConfig(path=model_path))
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    blocks = pack(texts, tok, args.seq_len)
+    # the same order llmcl uses for stage 0
+    from llmcl.data.batching import BatchPlan
+
+    plan = BatchPlan(len(blocks), args.batch, 1, 1, 0, 0)
+    return torch.tensor([[blocks[j].input_ids for j in plan.step_indices(s)] for s in range(args.steps)])
+
+
+def run_bare(model_path: str, data: Path, args) -> float:
+    """The fastest plain loop: forward with labels, backward, clip, fused AdamW step."""
+    batches = _blocks(model_path, data, args)
+    torch.manual_seed(0)
+    model = load_base_model(ModelConfig(path=model_path), 0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
+    ends = []
+    for x in batches:
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss)
+        ends.append(time.perf_counter())
+    return steady_rate(ends, args.batch * args.seq_len, args.warmup)
+
+
+def run_trainer(model_path: str, data: Path, args, tmp: Path) -> float:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    _reset_accelerate()
+    batches = _blocks(model_path, data, args)
+    rows = [{"input_ids": row, "labels": row} for b in batches for row in b.tolist()]
+    torch.manual_seed(0)
+    model = load_base_model(ModelConfig(path=model_path), 0)
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            ends.append(time.perf_counter())
+
+    targs = TrainingArguments(
+        output_dir=str(tmp / "trainer"), per_device_train_batch_size=args.batch, max_steps=args.steps,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+        logging_steps=args.steps, log_level="error",
+        save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=rows, callbacks=[Clock()])
+    # keep our block order: no shuffling
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
+    trainer.train()
+    return steady_rate(ends, args.batch * args.seq_len, args.warmup)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["builtin:tiny", "builtin:smollm2-135m"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3, help="steps excluded from the rate")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq_len} "
+          f"tokens, {args.steps} steps ({args.warmup} warm-up), {args.repeats} interleaved repeats", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        data = corpus(tmp)
+        rows = []
+        for model_path in args.models:
+            rates: dict[str, list[float]] = {"llmcl": [], "bare": [], "trainer": []}
+            for rep in range(args.repeats):
+                rates["llmcl"].append(run_llmcl(model_path, data, args, tmp, rep))
+                rates["bare"].append(run_bare(model_path, data, args))
+                rates["trainer"].append(run_trainer(model_path, data, args, tmp))
+                print(f"  {model_path} repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()),
+                      flush=True)
+            med = {k: statistics.median(v) for k, v in rates.items()}
+            rows.append((model_path, med))
+        print()
+        print(f"{'model':24} {'llmcl tok/s':>12} {'bare tok/s':>12} {'Trainer tok/s':>14} {'llmcl/bare':>11} "
+              f"{'llmcl/Trainer':>14}")
+        for model_path, med in rows:
+            print(f"{model_path:24} {med['llmcl']:12,.0f} {med['bare']:12,.0f} {med['trainer']:14,.0f} "
+                  f"{med['llmcl'] / med['bare']:11.3f} {med['llmcl'] / med['trainer']:14.3f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
