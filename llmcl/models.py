@@ -117,7 +117,11 @@ def smollm2_dir() -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+        from transformers.utils import logging as hf_logging
+
         src = str(_gguf_dir())
+        print(f"llmcl: preparing builtin:smollm2-135m once (GGUF -> safetensors in {cache_root()})", flush=True)
+        hf_logging.disable_progress_bar()
         quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
         config = quantized.config
         # a plain model: drop the GGUF quantizer state so save/load treat it as ordinary weights
@@ -159,11 +163,19 @@ def load_tokenizer(model_cfg: Any):
     path = model_cfg.path
     # both built-ins use the SmolLM2 tokenizer; extracting it does not need the dequantized weights
     src = str(smollm2_tokenizer_dir()) if path.startswith("builtin:") else path
-    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model_cfg.trust_remote_code,
-                                        revision=model_cfg.revision)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model_cfg.trust_remote_code,
+                                            revision=model_cfg.revision)
+    except OSError as exc:  # not found locally and not reachable on the hub
+        raise LlmclError(f"cannot load the tokenizer of model.path={path!r}: {_first_line(exc)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _dtype(name: str):
@@ -196,7 +208,7 @@ def load_base_model(model_cfg: Any, seed: int):
     try:
         return AutoModelForCausalLM.from_pretrained(resolve_path(model_cfg.path), **kwargs)
     except OSError as exc:  # not found locally and not reachable on the hub
-        raise LlmclError(f"cannot load model.path={model_cfg.path!r}: {str(exc).splitlines()[0]}") from None
+        raise LlmclError(f"cannot load model.path={model_cfg.path!r}: {_first_line(exc)}") from None
 
 
 def load_stage_model(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, *, trainable: bool):

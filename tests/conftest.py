@@ -16,7 +16,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _shared_data() -> Path:
+    """../shared/data next to the checkout (or $LLMCL_SHARED_DATA, or the workplace copy)."""
+    for candidate in (os.environ.get("LLMCL_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return REPO.parent / "shared" / "data"
+
+
+SHARED_DATA = _shared_data()
 
 
 def write_recipe(path: Path, **changes) -> Path:

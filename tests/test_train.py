@@ -171,3 +171,65 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tiny_recipe, args, me
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_wandb_offline_tracker(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    path = write_recipe(tmp_path / "r.yaml", logging={"trackers": ["wandb"], "project": "llmcl-test"})
+    assert run_cli("train", str(path), "train.max_steps=2", "--run-dir", str(tmp_path / "run")).exit_code == 0
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_unreachable_hub_model_is_a_one_line_error(tiny_recipe, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = run_cli("train", str(tiny_recipe), "model.path=no-such-org/no-such-model", "--run-dir", "unused")
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: cannot load the tokenizer of model.path='no-such-org/no-such-model'")
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_hub_dataset_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_recipe(tmp_path / "r.yaml", stages=[{"data": {"path": "no-such-org/no-such-data"}}])
+    res = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: cannot load hub dataset 'no-such-org/no-such-data' split 'train'")
+
+
+def test_progress_display_on_a_terminal_shows_stage_loss_lr_throughput_eta():
+    import io
+
+    from rich.console import Console
+
+    from llmcl.train.progress import Display
+
+    buf = io.StringIO()
+    display = Display(Console(file=buf, force_terminal=True, width=160), enabled=True)
+    assert display.live
+    display.start_stage(1, 3, "reverse", steps=10, start_step=0, note="100 examples")
+    display.update(4, loss=1.2345, lr=3e-4, tokens_per_s=1234.0)
+    display._progress.refresh()
+    display.end_stage("stage 2/3 reverse: done")
+    out = buf.getvalue()
+    for text in ("stage 2/3", "reverse", "4/10", "loss 1.2345", "lr 3.00e-04", "1,234 tok/s", "ETA",
+                 "stage 2/3 reverse: done"):
+        assert text in out, text
+    quiet = io.StringIO()
+    plain = Display(Console(file=quiet, force_terminal=False), enabled=True)
+    assert not plain.live
+    plain.start_stage(0, 1, "a", steps=5, start_step=0, note="n")
+    plain.update(1, 1.0, 1e-3, 10.0)
+    assert quiet.getvalue().count("\n") == 1  # one line per stage event, no live bar
+
+
+def test_mixed_precision_is_fp32_on_cpu():
+    from llmcl.train.loop import mixed_precision
+
+    assert mixed_precision("auto") == ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+                                       else "no")
+    assert mixed_precision("fp32") == "no" and mixed_precision("bf16") == "bf16"
