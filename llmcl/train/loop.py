@@ -238,8 +238,10 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
             loss_sum.zero_()
             tokens_log, steps_in_window, t_log = 0, 0, now
         if cfg.save_every and done_steps % cfg.save_every == 0 and done_steps < total:
+            t_save = time.perf_counter()
             _save_step(run_dir, i, done_steps, accelerator, model, named, optimizer, method,
-                       tokens_done, wall_before + time.perf_counter() - t_stage)
+                       tokens_done, wall_before + t_save - t_stage)
+            t_log += time.perf_counter() - t_save  # tokens/s measures training, not checkpoint writes
 
     # 6) end of stage: the method's hook, the stage checkpoint (atomic), then the ledger
     unwrapped = method.end_stage(accelerator.unwrap_model(model), info)

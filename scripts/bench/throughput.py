@@ -1,9 +1,9 @@
 """Throughput of llmcl's training loop against the fastest bare PyTorch loop and the HF Trainer.
 
 Same model, same token blocks in the same order, same batch, same seed, fused AdamW everywhere, measured in
-one process and interleaved (llmcl, bare, trainer, llmcl, bare, trainer, ...) so machine noise hits all three
-alike. Prints tokens/s per loop (median of the repeats, warm-up steps excluded) and the ratios
-llmcl/bare and llmcl/Trainer.
+one process and interleaved, rotating which goes first in each repeat, so machine noise hits all three
+alike. Prints tokens/s per loop (median of the repeats, warm-up steps excluded) and the ratios llmcl/bare
+and llmcl/Trainer.
 
     python scripts/bench/throughput.py                          # builtin:tiny and SmolLM2-135M
     python scripts/bench/throughput.py --models builtin:tiny --steps 30 --repeats 5
@@ -12,6 +12,7 @@ llmcl/bare and llmcl/Trainer.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -153,10 +154,16 @@ def main() -> None:
         rows = []
         for model_path in args.models:
             rates: dict[str, list[float]] = {"llmcl": [], "bare": [], "trainer": []}
+            runners = {
+                "llmcl": lambda rep: run_llmcl(model_path, data, args, tmp, rep),
+                "bare": lambda rep: run_bare(model_path, data, args),
+                "trainer": lambda rep: run_trainer(model_path, data, args, tmp),
+            }
+            order = list(runners)
             for rep in range(args.repeats):
-                rates["llmcl"].append(run_llmcl(model_path, data, args, tmp, rep))
-                rates["bare"].append(run_bare(model_path, data, args))
-                rates["trainer"].append(run_trainer(model_path, data, args, tmp))
+                for name in order[rep % 3:] + order[:rep % 3]:  # rotate who goes first
+                    gc.collect()
+                    rates[name].append(runners[name](rep))
                 print(f"  {model_path} repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()),
                       flush=True)
             med = {k: statistics.median(v) for k, v in rates.items()}
