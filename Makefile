@@ -20,6 +20,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/llmcl train recipes/quickstart.yaml
+	$(BIN)/llmcl report runs/quickstart
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -26,3 +26,6 @@ def check(recipe: Recipe) -> None:
             raise LlmclError(f"recipe key 'stages.{i}.data.path': records must be objects with named fields, "
                              f"got {type(record).__name__}")
         check_record(stage.data, record, f"stages.{i}.data")
+    from llmcl.eval.tasks import check_task_names
+
+    check_task_names(recipe)

@@ -32,6 +32,7 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
 
@@ -63,10 +64,65 @@ def cli() -> None:
 @click.option("--stage", type=int, default=None, help="Train only stage N (0-based); stage N-1 must be done.")
 def train(recipe_file: str, overrides: tuple[str, ...], run_dir: str | None, stage: int | None) -> None:
     """Train every stage of RECIPE_FILE not yet done. OVERRIDES: dotted KEY=VALUE, e.g. train.lr=3e-5."""
+    from llmcl.eval.hooks import EvalHooks
     from llmcl.train.loop import run
+    from llmcl.train.progress import Display
 
     r = load_checked(recipe_file, overrides)
-    run(r, Path(run_dir) if run_dir else Path("runs") / r.name, only_stage=stage)
+    directory = Path(run_dir) if run_dir else Path("runs") / r.name
+    display = Display()
+    run(r, directory, only_stage=stage, display=display, hooks=EvalHooks(r, directory, display))
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--stage", "row", default=None, help="A stage index, or 'base' (default: base and every finished stage).")
+@click.option("--tasks", default=None, help="Comma-separated stage names or lm-eval tasks to (re)score (default: all).")
+def eval_command(run_dir: str, row: str | None, tasks: str | None) -> None:
+    """(Re)score checkpoints of RUN_DIR with lm-eval, without training."""
+    from rich.console import Console
+
+    from llmcl.eval import report as report_mod
+    from llmcl.eval.scoring import BASE, load_run_recipe, score_row
+    from llmcl.train.checkpoint import Ledger
+
+    directory = Path(run_dir)
+    recipe = load_run_recipe(directory)
+    done = Ledger.read(directory).done_stages()
+    if row is None:
+        rows: list = [BASE, *done]
+    elif row == BASE:
+        rows = [BASE]
+    elif row.isdigit() and int(row) in done:
+        rows = [int(row)]
+    else:
+        raise LlmclError(f"--stage {row}: expected 'base' or a finished stage of {run_dir} ({done or 'none yet'})")
+    only = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    console = Console(soft_wrap=True)
+    for r in rows:
+        console.print(f"evaluating {'the base model' if r == BASE else f'stage {r}'} ...", highlight=False)
+        score_row(directory, r, recipe=recipe, only=only)
+    for table in report_mod.tables(report_mod.collect(directory)):
+        console.print(table)
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+def report(run_dirs: tuple[str, ...]) -> None:
+    """Accuracy matrix, AA/BWT/FWT/forgetting and plots of RUN_DIRS (several: a comparison table)."""
+    from rich.console import Console
+
+    from llmcl.eval import report as report_mod
+
+    console = Console(soft_wrap=True)
+    reports = report_mod.run_report([Path(d) for d in run_dirs])
+    for rep in reports:
+        for table in report_mod.tables(rep):
+            console.print(table)
+        console.print(f"[dim]written: {rep.run_dir / 'report'}/(matrix.json, report.md, matrix.png, loss.png)[/dim]")
+    if len(reports) > 1:
+        table, md = report_mod.compare(reports)
+        console.print(table)
 
 
 @cli.command()

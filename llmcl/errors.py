@@ -28,4 +28,6 @@ def did_you_mean(name: str, options: Iterable[str], prefix: str = "") -> str:
     near = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
     if near:
         return " (did you mean " + " or ".join(f"'{prefix}{n}'" for n in near) + "?)"
-    return " (valid: " + ", ".join(prefix + o for o in options) + ")" if options else ""
+    if not options or len(options) > 30:
+        return ""
+    return " (valid: " + ", ".join(prefix + o for o in options) + ")"

@@ -73,7 +73,9 @@ class DataConfig:
     max_train_samples: int | None = None
     """Use only the first N training records (after a seeded shuffle); null = all."""
     max_test_samples: int | None = None
-    """Use only the first N test records; null = all."""
+    """Use only the first N test records (after a seeded shuffle); null = all."""
+    choices: list[str] | None = None
+    """Score the test split as multiple choice over these completions (loglikelihood), e.g. the label set; null = generate and compare by exact match."""
 
     def check(self, key: KeyFn) -> None:
         from llmcl.data.sources import check_path
@@ -167,6 +169,38 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Forgetting, measured: lm-eval on every stage's test split (and any harness tasks) after each stage."""
+
+    after_each_stage: bool = True
+    """Score the base model and every finished stage during `llmcl train` (else use `llmcl eval` later)."""
+    stage_tasks: bool = True
+    """Turn every stage's test split into an lm-eval task (columns of the accuracy matrix)."""
+    tasks: list[str] = field(default_factory=list)
+    """Extra lm-eval tasks for general ability: harness names (arc_easy, ...), llmcl's local ones (llmcl_arc_easy, ...) or tasks under include_path."""
+    include_path: list[str] = field(default_factory=list)
+    """Directories with your own lm-eval task YAMLs."""
+    data_dir: str | None = None
+    """Directory of the local general-ability data used by llmcl_* tasks (default: $LLMCL_EVAL_DATA or ../shared/data/eval)."""
+    limit: int | None = None
+    """At most this many samples per task (null = all)."""
+    batch_size: int | str = 16
+    """lm-eval batch size, or 'auto' (GPU)."""
+    max_new_tokens: int = 32
+    """Upper bound on generated tokens for generation stage tasks."""
+    num_fewshot: int | None = None
+    """Few-shot examples for every task (null = each task's default)."""
+
+    def check(self, key: KeyFn) -> None:
+        require(self.limit is None or self.limit > 0, key("limit"), self.limit, "a positive integer or null")
+        require(self.max_new_tokens > 0, key("max_new_tokens"), self.max_new_tokens, "a positive integer")
+        require(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0),
+                key("batch_size"), self.batch_size, "a positive integer or 'auto'")
+        for i, p in enumerate(self.include_path):
+            require(Path(p).expanduser().is_dir(), key(f"include_path.{i}"), p, "an existing directory of task YAMLs")
+
+
+@dataclass
 class Recipe:
     """A continual fine-tuning run: a model, a method, and stages trained one after another."""
 
@@ -186,6 +220,8 @@ class Recipe:
     """Optimisation settings shared by all stages."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Extra metric trackers."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation after each stage: the accuracy matrix and general-ability tasks."""
 
     def stage_train(self, index: int) -> TrainConfig:
         """The train settings of stage `index`: the recipe's, with the stage's overrides applied."""
@@ -326,6 +362,9 @@ def _absolute_paths(recipe: Recipe) -> None:
             value = getattr(stage.data, attr)
             if value and is_local(value):
                 setattr(stage.data, attr, str(Path(value).expanduser().resolve()))
+    recipe.eval.include_path = [str(Path(p).expanduser().resolve()) for p in recipe.eval.include_path]
+    if recipe.eval.data_dir:
+        recipe.eval.data_dir = str(Path(recipe.eval.data_dir).expanduser().resolve())
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

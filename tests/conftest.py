@@ -38,6 +38,7 @@ def write_recipe(path: Path, **changes) -> Path:
         "method": {"name": "seqft"},
         "train": {"lr": 1e-3, "max_steps": 4, "batch_size": 4, "seq_len": 48, "warmup": 1},
         "stages": [{"data": {"path": "builtin:facts"}}, {"data": {"path": "builtin:reverse"}}],
+        "eval": {"after_each_stage": False},  # training tests; tests/test_eval.py turns it on
     }
     for key, value in changes.items():
         node = recipe

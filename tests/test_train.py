@@ -198,7 +198,8 @@ def test_unreachable_hub_dataset_is_a_one_line_error(tmp_path, monkeypatch):
     path = write_recipe(tmp_path / "r.yaml", stages=[{"data": {"path": "no-such-org/no-such-data"}}])
     res = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert res.exit_code == 2
-    assert res.stderr.startswith("error: cannot load hub dataset 'no-such-org/no-such-data' split 'train'")
+    assert res.stderr.startswith("error: cannot load hub dataset 'no-such-org/no-such-data' split")
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_progress_display_on_a_terminal_shows_stage_loss_lr_throughput_eta():

@@ -49,8 +49,12 @@ def mixed_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
-def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display: Display | None = None) -> RunResult:
-    """Train every stage of `recipe` not yet done in `run_dir` (or only stage `only_stage`)."""
+def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display: Display | None = None,
+        hooks: Any = None) -> RunResult:
+    """Train every stage of `recipe` not yet done in `run_dir` (or only stage `only_stage`).
+
+    `hooks` (optional) gets on_start(accelerator, ledger) before training and on_stage_end(i, accelerator, ledger)
+    after each stage is saved: that is where evaluation plugs in, without the loop knowing about it."""
     from accelerate import Accelerator
 
     run_dir = Path(run_dir)
@@ -68,6 +72,8 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
     n = len(recipe.stages)
     done = ledger.done_stages()
     result = RunResult(run_dir, already_done=done)
+    if hooks is not None:
+        hooks.on_start(accelerator, ledger)
     if only_stage is not None:
         if not 0 <= only_stage < n:
             raise LlmclError(f"--stage {only_stage}: the recipe has {n} stages (0..{n - 1})")
@@ -95,6 +101,8 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
         for i in todo:
             _train_stage(recipe, i, run_dir, ledger, accelerator, tokenizer, metrics, display)
             result.trained.append(i)
+            if hooks is not None:
+                hooks.on_stage_end(i, accelerator, ledger)
     finally:
         metrics.close()
     return result

@@ -3,7 +3,7 @@
 Same model, same token blocks in the same order, same batch, same seed, fused AdamW everywhere, measured in
 one process and interleaved, rotating which goes first in each repeat, so machine noise hits all three
 alike. Prints tokens/s per loop (median of the repeats, warm-up steps excluded) and the ratios llmcl/bare
-and llmcl/Trainer.
+and llmcl/Trainer (median of the per-repeat ratios, with their range).
 
     python scripts/bench/throughput.py                          # builtin:tiny and SmolLM2-135M
     python scripts/bench/throughput.py --models builtin:tiny --steps 30 --repeats 5
@@ -167,13 +167,16 @@ def main() -> None:
                 print(f"  {model_path} repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()),
                       flush=True)
             med = {k: statistics.median(v) for k, v in rates.items()}
-            rows.append((model_path, med))
+            # ratios within a repeat share the machine's state at that moment: their median is the figure
+            paired = {other: sorted(a / b for a, b in zip(rates["llmcl"], rates[other])) for other in ("bare", "trainer")}
+            rows.append((model_path, med, paired))
         print()
-        print(f"{'model':24} {'llmcl tok/s':>12} {'bare tok/s':>12} {'Trainer tok/s':>14} {'llmcl/bare':>11} "
-              f"{'llmcl/Trainer':>14}")
-        for model_path, med in rows:
+        print(f"{'model':24} {'llmcl tok/s':>12} {'bare tok/s':>12} {'Trainer tok/s':>14} "
+              f"{'llmcl/bare (range)':>22} {'llmcl/Trainer (range)':>24}")
+        for model_path, med, paired in rows:
+            cells = [f"{statistics.median(r):.3f} ({r[0]:.2f}-{r[-1]:.2f})" for r in (paired["bare"], paired["trainer"])]
             print(f"{model_path:24} {med['llmcl']:12,.0f} {med['bare']:12,.0f} {med['trainer']:14,.0f} "
-                  f"{med['llmcl'] / med['bare']:11.3f} {med['llmcl'] / med['trainer']:14.3f}")
+                  f"{cells[0]:>22} {cells[1]:>24}")
     sys.stdout.flush()
 
 

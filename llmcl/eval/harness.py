@@ -1,0 +1,154 @@
+"""Run lm-eval in-process on a loaded model, offline, without disturbing the training RNG."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import torch
+import tqdm
+
+from llmcl.errors import LlmclError
+
+# the metric that fills the matrix, by preference; lower-is-better ones are marked
+PRIMARY = ("exact_match", "acc", "bits_per_byte", "word_perplexity", "perplexity")
+LOWER_IS_BETTER = {"bits_per_byte", "word_perplexity", "byte_perplexity", "perplexity"}
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metric: str
+    value: float
+    stderr: float | None
+    n: int
+    version: Any
+    higher_is_better: bool
+    metrics: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """lm-eval reseeds python/numpy/torch; put every generator back as it was."""
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def _silent_tqdm(*args: Any, **kwargs: Any):
+    kwargs["disable"] = True
+    return tqdm.tqdm(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def offline_and_quiet() -> Iterator[None]:
+    """Nothing reaches the network during evaluation unless the user explicitly set HF_*_OFFLINE=0; no
+    progress bars from datasets/lm-eval (tqdm) and no `git` probe of the working directory by lm-eval."""
+    from unittest import mock
+
+    import datasets
+
+    defaults = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    old = {k: os.environ.get(k) for k in defaults}
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+    bars = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    lm_eval_logger = logging.getLogger("lm_eval")
+    level = lm_eval_logger.level
+    lm_eval_logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch("lm_eval.loggers.utils.get_git_commit_hash", lambda: None))
+            stack.enter_context(mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None))
+            for name, module in list(sys.modules.items()):  # lm-eval passes disable= itself: force it
+                if name.startswith("lm_eval") and getattr(module, "tqdm", None) is tqdm.tqdm:
+                    stack.enter_context(mock.patch.object(module, "tqdm", _silent_tqdm))
+            yield
+    finally:
+        lm_eval_logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _parse(task: str, results: dict[str, Any]) -> TaskResult:
+    raw = results["results"][task]
+    metrics: dict[str, float] = {}
+    stderrs: dict[str, float] = {}
+    for key, value in raw.items():
+        if "," not in key or not isinstance(value, (int, float)):
+            continue
+        name, _filter = key.split(",", 1)
+        if name.endswith("_stderr"):
+            stderrs[name[: -len("_stderr")]] = float(value)
+        else:
+            metrics[name] = float(value)
+    primary = next((m for m in PRIMARY if m in metrics), next(iter(metrics), None))
+    if primary is None:
+        raise LlmclError(f"lm-eval returned no metric for task {task!r}")
+    n = results.get("n-samples", {}).get(task, {})
+    higher = results.get("higher_is_better", {}).get(task, {}).get(primary)
+    stderr = stderrs.get(primary)
+    return TaskResult(
+        task=task, metric=primary, value=metrics[primary],
+        stderr=stderr if stderr is not None and stderr == stderr else None,  # N/A -> None
+        n=int(n.get("effective", n.get("original", 0)) if isinstance(n, dict) else 0),
+        version=results.get("versions", {}).get(task),
+        higher_is_better=bool(higher) if higher is not None else primary not in LOWER_IS_BETTER,
+        metrics=metrics,
+    )
+
+
+def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list[str], include_defaults: bool,
+             limit: int | None, batch_size: int | str, num_fewshot: int | None,
+             metadata: dict[str, Any] | None = None) -> dict[str, TaskResult]:
+    """Score `model` on lm-eval `tasks`; returns task -> TaskResult."""
+    import lm_eval
+    import lm_eval.evaluator  # noqa: F401  (the modules whose progress bars are silenced)
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if not tasks:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        with offline_and_quiet(), preserved_rng(), torch.no_grad():
+            manager = TaskManager(include_path=include_path, include_defaults=include_defaults,
+                                  metadata=metadata or {})
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                      max_length=getattr(model.config, "max_position_embeddings", None))
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                log_samples=False, bootstrap_iters=1000, verbosity="ERROR",
+            )
+    finally:
+        model.train(was_training)
+    if results is None:
+        raise LlmclError("lm-eval returned no results")
+    return {t: _parse(t, results) for t in tasks}
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")

@@ -1,0 +1,67 @@
+"""Evaluation during `llmcl train`: the base row before the first stage and one row after every stage.
+
+Runs on the main process only (the others wait at a barrier); rows that a crashed or interrupted run left
+unscored are scored when the run is restarted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmcl.eval import report as report_mod
+from llmcl.eval.scoring import BASE, row_file, score_row
+
+
+class EvalHooks:
+    def __init__(self, recipe: Any, run_dir: Path, display: Any):
+        self.recipe, self.run_dir, self.display = recipe, Path(run_dir), display
+        self._tokenizer = None
+
+    @property
+    def enabled(self) -> bool:
+        e = self.recipe.eval
+        return e.after_each_stage and (e.stage_tasks or bool(e.tasks))
+
+    def _tok(self):
+        if self._tokenizer is None:
+            from llmcl.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.recipe.model)
+        return self._tokenizer
+
+    def _score(self, row: str | int) -> None:
+        label = "base model" if row == BASE else f"stage {row} ({self.recipe.stages[int(row)].name})"
+        self.display.message(f"evaluating the {label} with lm-eval ...")
+        score_row(self.run_dir, row, recipe=self.recipe, tokenizer=self._tok())
+
+    def on_start(self, accelerator: Any, ledger: Any) -> None:
+        """Score the base model and any finished stage whose row is missing."""
+        if not self.enabled:
+            return
+        if accelerator.is_main_process:
+            missing = [r for r in [BASE, *ledger.done_stages()] if not row_file(self.run_dir, r).exists()]
+            for row in missing:
+                self._score(row)
+            if missing and ledger.done_stages():
+                self._show(accelerator, ledger)
+        accelerator.wait_for_everyone()
+
+    def on_stage_end(self, index: int, accelerator: Any, ledger: Any) -> None:
+        if not self.enabled:
+            return
+        if accelerator.is_main_process:
+            self._score(index)
+            self._show(accelerator, ledger)
+        accelerator.wait_for_everyone()
+
+    def _show(self, accelerator: Any, ledger: Any) -> None:
+        rep = report_mod.collect(self.run_dir)
+        self.display.message(report_mod.current_row_text(rep))
+        last = rep.row_stage[-1]
+        if last is None or not accelerator.trackers:
+            return
+        step = sum(ledger.stage(j).get("steps", 0) for j in range(last + 1))
+        values = {f"eval/{c.label}": v for c, v in zip(rep.columns, rep.values[-1]) if v is not None}
+        values.update({f"cl/{k}": v for k, v in rep.summary.items() if v is not None})
+        accelerator.log(values, step=step)

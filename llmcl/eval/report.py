@@ -1,0 +1,246 @@
+"""The forgetting report: the accuracy matrix of a run, its AA/BWT/FWT/forgetting, files and tables.
+
+collect(run_dir) reads recipe.yaml, ledger.json and eval/*.json; write() puts report/matrix.json,
+report/report.md, report/matrix.png and report/loss.png into the run dir; tables() and compare() give the
+rich tables for the terminal (one run, or one row per run side by side).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from llmcl.errors import LlmclError
+from llmcl.eval import metrics as M
+from llmcl.eval.scoring import BASE, load_run_recipe, read_row
+from llmcl.train.checkpoint import Ledger, write_json
+
+
+@dataclass
+class Column:
+    task: str
+    label: str
+    kind: str  # stage | general
+    stage: int | None
+    metric: str
+    higher_is_better: bool
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    name: str
+    method: str
+    model: str
+    stage_names: list[str]
+    rows: list[str] = field(default_factory=list)  # "base" and the names of evaluated stages, in order
+    row_stage: list[int | None] = field(default_factory=list)
+    columns: list[Column] = field(default_factory=list)
+    values: list[list[Optional[float]]] = field(default_factory=list)  # rows x columns, raw metric values
+    stderrs: list[list[Optional[float]]] = field(default_factory=list)
+    summary: dict[str, float | None] = field(default_factory=dict)
+    after_stage: list[dict[str, Any]] = field(default_factory=list)
+    general_delta: dict[str, float | None] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    stages_done: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.name, "method": self.method, "model": self.model, "stages": self.stage_names,
+            "rows": self.rows,
+            "columns": [c.__dict__ for c in self.columns],
+            "R": self.values, "stderr": self.stderrs,
+            "metrics": {**self.summary, "general_delta": _mean_or_none(list(self.general_delta.values()))},
+            "after_stage": self.after_stage, "general_delta": self.general_delta,
+            "train_seconds": round(self.train_seconds, 3), "stages_done": self.stages_done,
+            "definitions": "AA, BWT, FWT (Lopez-Paz & Ranzato 2017, base model as reference), forgetting "
+                           "(Chaudhry et al. 2018) on stage-task scores, lower-is-better metrics negated; see README",
+        }
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def collect(run_dir: Path) -> RunReport:
+    run_dir = Path(run_dir)
+    recipe = load_run_recipe(run_dir)
+    ledger = Ledger.read(run_dir)
+    done = ledger.done_stages()
+    report = RunReport(run_dir, recipe.name or run_dir.name, recipe.method.name, recipe.model.path,
+                       [s.name for s in recipe.stages], stages_done=len(done),
+                       train_seconds=sum(float(ledger.stage(i).get("wall_seconds") or 0) for i in done))
+    rows: list[tuple[str, int | None, dict]] = []
+    base = read_row(run_dir, BASE)
+    if base:
+        rows.append((BASE, None, base))
+    for i in done:
+        row = read_row(run_dir, i)
+        if row:
+            rows.append((recipe.stages[i].name, i, row))
+    if not rows:
+        raise LlmclError(f"{run_dir}: no evaluation results yet (eval/*.json); run `llmcl eval {run_dir}`")
+    # columns: stage tasks in stage order, then general tasks in the recipe's order
+    seen: dict[str, Column] = {}
+    for _, _, row in rows:
+        for task, r in row["tasks"].items():
+            if task not in seen:
+                label = r["stage_name"] if r["kind"] == "stage" else task.removeprefix("llmcl_")
+                seen[task] = Column(task, label, r["kind"], r["stage"], r["metric"], r["higher_is_better"])
+    stage_cols = sorted((c for c in seen.values() if c.kind == "stage"), key=lambda c: c.stage)
+    general_cols = [c for c in seen.values() if c.kind == "general"]
+    report.columns = stage_cols + general_cols
+    for label, stage, row in rows:
+        report.rows.append(label)
+        report.row_stage.append(stage)
+        report.values.append([row["tasks"].get(c.task, {}).get("value") for c in report.columns])
+        report.stderrs.append([row["tasks"].get(c.task, {}).get("stderr") for c in report.columns])
+    _compute_metrics(report)
+    return report
+
+
+def _compute_metrics(report: RunReport) -> None:
+    T = len(report.stage_names)
+    stage_col = {c.stage: k for k, c in enumerate(report.columns) if c.kind == "stage"}
+    by_stage = {s: k for k, s in enumerate(report.row_stage) if s is not None}
+
+    def score(row_index: int, stage: int) -> float | None:
+        k = stage_col.get(stage)
+        if k is None:
+            return None
+        return M.oriented(report.values[row_index][k], report.columns[k].higher_is_better)
+
+    # A[i][j] for the stages evaluated contiguously from 0
+    A: M.Matrix = []
+    for i in range(T):
+        if i not in by_stage:
+            break
+        A.append([score(by_stage[i], j) for j in range(T)])
+    base = [score(0, j) for j in range(T)] if report.row_stage and report.row_stage[0] is None else None
+    report.after_stage = [{"stage": k, "name": report.stage_names[k], **M.summary(A, base, k)} for k in range(len(A))]
+    report.summary = dict(report.after_stage[-1]) if A else {"AA": None, "BWT": None, "FWT": None, "forgetting": None}
+    report.summary.pop("stage", None)
+    report.summary.pop("name", None)
+    if base is not None and A:
+        last = by_stage[len(A) - 1]
+        for k, c in enumerate(report.columns):
+            if c.kind == "general":
+                now, before = (M.oriented(report.values[r][k], c.higher_is_better) for r in (last, 0))
+                report.general_delta[c.task] = None if now is None or before is None else now - before
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _signed(v: float | None) -> str:
+    return "—" if v is None else f"{v:+.3f}"
+
+
+def markdown(report: RunReport) -> str:
+    cols = report.columns
+    lines = [f"# Forgetting report: {report.name}", "",
+             f"method `{report.method}`, model `{report.model}`, {report.stages_done}/{len(report.stage_names)} "
+             f"stages done, training {report.train_seconds:.0f}s", "",
+             "Accuracy matrix R (row = model after that stage, column = task; metric under the name):", "",
+             "| after \\ task | " + " | ".join(f"{c.label} ({c.metric})" for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for label, vals in zip(report.rows, report.values):
+        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in vals) + " |")
+    s = report.summary
+    lines += ["", "| AA | BWT | FWT | forgetting | general delta |", "|---|---|---|---|---|",
+              f"| {_fmt(s.get('AA'))} | {_signed(s.get('BWT'))} | {_signed(s.get('FWT'))} | "
+              f"{_fmt(s.get('forgetting'))} | {_signed(_mean_or_none(list(report.general_delta.values())))} |", ""]
+    if report.after_stage:
+        lines += ["After each stage:", "", "| stage | AA | BWT | FWT | forgetting |", "|---|---|---|---|---|"]
+        lines += [f"| {a['name']} | {_fmt(a['AA'])} | {_signed(a['BWT'])} | {_signed(a['FWT'])} | "
+                  f"{_fmt(a['forgetting'])} |" for a in report.after_stage]
+        lines.append("")
+    if report.general_delta:
+        lines += ["General ability, change from the base model (negative = lost):", "",
+                  "| task | delta |", "|---|---|"]
+        lines += [f"| {t.removeprefix('llmcl_')} | {_signed(d)} |" for t, d in report.general_delta.items()]
+        lines.append("")
+    lines += ["AA = mean of the last row over the stage tasks; BWT = mean of (last row − diagonal); FWT = mean of "
+              "(score before a stage − base score); forgetting = mean of (best earlier score − last score). "
+              "Lower-is-better metrics enter negated. Definitions: README, 'Forgetting, measured'.", ""]
+    return "\n".join(lines)
+
+
+def write(report: RunReport) -> list[Path]:
+    out = report.run_dir / "report"
+    out.mkdir(exist_ok=True)
+    write_json(out / "matrix.json", report.to_dict())
+    (out / "report.md").write_text(markdown(report))
+    from llmcl.eval import plots
+
+    paths = [out / "matrix.json", out / "report.md"]
+    paths.append(plots.heatmap(report, out / "matrix.png"))
+    loss = plots.loss_curve(report.run_dir, report.stage_names, out / "loss.png")
+    if loss is not None:
+        paths.append(loss)
+    return paths
+
+
+# -- terminal tables --------------------------------------------------------------------------------
+
+def tables(report: RunReport) -> list[Any]:
+    from rich.table import Table
+
+    matrix = Table(title=f"{report.name}: accuracy matrix ({report.method})", title_justify="left")
+    matrix.add_column("after \\ task")
+    for c in report.columns:
+        matrix.add_column(f"{c.label}\n[dim]{c.metric}[/dim]", justify="right")
+    for label, vals in zip(report.rows, report.values):
+        matrix.add_row(label, *[_fmt(v) for v in vals])
+    s = report.summary
+    summary = Table(box=None)
+    for name in ("AA", "BWT", "FWT", "forgetting", "general delta"):
+        summary.add_column(name, justify="right")
+    summary.add_row(_fmt(s.get("AA")), _signed(s.get("BWT")), _signed(s.get("FWT")), _fmt(s.get("forgetting")),
+                    _signed(_mean_or_none(list(report.general_delta.values()))))
+    return [matrix, summary]
+
+
+def compare(reports: list[RunReport]) -> tuple[Any, str]:
+    """One row per run: the table a user pastes into a paper (rich table, markdown)."""
+    from rich.table import Table
+
+    head = ["run", "method", "AA", "BWT", "FWT", "forgetting", "general delta", "train time"]
+    table = Table(title="comparison", title_justify="left")
+    for h in head:
+        table.add_column(h, justify="left" if h in ("run", "method") else "right")
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in reports:
+        s = r.summary
+        cells = [r.name, r.method, _fmt(s.get("AA")), _signed(s.get("BWT")), _signed(s.get("FWT")),
+                 _fmt(s.get("forgetting")), _signed(_mean_or_none(list(r.general_delta.values()))),
+                 f"{r.train_seconds:.0f}s"]
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    return table, "\n".join(md) + "\n"
+
+
+def run_report(run_dirs: list[Path]) -> list[RunReport]:
+    """Collect and write the report of every run dir (the `llmcl report` command)."""
+    reports = [collect(Path(d)) for d in run_dirs]
+    for r in reports:
+        write(r)
+    return reports
+
+
+def current_row_text(report: RunReport) -> str:
+    """One line for the training log: the last row and AA/BWT so far."""
+    label, vals = report.rows[-1], report.values[-1]
+    cells = ", ".join(f"{c.label} {_fmt(v)}" for c, v in zip(report.columns, vals))
+    s = report.summary
+    return f"eval after {label}: {cells} | AA {_fmt(s.get('AA'))}, BWT {_signed(s.get('BWT'))}"
+
+
+def read_matrix(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "report" / "matrix.json").read_text())

@@ -1,0 +1,112 @@
+"""Score one row of the accuracy matrix: the base model or a finished stage's checkpoint, on every task.
+
+Writes run_dir/eval/base.json or run_dir/eval/stage-NN.json:
+  {"row": "stage-01", "stage": 1, "stage_name": ..., "checkpoint": ..., "lm_eval_version": ..., "limit": ...,
+   "seconds": ..., "tasks": {task: {kind: stage|general, stage: j|null, metric, value, stderr, n, version,
+                                    higher_is_better, metrics}}}
+The checkpoint is loaded from its manifest (no method code), so what is scored is exactly what was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmcl.errors import LlmclError
+from llmcl.eval import harness
+from llmcl.eval.tasks import STAGE_PREFIX, data_dir, include_paths, needs_harness_index, write_stage_tasks
+from llmcl.recipe import Recipe, from_dict
+from llmcl.train.checkpoint import Ledger, now, write_json
+
+BASE = "base"
+
+
+def row_name(row: str | int) -> str:
+    return BASE if row == BASE else f"stage-{int(row):02d}"
+
+
+def row_file(run_dir: Path, row: str | int) -> Path:
+    return run_dir / "eval" / f"{row_name(row)}.json"
+
+
+def read_row(run_dir: Path, row: str | int) -> dict[str, Any] | None:
+    path = row_file(run_dir, row)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_run_recipe(run_dir: Path) -> Recipe:
+    path = run_dir / "recipe.yaml"
+    if not path.exists():
+        raise LlmclError(f"{run_dir} is not an llmcl run directory (no recipe.yaml)")
+    return from_dict(yaml.safe_load(path.read_text()))
+
+
+def _load_model(run_dir: Path, recipe: Recipe, row: str | int):
+    import torch
+
+    from llmcl.models import load_base_model, load_stage_model
+
+    if row == BASE:
+        model = load_base_model(recipe.model, recipe.seed)
+    else:
+        ledger = Ledger.read(run_dir)
+        if not ledger.is_done(int(row)):
+            raise LlmclError(f"stage {row} of {run_dir} is not done; nothing to evaluate")
+        model = load_stage_model(run_dir, ledger.manifest(int(row)), recipe.model, recipe.seed, trainable=False)
+        if hasattr(model, "merge_and_unload"):  # a PEFT model: score the merged weights
+            model = model.merge_and_unload()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()
+
+
+def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, tokenizer: Any = None,
+              only: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate one row on the stage tasks and eval.tasks (or only the tasks/stage names in `only`)."""
+    from llmcl.models import load_tokenizer
+
+    run_dir = Path(run_dir)
+    recipe = recipe or load_run_recipe(run_dir)
+    tokenizer = tokenizer or load_tokenizer(recipe.model)
+    stage_tasks = write_stage_tasks(recipe, run_dir, tokenizer) if recipe.eval.stage_tasks else []
+    by_name = {t.task: t for t in stage_tasks}
+    names = [t.task for t in stage_tasks] + [t for t in recipe.eval.tasks if t not in by_name]
+    if only:
+        aliases = {t.stage_name: t.task for t in stage_tasks}
+        wanted = [aliases.get(n, n) for n in only]
+        unknown = [n for n in wanted if n not in names and not n.startswith(STAGE_PREFIX)]
+        names = [n for n in wanted if n in names] + [n for n in unknown]
+    if not names:
+        raise LlmclError(f"{run_dir}: nothing to evaluate (no stage has test data and eval.tasks is empty)")
+    model = _load_model(run_dir, recipe, row)
+    dd = data_dir(recipe)
+    t0 = time.perf_counter()
+    results = harness.evaluate(
+        model, tokenizer, names, include_path=include_paths(recipe, run_dir),
+        include_defaults=needs_harness_index(names), limit=recipe.eval.limit, batch_size=recipe.eval.batch_size,
+        num_fewshot=recipe.eval.num_fewshot, metadata={"llmcl_eval_data": dd} if dd else None,
+    )
+    seconds = time.perf_counter() - t0
+    del model
+    payload = read_row(run_dir, row) if only else None
+    payload = payload or {"tasks": {}}
+    ledger_entry = None if row == BASE else Ledger.read(run_dir).stage(int(row))
+    payload.update({
+        "row": row_name(row), "stage": None if row == BASE else int(row),
+        "stage_name": None if row == BASE else recipe.stages[int(row)].name,
+        "checkpoint": None if row == BASE else ledger_entry["checkpoint"],
+        "lm_eval_version": harness.lm_eval_version(), "limit": recipe.eval.limit, "created_at": now(),
+        "seconds": round(seconds, 3),
+    })
+    for name, result in results.items():
+        task = by_name.get(name)
+        payload["tasks"][name] = {"kind": "stage" if task else "general",
+                                  "stage": task.stage if task else None,
+                                  "stage_name": task.stage_name if task else None, **result.to_dict()}
+    path = row_file(run_dir, row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, payload)
+    return payload

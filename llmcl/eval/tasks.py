@@ -1,0 +1,187 @@
+"""Stage test splits as lm-eval tasks, llmcl's local general-ability tasks, and task-name checks.
+
+Every stage with test data becomes an lm-eval task YAML (plus its rendered JSON-lines data) under
+run_dir/eval/tasks/:
+  prompt/completion or chat data  -> generate_until, exact match (surrounding whitespace ignored)
+  ... with data.choices           -> multiple_choice, loglikelihood over the choices (acc)
+  text data                       -> loglikelihood_rolling perplexity (bits_per_byte, word/byte perplexity)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmcl.data.formatting import detect_format, render
+from llmcl.data.sources import load_records
+from llmcl.errors import LlmclError, RecipeError, did_you_mean
+
+LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+STAGE_PREFIX = "llmcl_stage_"
+
+
+@dataclass
+class StageTask:
+    stage: int
+    stage_name: str
+    task: str
+    kind: str  # generate | choice | perplexity
+    n: int
+
+
+def stage_task_name(stage_name: str) -> str:
+    return STAGE_PREFIX + stage_name.replace("-", "_").replace(".", "_")
+
+
+def local_task_names() -> list[str]:
+    return sorted(p.stem for p in LOCAL_TASKS_DIR.glob("*.yaml"))
+
+
+def _chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_test_records(stage: Any, index: int, records: list[dict[str, Any]], tokenizer: Any) -> tuple[str, list[dict]]:
+    """(kind, rows) with rows ready for the task YAML: prompt/completion(/choices, gold) or text."""
+    cfg = stage.data
+    key = f"stages.{index}.data"
+    fmt = detect_format(cfg, records[0], key)
+    if fmt == "text":
+        return "perplexity", [{"text": r[cfg.text_field]} for r in records]
+    rows = []
+    for r in records:
+        if fmt == "messages":
+            msgs = r[cfg.messages_field]
+            last = max((k for k, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
+            if last is None:
+                raise LlmclError(f"recipe key '{key}': a test conversation has no assistant turn to score")
+            prompt, completion = _chat_prompt(tokenizer, msgs[:last]), msgs[last]["content"]
+        else:
+            prompt, completion = render(cfg, r)
+            if cfg.chat_template:
+                prompt, completion = _chat_prompt(tokenizer, [{"role": "user", "content": prompt}]), completion.strip()
+        rows.append({"prompt": prompt, "completion": completion})
+    if cfg.choices is None:
+        return "generate", rows
+    choices = [c.strip() for c in cfg.choices]
+    for row in rows:
+        gold = row["completion"].strip()
+        if gold not in choices:
+            raise LlmclError(f"recipe key '{key}.choices': test completion {gold!r} is not one of the choices {choices}")
+        lead = row["completion"][: len(row["completion"]) - len(row["completion"].lstrip())]
+        row["choices"] = [lead + c for c in choices]
+        row["gold"] = choices.index(gold)
+    return "choice", rows
+
+
+def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer: Any, max_new_tokens: int) -> dict:
+    base = {
+        "task": task,
+        "tag": ["llmcl_stages"],
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+        "metadata": {"version": 1.0},
+    }
+    if kind == "perplexity":
+        return {**base, "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+                "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"},
+                                {"metric": "bits_per_byte"}]}
+    if kind == "choice":
+        return {**base, "output_type": "multiple_choice", "doc_to_text": "{{prompt}}", "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{gold}}", "target_delimiter": "",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    longest = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in rows)
+    multiline = any("\n" in r["completion"].strip() for r in rows)
+    return {**base, "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{completion}}",
+            "target_delimiter": "",
+            "generation_kwargs": {"until": [] if multiline else ["\n"], "do_sample": False,
+                                  "max_gen_toks": min(max_new_tokens, longest + 4)},
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                             "regexes_to_ignore": ["^\\s+", "\\s+$"]}]}
+
+
+def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any) -> list[StageTask]:
+    """Write one lm-eval task per stage with test data into run_dir/eval/tasks; return what was written."""
+    out_dir = run_dir / "eval" / "tasks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, stage in enumerate(recipe.stages):
+        records = load_records(stage.data, "test", recipe.seed)
+        if not records:
+            continue
+        kind, rows = render_test_records(stage, i, records, tokenizer)
+        task = stage_task_name(stage.name)
+        data_file = out_dir / f"{stage.name}.jsonl"
+        data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        config = _yaml_for(task, kind, data_file, rows, tokenizer, recipe.eval.max_new_tokens)
+        (out_dir / f"{stage.name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        written.append(StageTask(i, stage.name, task, kind, len(rows)))
+    return written
+
+
+def data_dir(recipe: Any) -> str | None:
+    """The local general-ability data: eval.data_dir, $LLMCL_EVAL_DATA, ../shared/data/eval next to the working
+    directory or next to this checkout."""
+    import os
+
+    candidates = (recipe.eval.data_dir, os.environ.get("LLMCL_EVAL_DATA"), "../shared/data/eval",
+                  Path(__file__).resolve().parents[3] / "shared" / "data" / "eval")
+    for candidate in candidates:
+        if candidate and Path(candidate).expanduser().is_dir():
+            return str(Path(candidate).expanduser().resolve())
+    return None
+
+
+def include_paths(recipe: Any, run_dir: Path | None = None) -> list[str]:
+    paths = [str(LOCAL_TASKS_DIR)] + [str(Path(p).expanduser().resolve()) for p in recipe.eval.include_path]
+    if run_dir is not None and (run_dir / "eval" / "tasks").is_dir():
+        paths.insert(0, str(run_dir / "eval" / "tasks"))
+    return paths
+
+
+def needs_harness_index(names: list[str]) -> bool:
+    """True when a name is not one of llmcl's own tasks (so lm-eval's full task index is needed)."""
+    return any(not (n.startswith(STAGE_PREFIX) or n in local_task_names()) for n in names)
+
+
+def check_task_names(recipe: Any) -> None:
+    """Unknown eval.tasks are a recipe error, with near matches from lm-eval's index and the include paths."""
+    names = list(recipe.eval.tasks)
+    if not names:
+        return
+    local = set(local_task_names())
+    if local & set(names) and data_dir(recipe) is None:
+        raise RecipeError("eval.data_dir", message="recipe key 'eval.data_dir': the llmcl_* tasks need their local "
+                          "data (a directory like ../shared/data/eval); set eval.data_dir or LLMCL_EVAL_DATA")
+    known = set(local)
+    for p in recipe.eval.include_path:
+        for f in Path(p).expanduser().rglob("*.yaml"):
+            try:
+                doc = yaml.load(f.read_text(), Loader=_LenientLoader)
+            except yaml.YAMLError:
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("task"), str):
+                known.add(doc["task"])
+    unknown = [n for n in names if n not in known]
+    if not unknown:
+        return
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_paths(recipe) or None)
+    known |= set(manager.all_tasks)
+    for i, name in enumerate(recipe.eval.tasks):
+        if name not in known:
+            raise RecipeError(f"eval.tasks.{i}", message=f"recipe key 'eval.tasks.{i}': unknown lm-eval task {name!r}"
+                              + did_you_mean(name, known))
+
+
+class _LenientLoader(yaml.SafeLoader):
+    """Reads lm-eval YAMLs that use `!function` tags (kept as strings)."""
+
+
+_LenientLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))

@@ -1,0 +1,236 @@
+"""Forgetting, measured, end to end on builtin:tiny: lm-eval after every stage, the matrix, the report files."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+
+from conftest import SHARED_DATA, run_cli, write_recipe
+from llmcl.eval import metrics as M
+from llmcl.eval.harness import preserved_rng
+from llmcl.models import load_stage_model, load_tokenizer
+from llmcl.recipe import ModelConfig
+
+HAS_EVAL_DATA = (SHARED_DATA / "eval" / "arc_easy" / "arc_easy.jsonl").exists()
+WORDS = "good great fine bad awful poor lovely dull superb boring".split()
+
+
+def _write_data(d):
+    rng = random.Random(0)
+    rows = [{"sentence": f"the film was {w} and {rng.choice(WORDS)}", "label": "positive" if i % 2 else "negative"}
+            for i, w in enumerate(WORDS * 3)]
+    (d / "cls").mkdir()
+    (d / "cls" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
+    (d / "cls" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[20:]))
+    docs = [{"text": " ".join(rng.choice(WORDS) for _ in range(40))} for _ in range(12)]
+    (d / "text").mkdir()
+    (d / "text" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in docs[:8]))
+    (d / "text" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in docs[8:]))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    d = tmp_path_factory.mktemp("evalrun")
+    _write_data(d)
+    recipe = write_recipe(
+        d / "r.yaml",
+        train={"lr": 5e-3, "max_steps": 3, "batch_size": 4, "seq_len": 64, "warmup": 0},
+        stages=[{"data": {"path": "builtin:facts"}},
+                {"name": "sentiment", "data": {"path": str(d / "cls"), "prompt_template": "Review: {sentence}\nSentiment:",
+                                               "completion_template": " {label}", "choices": ["negative", "positive"]}},
+                {"name": "prose", "data": {"path": str(d / "text")}, "train": {"seq_len": 32}}],
+        eval={"after_each_stage": True, "limit": 6, "tasks": ["llmcl_arc_easy"] if HAS_EVAL_DATA else [],
+              "data_dir": str(SHARED_DATA / "eval") if HAS_EVAL_DATA else None},
+        logging={"trackers": ["tensorboard"], "project": "tb"},
+    )
+    res = run_cli("train", str(recipe), "--run-dir", str(d / "run"))
+    assert res.exit_code == 0, res.output
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return d / "run"
+
+
+def _rows(run_dir):
+    return {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("*.json"))}
+
+
+def test_every_row_scores_every_task_with_version_count_metric_and_stderr(run_dir):
+    rows = _rows(run_dir)
+    assert set(rows) == {"base", "stage-00", "stage-01", "stage-02"}
+    expected = {"llmcl_stage_facts": "exact_match", "llmcl_stage_sentiment": "acc", "llmcl_stage_prose": "bits_per_byte"}
+    if HAS_EVAL_DATA:
+        expected["llmcl_arc_easy"] = "acc"
+    for name, row in rows.items():
+        assert {t: r["metric"] for t, r in row["tasks"].items()} == expected, name
+        assert row["lm_eval_version"].startswith("0.4.")
+        for task, r in row["tasks"].items():
+            assert r["version"] is not None and r["n"] == (4 if task == "llmcl_stage_prose" else 6)
+            assert r["value"] is not None and ("stderr" in r)
+        assert rows[name]["tasks"]["llmcl_stage_prose"]["higher_is_better"] is False
+    # the model changed from row to row, and what was scored is each stage's own checkpoint
+    bpb = [rows[r]["tasks"]["llmcl_stage_prose"]["value"] for r in ("base", "stage-00", "stage-01", "stage-02")]
+    assert len(set(bpb)) == 4
+    assert bpb[3] < bpb[2]  # training on the prose stage lowers its bits per byte
+
+
+def test_stage_task_yamls_have_the_right_output_types(run_dir):
+    tasks = run_dir / "eval" / "tasks"
+    kinds = {p.stem: yaml.safe_load(p.read_text())["output_type"] for p in tasks.glob("*.yaml")}
+    assert kinds == {"facts": "generate_until", "sentiment": "multiple_choice", "prose": "loglikelihood_rolling"}
+    first = json.loads((tasks / "sentiment.jsonl").read_text().splitlines()[0])
+    assert first["choices"] == [" negative", " positive"] and first["choices"][first["gold"]] == first["completion"]
+
+
+def _loglikelihood(model, tok, context, continuation):
+    """lm-eval's scoring of one (context, continuation) pair, computed independently."""
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx):]
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.float(), -1)[0]
+    return sum(logp[len(ctx) - 1 + k, t].item() for k, t in enumerate(cont))
+
+
+def test_multiple_choice_accuracy_matches_an_independent_computation(run_dir):
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    manifest = json.loads((run_dir / ledger["stages"][1]["checkpoint"] / "manifest.json").read_text())
+    cfg = ModelConfig(path="builtin:tiny")
+    model = load_stage_model(run_dir, manifest, cfg, 0, trainable=False).eval()
+    tok = load_tokenizer(cfg)
+    docs = [json.loads(x) for x in (run_dir / "eval" / "tasks" / "sentiment.jsonl").read_text().splitlines()][:6]
+    correct = 0
+    for doc in docs:
+        lls = [_loglikelihood(model, tok, doc["prompt"], c) for c in doc["choices"]]
+        correct += int(max(range(len(lls)), key=lls.__getitem__) == doc["gold"])
+    acc = _rows(run_dir)["stage-01"]["tasks"]["llmcl_stage_sentiment"]["value"]
+    assert acc == pytest.approx(correct / len(docs))
+
+
+def test_report_matrix_matches_an_independent_computation_from_the_eval_jsons(run_dir):
+    res = run_cli("report", str(run_dir))
+    assert res.exit_code == 0, res.output
+    assert "accuracy matrix" in res.output and "BWT" in res.output
+    matrix = json.loads((run_dir / "report" / "matrix.json").read_text())
+    rows = _rows(run_dir)
+    order = ["base", "stage-00", "stage-01", "stage-02"]
+    tasks = ["llmcl_stage_facts", "llmcl_stage_sentiment", "llmcl_stage_prose"]
+    assert matrix["rows"] == ["base", "facts", "sentiment", "prose"]
+    assert [c["task"] for c in matrix["columns"]][:3] == tasks
+    raw = [[rows[r]["tasks"][t]["value"] for t in tasks] for r in order]
+    assert [row[:3] for row in matrix["R"]] == raw
+    sign = [1, 1, -1]  # bits per byte: lower is better
+    s = [[sign[j] * raw[i][j] for j in range(3)] for i in range(4)]
+    base, A = s[0], s[1:]
+    aa = sum(A[2]) / 3
+    bwt = ((A[2][0] - A[0][0]) + (A[2][1] - A[1][1])) / 2
+    fwt = ((A[0][1] - base[1]) + (A[1][2] - base[2])) / 2
+    fgt = ((max(A[0][0], A[1][0]) - A[2][0]) + (max(A[0][1], A[1][1]) - A[2][1])) / 2
+    got = matrix["metrics"]
+    assert (got["AA"], got["BWT"], got["FWT"], got["forgetting"]) == pytest.approx((aa, bwt, fwt, fgt))
+    assert [a["stage"] for a in matrix["after_stage"]] == [0, 1, 2]
+    if HAS_EVAL_DATA:
+        arc = [rows[r]["tasks"]["llmcl_arc_easy"]["value"] for r in order]
+        assert matrix["general_delta"]["llmcl_arc_easy"] == pytest.approx(arc[3] - arc[0])
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "| base |" in md and "| AA | BWT | FWT | forgetting | general delta |" in md
+
+
+def test_report_pngs_are_valid_images(run_dir):
+    from PIL import Image
+
+    run_cli("report", str(run_dir))
+    for name in ("matrix.png", "loss.png"):
+        path = run_dir / "report" / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as im:
+            im.verify()
+            assert im.size[0] > 300 and im.size[1] > 150
+
+
+def test_eval_rows_are_logged_to_the_trackers(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accs = [EventAccumulator(str(p.parent)) for p in (run_dir / "tb").rglob("events.out.tfevents*")]
+    accs = [a for a in accs if a.Reload() and "cl/AA" in a.Tags()["scalars"]]
+    assert len(accs) == 1
+    steps = [e.step for e in accs[0].Scalars("cl/AA")]
+    assert steps == [3, 6, 9]  # logged at the global step where each stage ended
+    matrix = json.loads((run_dir / "report" / "matrix.json").read_text()) if (run_dir / "report").exists() else None
+    if matrix:
+        assert accs[0].Scalars("cl/AA")[-1].value == pytest.approx(matrix["metrics"]["AA"], rel=1e-5)
+
+
+def test_llmcl_eval_rescores_one_row_and_keeps_the_others(run_dir):
+    before = _rows(run_dir)
+    res = run_cli("eval", str(run_dir), "--stage", "1", "--tasks", "sentiment")
+    assert res.exit_code == 0, res.output
+    after = _rows(run_dir)
+    assert after["stage-01"]["tasks"] == before["stage-01"]["tasks"]  # deterministic, and nothing dropped
+    assert after["stage-01"]["created_at"] >= before["stage-01"]["created_at"]
+    res = run_cli("eval", str(run_dir), "--stage", "7")
+    assert res.exit_code == 2 and "expected 'base' or a finished stage" in res.stderr
+
+
+def test_a_missing_row_is_scored_when_the_run_is_restarted(run_dir):
+    recipe = run_dir.parent / "r.yaml"
+    (run_dir / "eval" / "stage-01.json").unlink()
+    res = run_cli("train", str(recipe), "--run-dir", str(run_dir))
+    assert res.exit_code == 0 and "nothing to train" in res.output
+    assert (run_dir / "eval" / "stage-01.json").exists()
+
+
+def test_comparison_of_several_runs(run_dir, tmp_path):
+    other = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(run_dir, other)
+    res = run_cli("report", str(run_dir), str(other))
+    assert res.exit_code == 0
+    assert "comparison" in res.output and res.output.count("seqft") >= 2
+
+
+def test_unknown_eval_task_is_a_validation_error_with_near_matches(tiny_recipe):
+    res = run_cli("validate", str(tiny_recipe), "eval.tasks=[llmcl_arc_esy]")
+    assert res.exit_code == 2
+    assert "recipe key 'eval.tasks.0': unknown lm-eval task 'llmcl_arc_esy' (did you mean 'llmcl_arc_easy'" \
+        in res.stderr
+
+
+def test_choices_must_contain_every_test_answer(tmp_path):
+    from llmcl.eval.tasks import render_test_records
+    from llmcl.errors import LlmclError
+    from llmcl.recipe import DataConfig, StageConfig
+
+    stage = StageConfig(data=DataConfig(path="x.jsonl", prompt_template="{q}", completion_template=" {a}",
+                                        choices=["yes", "no"]), name="s")
+    kind, rows = render_test_records(stage, 0, [{"q": "is it?", "a": "no"}], tokenizer=None)
+    assert kind == "choice" and rows[0]["gold"] == 1 and rows[0]["choices"] == [" yes", " no"]
+    with pytest.raises(LlmclError, match="'stages.0.data.choices': test completion 'maybe' is not one of"):
+        render_test_records(stage, 0, [{"q": "is it?", "a": "maybe"}], tokenizer=None)
+
+
+def test_evaluation_leaves_the_training_rng_untouched():
+    import numpy as np
+
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    with preserved_rng():
+        random.seed(1234), np.random.seed(1234), torch.manual_seed(1234)  # what lm-eval does
+        random.random(), torch.rand(3)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_metrics_module_and_report_agree_on_partial_runs():
+    assert M.summary([[0.5]], [0.1]) == {"AA": 0.5, "BWT": None, "FWT": None, "forgetting": None}
