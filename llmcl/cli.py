@@ -108,7 +108,9 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None) -> None:
 
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
-def report(run_dirs: tuple[str, ...]) -> None:
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the comparison table (one row per run) to this markdown file.")
+def report(run_dirs: tuple[str, ...], markdown_path: str | None) -> None:
     """Accuracy matrix, AA/BWT/FWT/forgetting and plots of RUN_DIRS (several: a comparison table)."""
     from rich.console import Console
 
@@ -120,9 +122,12 @@ def report(run_dirs: tuple[str, ...]) -> None:
         for table in report_mod.tables(rep):
             console.print(table)
         console.print(f"[dim]written: {rep.run_dir / 'report'}/(matrix.json, report.md, matrix.png, loss.png)[/dim]")
-    if len(reports) > 1:
+    if len(reports) > 1 or markdown_path:
         table, md = report_mod.compare(reports)
-        console.print(table)
+        if len(reports) > 1:
+            console.print(table)
+        if markdown_path:
+            Path(markdown_path).write_text(md)
 
 
 @cli.command()

@@ -195,9 +195,12 @@ def test_comparison_of_several_runs(run_dir, tmp_path):
     import shutil
 
     shutil.copytree(run_dir, other)
-    res = run_cli("report", str(run_dir), str(other))
+    res = run_cli("report", str(run_dir), str(other), "--markdown", str(tmp_path / "cmp.md"))
     assert res.exit_code == 0
     assert "comparison" in res.output and res.output.count("seqft") >= 2
+    md = (tmp_path / "cmp.md").read_text().splitlines()
+    assert md[0] == "| run | method | AA | BWT | FWT | forgetting | general delta | train time |"
+    assert len(md) == 4 and all(line.count("|") == 9 for line in md)
 
 
 def test_unknown_eval_task_is_a_validation_error_with_near_matches(tiny_recipe):

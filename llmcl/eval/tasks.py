@@ -10,6 +10,7 @@ run_dir/eval/tasks/:
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,8 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any) -> list[StageT
         if not records:
             continue
         kind, rows = render_test_records(stage, i, records, tokenizer)
+        # a seeded shuffle: eval.limit (lm-eval takes the first N) then scores a random subset, not the head
+        random.Random(f"llmcl-eval-order:{recipe.seed}:{i}").shuffle(rows)
         task = stage_task_name(stage.name)
         data_file = out_dir / f"{stage.name}.jsonl"
         data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
