@@ -25,7 +25,24 @@ def check(recipe: Recipe) -> None:
         if not isinstance(record, dict):
             raise LlmclError(f"recipe key 'stages.{i}.data.path': records must be objects with named fields, "
                              f"got {type(record).__name__}")
-        check_record(stage.data, record, f"stages.{i}.data")
+        fmt = check_record(stage.data, record, f"stages.{i}.data")
+        if stage.data.choices is not None:
+            _check_choices(stage, i, fmt, recipe.seed)
     from llmcl.eval.tasks import check_task_names
 
     check_task_names(recipe)
+
+
+def _check_choices(stage, index: int, fmt: str, seed: int) -> None:
+    """Every test answer must be one of data.choices (else scoring would fail after training)."""
+    from llmcl.data.formatting import render
+    from llmcl.data.sources import load_records
+
+    key = f"stages.{index}.data.choices"
+    if fmt != "prompt_completion":
+        raise RecipeError(key, message=f"recipe key '{key}': choices need prompt/completion data (format is {fmt})")
+    choices = {c.strip() for c in stage.data.choices}
+    for record in load_records(stage.data, "test", seed) or []:
+        answer = render(stage.data, record)[1].strip()
+        if answer not in choices:
+            raise RecipeError(key, message=f"recipe key '{key}': test answer {answer!r} is not one of {sorted(choices)}")

@@ -89,6 +89,36 @@ class DataConfig:
 
 
 @dataclass
+class ReplayDataConfig(DataConfig):
+    """A named replay source (e.g. a slice of the original pre-training corpus)."""
+
+    weight: float = 1.0
+    """Relative weight of this source among the replay sources."""
+
+    def check(self, key: KeyFn) -> None:
+        super().check(key)
+        require(self.weight > 0, key("weight"), self.weight, "a number > 0")
+
+
+@dataclass
+class ReplayConfig:
+    """Compute-equivalent replay (Ibrahim et al. 2024): a fixed share of every step comes from earlier data."""
+
+    ratio: float = 0.0
+    """Fraction of every optimizer step's samples (= tokens, for packed text) drawn from the replay sources; the stage's own data fills the rest."""
+    previous_stages: bool = True
+    """Replay the earlier stages' training data (each earlier stage weighted equally)."""
+    previous_weight: float = 1.0
+    """Weight of the earlier stages together, relative to the datasets' weights."""
+    datasets: list[ReplayDataConfig] = field(default_factory=list)
+    """Named replay datasets, each a data source with a weight."""
+
+    def check(self, key: KeyFn) -> None:
+        require(0 <= self.ratio < 1, key("ratio"), self.ratio, "a fraction in [0, 1)")
+        require(self.previous_weight >= 0, key("previous_weight"), self.previous_weight, "a number >= 0")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation settings for every stage (a stage may override any of them under stages.N.train)."""
 
@@ -98,10 +128,34 @@ class TrainConfig:
     """Final learning rate of the decay as a fraction of lr."""
     warmup: int | float = 0.03
     """Linear warmup at the start of every stage: an integer is a number of steps, a float a fraction of the stage."""
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warmup: cosine or linear down to min_lr_ratio*lr, or constant at lr."""
+    warmup_start: Literal["zero", "previous"] = "zero"
+    """Where warmup starts: 0, or the previous stage's final lr (re-warming from where the last stage ended)."""
+    schedule: Literal["cosine", "linear", "constant", "wsd", "infinite"] = "cosine"
+    """After warmup: cosine/linear re-decay to min_lr_ratio*lr; constant at lr; wsd = stable then decay; infinite = cooldown to const_lr_ratio*lr, constant, optional anneal (Ibrahim et al. 2024)."""
+    decay: int | float = 0.1
+    """wsd: length of the final decay (steps, or a fraction of the stage)."""
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+    """wsd: shape of the final decay (sqrt = 1 - sqrt)."""
+    const_lr_ratio: float = 0.5
+    """infinite: the constant lr as a fraction of lr."""
+    cooldown: int | float = 0.1
+    """infinite: steps (or fraction of the first stage) from the end of warmup down to the constant lr."""
+    cooldown_shape: Literal["cosine", "inv_sqrt"] = "cosine"
+    """infinite: cooldown shape."""
+    inv_sqrt_alpha: float = 10.0
+    """infinite: timescale alpha of the inverse-sqrt cooldown (larger = steeper start)."""
+    anneal: int | float = 0
+    """infinite: anneal to min_lr_ratio*lr over the last steps (or fraction) of this stage, for a released checkpoint; 0 = none."""
+    anneal_shape: Literal["exp", "linear"] = "exp"
+    """infinite: anneal shape."""
+    anneal_branch: bool = True
+    """infinite: the next stage continues from the weights saved just before the anneal (the paper's branch), not the annealed ones."""
+    optimizer_state: Literal["reset", "keep"] = "reset"
+    """Optimizer state at the start of a stage: reset (fresh AdamW moments, the paper's choice) or keep the previous stage's."""
     max_steps: int | None = None
-    """Optimizer steps per stage; null = epochs over the stage's training data."""
+    """Optimizer steps per stage; null = max_tokens, or else epochs over the stage's training data."""
+    max_tokens: int | None = None
+    """Token budget per stage: steps = ceil(max_tokens / (global batch x seq_len)) (exact for packed text)."""
     epochs: float = 1.0
     """Passes over the stage's training data when max_steps is null."""
     batch_size: int = 8
@@ -135,6 +189,19 @@ class TrainConfig:
             require(self.warmup >= 0, key("warmup"), self.warmup, "a non-negative number of steps")
         require(self.max_steps is None or self.max_steps > 0, key("max_steps"), self.max_steps,
                 "a positive integer or null")
+        require(self.max_tokens is None or self.max_tokens > 0, key("max_tokens"), self.max_tokens,
+                "a positive integer or null")
+        for name in ("decay", "cooldown", "anneal"):
+            value = getattr(self, name)
+            if isinstance(value, float):
+                require(0 <= value <= 1, key(name), value, "a fraction in [0, 1] (float) or a number of steps (integer)")
+            else:
+                require(value >= 0, key(name), value, "a non-negative number of steps")
+        require(0 < self.const_lr_ratio <= 1, key("const_lr_ratio"), self.const_lr_ratio, "a number in (0, 1]")
+        require(self.inv_sqrt_alpha > 0, key("inv_sqrt_alpha"), self.inv_sqrt_alpha, "a number > 0")
+        if self.schedule == "infinite" and self.anneal and self.anneal_shape == "exp":
+            require(self.min_lr_ratio > 0, key("min_lr_ratio"), self.min_lr_ratio,
+                    "a number > 0 (an exponential anneal cannot reach 0)")
         require(self.epochs > 0, key("epochs"), self.epochs, "a number > 0")
         for name in ("batch_size", "grad_accum", "seq_len", "log_every"):
             require(getattr(self, name) > 0, key(name), getattr(self, name), "a positive integer")
@@ -156,6 +223,8 @@ class StageConfig:
     """Unique stage name (letters, digits, _ . -); default from the data path."""
     train: dict[str, Any] = field(default_factory=dict)
     """Overrides of the recipe's train settings for this stage only, e.g. {lr: 3e-5, max_steps: 50}."""
+    replay: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the recipe's replay settings for this stage only, e.g. {ratio: 0.25}."""
 
 
 @dataclass
@@ -218,6 +287,8 @@ class Recipe:
     """The continual-learning method: name plus the method's own options."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation settings shared by all stages."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Replay for every stage (a stage may override it under stages.N.replay)."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Extra metric trackers."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -226,6 +297,16 @@ class Recipe:
     def stage_train(self, index: int) -> TrainConfig:
         """The train settings of stage `index`: the recipe's, with the stage's overrides applied."""
         return _stage_train(self.train, self.stages[index].train, index)
+
+    def stage_replay(self, index: int) -> ReplayConfig:
+        """The replay settings of stage `index`: the recipe's, with the stage's overrides applied."""
+        overrides = self.stages[index].replay
+        prefix = f"stages.{index}.replay"
+        data = to_dict(self.replay)
+        data.update(overrides)
+        cfg = build(ReplayConfig, data, prefix, check=False)
+        cfg.check(lambda name: f"{prefix}.{name}" if name in overrides else f"replay.{name}")
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -317,8 +398,17 @@ def from_dict(data: dict[str, Any], default_name: str = "run") -> Recipe:
     require(bool(_NAME_RE.match(recipe.name)), "name", recipe.name, "letters, digits, _ . - (it names the run dir)")
     _name_stages(recipe)
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    replay_keys = {f.name for f in dataclasses.fields(ReplayConfig)}
     for i in range(len(recipe.stages)):
+        for k in recipe.stages[i].replay:
+            if k not in replay_keys:
+                raise RecipeError(f"stages.{i}.replay.{k}", message=f"recipe key 'stages.{i}.replay.{k}' is unknown"
+                                  + did_you_mean(k, replay_keys, f"stages.{i}.replay."))
+        recipe.stage_replay(i)
         for k in recipe.stages[i].train:
+            if k == "precision":
+                raise RecipeError(f"stages.{i}.train.precision", message=f"recipe key 'stages.{i}.train.precision': "
+                                  "precision is one setting for the whole run; set train.precision")
             if k not in train_keys:
                 raise RecipeError(f"stages.{i}.train.{k}", message=f"recipe key 'stages.{i}.train.{k}' is unknown"
                                   + did_you_mean(k, train_keys, f"stages.{i}.train."))
@@ -357,11 +447,12 @@ def _absolute_paths(recipe: Recipe) -> None:
     """Local data paths are relative to the working directory; store them absolute in the resolved recipe."""
     from llmcl.data.sources import is_local
 
-    for stage in recipe.stages:
+    sources = [stage.data for stage in recipe.stages] + list(recipe.replay.datasets)
+    for data in sources:
         for attr in ("path", "test_path"):
-            value = getattr(stage.data, attr)
+            value = getattr(data, attr)
             if value and is_local(value):
-                setattr(stage.data, attr, str(Path(value).expanduser().resolve()))
+                setattr(data, attr, str(Path(value).expanduser().resolve()))
     recipe.eval.include_path = [str(Path(p).expanduser().resolve()) for p in recipe.eval.include_path]
     if recipe.eval.data_dir:
         recipe.eval.data_dir = str(Path(recipe.eval.data_dir).expanduser().resolve())

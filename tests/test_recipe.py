@@ -55,7 +55,7 @@ def test_local_data_paths_are_stored_absolute(tmp_path, monkeypatch):
 BAD = [
     (["train.lrr=1"], "recipe key 'train.lrr' is unknown (did you mean 'train.lr'?)"),
     (["model.pth=x"], "recipe key 'model.pth' is unknown (did you mean 'model.path'?)"),
-    (["stages.0.train.max_stpes=3"], "recipe key 'stages.0.train.max_stpes' is unknown (did you mean 'stages.0.train.max_steps'?)"),
+    (["stages.0.train.max_stpes=3"], "recipe key 'stages.0.train.max_stpes' is unknown (did you mean 'stages.0.train.max_steps'"),
     (["train.lr=-0.001"], "recipe key 'train.lr': got -0.001; expected a number > 0"),
     (["train.batch_size=abc"], "recipe key 'train.batch_size': got 'abc'; expected an integer"),
     (["train.batch_size=0"], "recipe key 'train.batch_size': got 0; expected a positive integer"),
@@ -74,6 +74,11 @@ BAD = [
     (["stages.1.name=a/b"], "recipe key 'stages.1.name': got 'a/b'; expected letters, digits, _ . - only"),
     (["train.adam_betas=[0.9]"], "recipe key 'train.adam_betas': got [0.9]; expected two numbers in [0, 1)"),
     (["train.lr"], "override 'train.lr' must look like KEY=VALUE"),
+    (["stages.0.train.precision=bf16"], "recipe key 'stages.0.train.precision': precision is one setting for the whole run"),
+    (["eval.limit=0"], "recipe key 'eval.limit': got 0; expected a positive integer or null"),
+    (["eval.batch_size=big"], "recipe key 'eval.batch_size': got 'big'; expected a positive integer or 'auto'"),
+    (["eval.include_path=[/no/such/dir]"], "recipe key 'eval.include_path.0': got '/no/such/dir'; expected an existing directory"),
+    (["stages.0.data.choices=yes"], "recipe key 'stages.0.data.choices"),
 ]
 
 
@@ -160,3 +165,9 @@ def test_readme_key_reference_matches_the_code():
     spec.loader.exec_module(gen)
     text = (REPO / "README.md").read_text()
     assert gen.updated(text) == text, "README key reference is stale: run python scripts/gen_reference.py"
+
+
+def test_choices_are_checked_against_the_test_answers_before_training(tiny_recipe):
+    r = recipe.load(tiny_recipe, ["stages.0.data.choices=[Korvan, Lumtar]"])
+    with pytest.raises(RecipeError, match=r"'stages.0.data.choices': test answer '.*' is not one of"):
+        checks.check(r)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import REPO, run_cli, write_recipe
 from llmcl.models import load_base_model
 from llmcl.recipe import ModelConfig
-from llmcl.schedules import lr_at
+from llmcl.schedules import Schedule, lr_at
 
 
 def _weights(stage_dir):
@@ -40,7 +40,8 @@ def test_two_stage_run_writes_ledger_metrics_and_checkpoints(tmp_path, tiny_reci
     assert [m["global_step"] for m in metrics] == list(range(1, 11))
     for m in metrics:
         assert {"stage", "step", "loss", "lr", "tokens_per_s"} <= set(m)
-        assert m["lr"] == pytest.approx(lr_at(m["step"] - 1, 5, max_lr=1e-3, min_lr=1e-4, warmup=1))
+        expected = Schedule("cosine", total=5, max_lr=1e-3, min_lr=1e-4, warmup=1)
+        assert m["lr"] == pytest.approx(lr_at(m["step"] - 1, expected))
         assert m["tokens_per_s"] > 0 and m["loss"] > 0
     assert metrics[4]["loss"] < metrics[0]["loss"]  # the facts stage learns
 
@@ -184,9 +185,9 @@ def test_wandb_offline_tracker(tmp_path, monkeypatch):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
-def test_unreachable_hub_model_is_a_one_line_error(tiny_recipe, monkeypatch):
+def test_unreachable_hub_model_is_a_one_line_error(tiny_recipe, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    res = run_cli("train", str(tiny_recipe), "model.path=no-such-org/no-such-model", "--run-dir", "unused")
+    res = run_cli("train", str(tiny_recipe), "model.path=no-such-org/no-such-model", "--run-dir", str(tmp_path / "r"))
     assert res.exit_code == 2
     assert res.stderr.startswith("error: cannot load the tokenizer of model.path='no-such-org/no-such-model'")
     assert len(res.stderr.strip().splitlines()) == 1

@@ -1,18 +1,43 @@
 """Deterministic batches: the examples of optimizer step s are a pure function of (seed, stage, s).
 
-A global batch is batch_size x grad_accum x world_size examples, laid out micro-batch by micro-batch and
-rank by rank, so one process with grad_accum=2 sees exactly the examples two processes with grad_accum=1
-see together. Resuming at step s needs no data-loader state: it just asks for step s.
+A global batch is batch_size x grad_accum x world_size items, laid out micro-batch by micro-batch and rank
+by rank, so one process with grad_accum=2 sees exactly the items two processes with grad_accum=1 see
+together. An item is (source, index): source 0 is the stage's own data, read in a seeded order epoch after
+epoch; sources 1.. are replay pools (see llmcl.data.mixing). With replay ratio r, step s holds
+floor(r*G*(s+1)) - floor(r*G*s) replay items, so after any number of steps the replayed share is within one
+item of r (compute-equivalent replay: the stage's own data fills only the rest). Resuming at step s needs
+no loader state: it just asks for step s.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 
 from llmcl.data.formatting import IGNORE, Example
+
+Item = tuple[int, int]
+
+
+class ListPool:
+    """Examples held in memory (prompt/completion, chat)."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+        self._labels = [sum(1 for x in e.labels[1:] if x != IGNORE) for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, j: int) -> Example:
+        return self.examples[j]
+
+    def label_count(self, j: int) -> int:
+        return self._labels[j]
 
 
 @dataclass
@@ -23,13 +48,19 @@ class BatchPlan:
     world_size: int
     seed: int
     stage: int
-
-    def __post_init__(self) -> None:
-        self._perms: dict[int, list[int]] = {}
+    replay_ratio: float = 0.0
+    replay_sizes: Sequence[int] = ()
+    """Sizes of the replay pools (sources 1, 2, ...)."""
+    replay_weights: Sequence[float] = ()
+    _perms: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.grad_accum * self.world_size
+
+    @property
+    def replaying(self) -> bool:
+        return self.replay_ratio > 0 and len(self.replay_sizes) > 0
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
@@ -38,21 +69,57 @@ class BatchPlan:
             self._perms = {epoch: order}  # steps only move forward: keep one epoch
         return self._perms[epoch]
 
+    def _own(self, pos: int) -> int:
+        epoch, i = divmod(pos, self.n_examples)
+        return self._perm(epoch)[i]
+
+    def replay_before(self, step: int) -> int:
+        """Replay items in steps 0..step-1."""
+        if not self.replaying:
+            return 0
+        return math.floor(self.replay_ratio * self.global_batch * step + 1e-9)
+
+    def replay_count(self, step: int) -> int:
+        return self.replay_before(step + 1) - self.replay_before(step)
+
+    def own_consumed(self, step: int) -> int:
+        """Own-data examples used by steps 0..step-1 (the stage's budget shrinks by what replay takes)."""
+        return step * self.global_batch - self.replay_before(step)
+
+    def _replay_item(self, q: int) -> Item:
+        """The q-th replay item of the stage: a source by weight, then an index, both seeded (with replacement)."""
+        rng = random.Random(f"llmcl-replay:{self.seed}:{self.stage}:{q}")
+        source = rng.choices(range(len(self.replay_sizes)), weights=self.replay_weights)[0]
+        return source + 1, rng.randrange(self.replay_sizes[source])
+
+    def step_items(self, step: int) -> list[Item]:
+        """All items of the global batch of optimizer step `step` (0-based)."""
+        g = self.global_batch
+        r = self.replay_count(step)
+        start = self.own_consumed(step)
+        own = [(0, self._own(start + k)) for k in range(g - r)]
+        if not r:
+            return own
+        q0 = self.replay_before(step)
+        replay = [self._replay_item(q0 + k) for k in range(r)]
+        slots = set(random.Random(f"llmcl-slots:{self.seed}:{self.stage}:{step}").sample(range(g), r))
+        own_iter, replay_iter = iter(own), iter(replay)
+        return [next(replay_iter) if k in slots else next(own_iter) for k in range(g)]
+
     def step_indices(self, step: int) -> list[int]:
-        """Example indices of the whole global batch of optimizer step `step` (0-based)."""
-        out = []
-        for pos in range(step * self.global_batch, (step + 1) * self.global_batch):
-            epoch, i = divmod(pos, self.n_examples)
-            out.append(self._perm(epoch)[i])
-        return out
+        """Own-data indices of the step (all of them when there is no replay)."""
+        return [j for src, j in self.step_items(step) if src == 0]
+
+    def micro_items(self, step: int, micro: int, rank: int) -> list[Item]:
+        """The items rank `rank` trains on in micro-batch `micro` of step `step`."""
+        start = (micro * self.world_size + rank) * self.batch_size
+        return self.step_items(step)[start:start + self.batch_size]
 
     def micro_indices(self, step: int, micro: int, rank: int) -> list[int]:
-        """The examples rank `rank` trains on in micro-batch `micro` of step `step`."""
-        start = (micro * self.world_size + rank) * self.batch_size
-        return self.step_indices(step)[start:start + self.batch_size]
+        return [j for _, j in self.micro_items(step, micro, rank)]
 
     def steps_per_epoch(self) -> float:
-        return self.n_examples / self.global_batch
+        return self.n_examples / (self.global_batch * (1 - (self.replay_ratio if self.replaying else 0.0)))
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -72,3 +139,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 def label_tokens(examples: list[Example]) -> int:
     """Tokens that contribute to the loss (labels are shifted by one inside the model)."""
     return sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in examples)
+
+
+def fetch(pools: Sequence[Any], items: list[Item]) -> list[Example]:
+    return [pools[src][j] for src, j in items]

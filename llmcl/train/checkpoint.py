@@ -234,3 +234,31 @@ def clear_step(run_dir: Path) -> None:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# -- optimizer state carried across stages (train.optimizer_state: keep) -----------------------------
+
+def save_optimizer_by_name(optimizer: Any, named: list, path: Path) -> None:
+    """The AdamW moments of every trainable parameter, keyed by parameter name (stages may differ in which
+    parameters train, so positions would not line up)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    by_id = {id(p): n for n, p in named}
+    state = {by_id[id(p)]: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in s.items()}
+             for p, s in inner.state.items() if id(p) in by_id}
+    torch.save(state, path)
+
+
+def load_optimizer_by_name(optimizer: Any, named: list, path: Path, device: Any) -> int:
+    """Restore saved moments into the parameters with the same name and shape; returns how many were restored."""
+    if not path.exists():
+        raise LlmclError(f"train.optimizer_state=keep, but the previous stage saved no optimizer state ({path}); "
+                         "it was trained before this setting was chosen")
+    saved = torch.load(path, weights_only=True)
+    restored = 0
+    for n, p in named:
+        s = saved.get(n)
+        if s is None or s.get("exp_avg") is None or s["exp_avg"].shape != p.shape:
+            continue
+        optimizer.state[p] = {k: (v.to(device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in s.items()}
+        restored += 1
+    return restored

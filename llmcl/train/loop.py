@@ -13,7 +13,9 @@ parameters, the optimizer, the RNG and the method state.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +24,14 @@ from typing import Any, Iterator
 import torch
 
 from llmcl import methods
-from llmcl.data.batching import BatchPlan, collate
-from llmcl.data.formatting import IGNORE, encode
-from llmcl.data.sources import load_records
+from llmcl import schedules
+from llmcl.data.batching import BatchPlan, collate, fetch
+from llmcl.data.mixing import build_pool, replay_sources
 from llmcl.errors import LlmclError
 from llmcl.methods.base import StageInfo
 from llmcl.models import count_parameters, load_base_model, load_stage_model, load_tokenizer
 from llmcl.recipe import Recipe
-from llmcl.schedules import lr_at, warmup_steps
+from llmcl.schedules import lr_at
 from llmcl.train import checkpoint as ckpt
 from llmcl.train.metrics import MetricsLog
 from llmcl.train.progress import Display
@@ -70,13 +72,13 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
     with accelerator.main_process_first():
         ledger = ckpt.Ledger.open(run_dir, recipe, write=accelerator.is_main_process)
     n = len(recipe.stages)
+    if only_stage is not None and not 0 <= only_stage < n:
+        raise LlmclError(f"--stage {only_stage}: the recipe has {n} stages (0..{n - 1})")
     done = ledger.done_stages()
     result = RunResult(run_dir, already_done=done)
     if hooks is not None:
         hooks.on_start(accelerator, ledger)
     if only_stage is not None:
-        if not 0 <= only_stage < n:
-            raise LlmclError(f"--stage {only_stage}: the recipe has {n} stages (0..{n - 1})")
         if only_stage in done:
             display.message(f"stage {only_stage} ({recipe.stages[only_stage].name}) is already done in {run_dir}; "
                             "nothing to train")
@@ -127,31 +129,52 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
 
     stage, cfg, n = recipe.stages[i], recipe.stage_train(i), len(recipe.stages)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    name = ckpt.stage_dir_name(i, stage.name)
     set_seed(recipe.seed + i)
 
-    # 1) data: tokenized examples and a deterministic step -> examples plan
-    records = load_records(stage.data, "train", recipe.seed)
-    examples, stats = encode(records, stage.data, tokenizer, cfg.seq_len)
-    label_counts = [sum(1 for x in e.labels[1:] if x != IGNORE) for e in examples]
-    plan = BatchPlan(len(examples), cfg.batch_size, cfg.grad_accum, world, recipe.seed, i)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.steps_per_epoch()))
-    warm = warmup_steps(cfg.warmup, total)
+    # 1) data: the stage's pool, the replay pools, and a deterministic step -> items plan
+    cache = run_dir / "cache"
+    with accelerator.main_process_first():  # rank 0 tokenizes text corpora into the cache first
+        own, stats = build_pool(stage.data, tokenizer, cfg.seq_len, recipe.seed, cache)
+        replay = replay_sources(recipe, i, tokenizer, cfg.seq_len, cache)
+    pools = [own] + [src.pool for src in replay]
+    plan = BatchPlan(len(own), cfg.batch_size, cfg.grad_accum, world, recipe.seed, i,
+                     replay_ratio=recipe.stage_replay(i).ratio, replay_sizes=[len(src.pool) for src in replay],
+                     replay_weights=[src.weight for src in replay])
+    if cfg.max_steps:
+        total = cfg.max_steps
+    elif cfg.max_tokens:
+        total = max(1, math.ceil(cfg.max_tokens / (plan.global_batch * cfg.seq_len)))
+    else:
+        total = max(1, math.ceil(cfg.epochs * plan.steps_per_epoch()))
+    prev = ledger.stage(i - 1) if i > 0 else {}
+    schedule = schedules.for_stage(cfg, total, i, prev.get("final_lr"),
+                                   key=f"stages.{i}.train" if stage.train else "train")
     pad_id = tokenizer.pad_token_id
 
     def calibration_batches() -> Iterator[dict[str, torch.Tensor]]:
         for s in range(total):
-            yield collate([examples[j] for j in plan.micro_indices(s, 0, rank)], pad_id)
+            yield collate(fetch(pools, plan.micro_items(s, 0, rank)), pad_id)
 
-    # 2) model: the base model for stage 0, else the previous stage's checkpoint; then the method
-    origin = {"kind": "base"} if i == 0 else ledger.manifest(i - 1)
+    # 2) model: the base model for stage 0, else the previous stage's checkpoint (or the pre-anneal branch
+    #    an infinite schedule saved); then the method
+    origin: dict[str, Any] = {"kind": "base"}
+    prev_dir = None
+    if i > 0:
+        manifest = ledger.manifest(i - 1)
+        prev_dir = run_dir / prev["checkpoint"]
+        if "continue" in manifest:
+            origin, prev_dir = manifest["continue"], prev_dir / "continue"
+        else:
+            origin = manifest
     with accelerator.main_process_first():  # rank 0 builds caches (SmolLM2 dequantization) first
         if i == 0:
             model = load_base_model(recipe.model, recipe.seed)
         else:
             model = load_stage_model(run_dir, origin, recipe.model, recipe.seed, trainable=True)
     method = methods.create(recipe.method)
-    if i > 0:
-        method.load_state_dict(ckpt.load_tree(run_dir / ledger.stage(i - 1)["checkpoint"], "method_state"))
+    if prev_dir is not None:
+        method.load_state_dict(ckpt.load_tree(prev_dir, "method_state"))
     info = StageInfo(index=i, name=stage.name, num_stages=n, max_steps=total, seed=recipe.seed + i, origin=origin,
                      batches=calibration_batches)
     model = method.prepare(model, info)
@@ -161,9 +184,13 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
     model.to(device)
     trainable_params, total_params = count_parameters(model)
 
-    # 3) optimizer over what the method trains
+    # 3) optimizer over what the method trains: fresh moments, or the previous stage's (optimizer_state: keep)
     named = method.trainable_parameters(model)
     optimizer = _adamw(named, cfg)
+    kept = 0
+    if cfg.optimizer_state == "keep" and prev_dir is not None:
+        kept = ckpt.load_optimizer_by_name(optimizer, named, prev_dir / "optimizer.pt", device)
+    keep_next = i + 1 < n and recipe.stage_train(i + 1).optimizer_state == "keep"
 
     # 4) resume from this stage's step checkpoint, if a previous attempt left one
     start, tokens_done, wall_before = 0, 0, 0.0
@@ -175,8 +202,8 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
             raise LlmclError(f"the step checkpoint in {run_dir} does not match this recipe's trainable parameters "
                              f"({len(missing)} differ, e.g. {sorted(missing)[0]}); delete {run_dir / ckpt.STEP_DIR}")
         with torch.no_grad():
-            for name, tensor in resume["params"].items():
-                by_name[name].copy_(tensor)
+            for pname, tensor in resume["params"].items():
+                by_name[pname].copy_(tensor)
         optimizer.load_state_dict(resume["optimizer"])
         method.load_state_dict(resume["method_state"])
         start = resume["state"]["step"]
@@ -190,10 +217,14 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
     if accelerator.is_main_process:
         ledger.mark(i, "running", started_at=ckpt.now())
     step_offset = sum(ledger.stage(j).get("steps", 0) for j in range(i))
+    branch_at = schedule.anneal_start if (schedule.kind == "infinite" and schedule.anneal and cfg.anneal_branch
+                                          and i + 1 < n) else None
     display.start_stage(
         i, n, stage.name, total, start,
-        f"{stats.examples} {stats.format} examples, {total} steps x {plan.global_batch} (lr {cfg.lr:g}, "
-        f"{recipe.method.name}, {trainable_params:,}/{total_params:,} trainable)"
+        f"{stats.examples} {stats.format} examples, {total} steps x {plan.global_batch} (lr {cfg.lr:g} "
+        f"{schedule.kind}, {recipe.method.name}, {trainable_params:,}/{total_params:,} trainable)"
+        + (f", replay {plan.replay_ratio:.0%} from {len(replay)} sources" if plan.replaying else "")
+        + (f", optimizer state kept for {kept} tensors" if kept else "")
         + (f", resuming after step {start}" if start else "")
         + (f"; {stats.truncated} examples truncated to {cfg.seq_len} tokens" if stats.truncated else ""),
     )
@@ -202,17 +233,21 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
     model.train()
     params = [p for _, p in named]
     t_stage = t_log = time.perf_counter()
-    tokens_log = 0
+    tokens_log = replay_log = 0
     loss_sum = torch.zeros((), device=device)
     steps_in_window = 0
     for step in range(start, total):
-        lr = lr_at(step, total, max_lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio, warmup=warm, schedule=cfg.schedule)
+        if step == branch_at and not (run_dir / f"{name}.continue").exists():
+            _save_branch(run_dir, name, accelerator, model, method, optimizer, named, tokenizer, info, keep_next)
+        lr = lr_at(step, schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # the loss is a mean over every trained token of the step, across micro-batches and ranks
-        n_items = sum(label_counts[j] for j in plan.step_indices(step))
+        items = plan.step_items(step)
+        n_items = sum(pools[src].label_count(j) for src, j in items)
+        replay_log += sum(1 for src, _ in items if src)
         for micro in range(cfg.grad_accum):
-            batch = collate([examples[j] for j in plan.micro_indices(step, micro, rank)], pad_id)
+            batch = collate(fetch(pools, plan.micro_items(step, micro, rank)), pad_id)
             tokens_log += int(batch["attention_mask"].sum())
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(model):
@@ -239,12 +274,13 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
                 "loss": float(window[0]) / steps_in_window, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens": tokens_done, "tokens_per_s": float(window[1]) / max(now - t_log, 1e-9),
+                "replay_fraction": replay_log / (steps_in_window * plan.global_batch),
                 "elapsed_s": wall_before + now - t_stage,
             }
             metrics.log(record)
             display.update(done_steps, record["loss"], lr, record["tokens_per_s"])
             loss_sum.zero_()
-            tokens_log, steps_in_window, t_log = 0, 0, now
+            tokens_log, replay_log, steps_in_window, t_log = 0, 0, 0, now
         if cfg.save_every and done_steps % cfg.save_every == 0 and done_steps < total:
             t_save = time.perf_counter()
             _save_step(run_dir, i, done_steps, accelerator, model, named, optimizer, method,
@@ -254,23 +290,25 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
     # 6) end of stage: the method's hook, the stage checkpoint (atomic), then the ledger
     unwrapped = method.end_stage(accelerator.unwrap_model(model), info)
     wall = wall_before + time.perf_counter() - t_stage
-    name = ckpt.stage_dir_name(i, stage.name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         def write(tmp: Path) -> None:
-            manifest = method.save(unwrapped, tmp, info)
-            tokenizer.save_pretrained(tmp / manifest["path"])
-            ckpt.save_tree(method.state_dict(), tmp, "method_state")
+            manifest = _write_model(tmp, name, method, unwrapped, tokenizer, info, optimizer, named, keep_next)
+            manifest.update(stage=i, method=recipe.method.name, base_model=recipe.model.path, seed=recipe.seed)
+            branch = run_dir / f"{name}.continue"
+            if branch.exists():  # the pre-anneal weights the next stage continues from
+                os.replace(branch, tmp / "continue")
+                manifest["continue"] = json.loads((tmp / "continue" / "manifest.json").read_text())
             ckpt.write_json(tmp / "stage.json", {"index": i, "name": stage.name, "data": stats.__dict__,
-                                                 "train": cfg.__dict__, "steps": total})
-            manifest.update(path=f"{name}/{manifest['path']}", stage=i, method=recipe.method.name,
-                            base_model=recipe.model.path, seed=recipe.seed)
+                                                 "train": cfg.__dict__, "steps": total, "schedule": schedule.__dict__,
+                                                 "replay": [{"source": s.name, "weight": s.weight, "size": len(s.pool)}
+                                                            for s in replay]})
             ckpt.write_json(tmp / "manifest.json", manifest)
 
         ckpt.write_dir(run_dir / name, write)
         ledger.mark(i, "done", checkpoint=name, steps=total, examples=stats.examples, tokens=tokens_done,
                     wall_seconds=round(wall, 3), trainable_params=trainable_params, total_params=total_params,
-                    finished_at=ckpt.now())
+                    final_lr=lr_at(total - 1, schedule), finished_at=ckpt.now())
         ckpt.clear_step(run_dir)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -279,6 +317,32 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
                       f"{_last_loss(run_dir, i):.4f} -> {run_dir / name}")
     accelerator.free_memory(model, optimizer)
     del model, optimizer, unwrapped
+
+
+def _write_model(out: Path, name: str, method: Any, model: Any, tokenizer: Any, info: StageInfo, optimizer: Any,
+                 named: list, keep_optimizer: bool, prefix: str | None = None) -> dict[str, Any]:
+    """The model artifact, tokenizer, method state (and optimizer state for a stage that keeps it) into `out`."""
+    manifest = method.save(model, out, info)
+    tokenizer.save_pretrained(out / manifest["path"])
+    ckpt.save_tree(method.state_dict(), out, "method_state")
+    if keep_optimizer:
+        ckpt.save_optimizer_by_name(optimizer, named, out / "optimizer.pt")
+    manifest["path"] = f"{prefix or name}/{manifest['path']}"
+    return manifest
+
+
+def _save_branch(run_dir: Path, name: str, accelerator: Any, model: Any, method: Any, optimizer: Any, named: list,
+                 tokenizer: Any, info: StageInfo, keep_optimizer: bool) -> None:
+    """Infinite schedule: save the weights just before the anneal; the next stage continues from them."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        def write(tmp: Path) -> None:
+            manifest = _write_model(tmp, name, method, accelerator.unwrap_model(model), tokenizer, info, optimizer,
+                                    named, keep_optimizer, prefix=f"{name}/continue")
+            ckpt.write_json(tmp / "manifest.json", manifest)
+
+        ckpt.write_dir(run_dir / f"{name}.continue", write)
+    accelerator.wait_for_everyone()
 
 
 def _save_step(run_dir: Path, i: int, step: int, accelerator: Any, model: Any, named: list, optimizer: Any,

@@ -1,0 +1,60 @@
+"""A stage's training pools: its own data and the replay sources (earlier stages, named datasets).
+
+Replay is a data concern: any method combines with it. The share of each step that is replayed, and
+which replay items, are decided by llmcl.data.batching.BatchPlan from the pool sizes and weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmcl.data.batching import ListPool
+from llmcl.data.formatting import EncodeStats, detect_format, encode
+from llmcl.data.sources import load_records
+from llmcl.data.stream import iter_records, text_blocks
+
+
+@dataclass
+class Source:
+    name: str
+    pool: Any
+    weight: float
+
+
+def first_record(cfg: Any, seed: int) -> dict[str, Any]:
+    for record in iter_records(cfg, "train", seed):
+        return record
+    from llmcl.errors import LlmclError
+
+    raise LlmclError(f"data.path {cfg.path!r}: no training records")
+
+
+def build_pool(cfg: Any, tokenizer: Any, seq_len: int, seed: int, cache_dir: Path) -> tuple[Any, EncodeStats]:
+    """A data source as a pool of examples: packed memory-mapped blocks for text, tokenized examples otherwise."""
+    fmt = detect_format(cfg, first_record(cfg, seed))
+    if fmt == "text":
+        blocks = text_blocks(cfg, "train", tokenizer, seq_len, seed, cache_dir)
+        stats = EncodeStats(examples=len(blocks), tokens=len(blocks) * seq_len, format="text",
+                            label_tokens=len(blocks) * (seq_len - 1))
+        return blocks, stats
+    examples, stats = encode(load_records(cfg, "train", seed), cfg, tokenizer, seq_len)
+    return ListPool(examples), stats
+
+
+def replay_sources(recipe: Any, index: int, tokenizer: Any, seq_len: int, cache_dir: Path) -> list[Source]:
+    """The replay pools of stage `index` with their weights (empty when the stage replays nothing)."""
+    replay = recipe.stage_replay(index)
+    if replay.ratio <= 0:
+        return []
+    sources: list[Source] = []
+    if replay.previous_stages and index > 0 and replay.previous_weight > 0:
+        share = replay.previous_weight / index
+        for k in range(index):
+            pool, _ = build_pool(recipe.stages[k].data, tokenizer, seq_len, recipe.seed, cache_dir)
+            sources.append(Source(f"stage:{recipe.stages[k].name}", pool, share))
+    for d in replay.datasets:
+        pool, _ = build_pool(d, tokenizer, seq_len, recipe.seed, cache_dir)
+        sources.append(Source(d.path, pool, d.weight))
+    return sources

@@ -1,0 +1,163 @@
+"""Text corpora for continual pre-training: streamed once through the tokenizer into a memory-mapped token
+file, then served as fixed-length blocks. The corpus is never held in memory: records are read one at a
+time (jsonl/txt/csv line by line, parquet batch by batch, hub datasets with streaming=True), tokenized in
+small batches and appended to <cache>/<key>.bin (uint32). A corpus far larger than RAM trains from the
+page cache.
+
+The token file depends on the source (path, size, mtime), the text field and the tokenizer, not on seq_len:
+any block length can be cut from the same file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from llmcl.data import builtin
+from llmcl.data.formatting import Example
+from llmcl.data.sources import is_builtin, is_local, read_file
+from llmcl.errors import LlmclError
+
+DTYPE = np.uint32
+BATCH = 256  # documents tokenized together
+
+
+def iter_records(cfg: Any, split: str, seed: int) -> Iterator[dict[str, Any]]:
+    """Records of a split, one at a time, without reading the whole source into memory."""
+    split_name = cfg.train_split if split == "train" else cfg.test_split
+    path = cfg.test_path if (split == "test" and cfg.test_path) else cfg.path
+    if is_builtin(path):
+        yield from builtin.generate(path.split(":", 1)[1], split_name, seed)
+        return
+    if not is_local(path):
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(path, cfg.subset, split=split_name, streaming=True)
+        except Exception as exc:
+            raise LlmclError(f"cannot load hub dataset {path!r} split {split_name!r}: "
+                             f"{str(exc).splitlines()[0]}") from None
+        yield from ds
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        from llmcl.data.sources import _split_file
+
+        f = _split_file(p, split_name)
+        if f is None:
+            raise LlmclError(f"data directory {p} has no {split_name} file")
+        p = f
+    if p.suffix == ".jsonl" or p.suffix == ".txt":
+        with p.open() as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                yield json.loads(line) if p.suffix == ".jsonl" else {"text": line.rstrip("\n")}
+    elif p.suffix == ".csv":
+        with p.open(newline="") as fh:
+            yield from csv.DictReader(fh)
+    elif p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    else:  # .json arrays cannot be streamed
+        yield from read_file(p)
+
+
+def _cache_key(cfg: Any, split: str, tokenizer: Any, seed: int) -> str:
+    path = cfg.test_path if (split == "test" and cfg.test_path) else cfg.path
+    ident: dict[str, Any] = {"path": path, "split": split, "field": cfg.text_field, "subset": cfg.subset,
+                             "tokenizer": getattr(tokenizer, "name_or_path", ""), "vocab": len(tokenizer),
+                             "eos": tokenizer.eos_token_id, "max": cfg.max_train_samples}
+    if is_builtin(path):
+        ident["seed"] = seed
+    elif is_local(path):
+        p = Path(path).expanduser()
+        files = sorted(p.rglob("*")) if p.is_dir() else [p]
+        ident["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def tokenize_to_file(records: Iterator[dict[str, Any]], field: str, tokenizer: Any, out: Path,
+                     limit: int | None = None) -> int:
+    """Append every document's tokens (+ EOS) to `out` as uint32; returns the token count."""
+    eos = tokenizer.eos_token_id
+    total = 0
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        batch: list[str] = []
+
+        def flush() -> int:
+            n = 0
+            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                if eos is not None:
+                    ids = ids + [eos]
+                np.asarray(ids, dtype=DTYPE).tofile(fh)
+                n += len(ids)
+            batch.clear()
+            return n
+
+        for count, record in enumerate(records):
+            if limit is not None and count >= limit:
+                break
+            if field not in record:
+                raise LlmclError(f"a text record has no field {field!r} (fields: {sorted(record)}); set data.text_field")
+            batch.append(record[field])
+            if len(batch) >= BATCH:
+                total += flush()
+        if batch:
+            total += flush()
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    return total
+
+
+class PackedBlocks:
+    """Fixed-length blocks of a memory-mapped token file: block j = tokens[j*L:(j+1)*L] (the tail is dropped)."""
+
+    def __init__(self, token_file: Path, seq_len: int):
+        self.path = token_file
+        self.seq_len = seq_len
+        size = token_file.stat().st_size // np.dtype(DTYPE).itemsize
+        self.tokens = np.memmap(token_file, dtype=DTYPE, mode="r", shape=(size,)) if size else np.zeros(0, DTYPE)
+        self.n_tokens = size
+        if size < 2:
+            raise LlmclError(f"text data in {token_file} has fewer than 2 tokens")
+
+    def __len__(self) -> int:
+        return max(1, self.n_tokens // self.seq_len)
+
+    def __getitem__(self, j: int) -> Example:
+        if not 0 <= j < len(self):
+            raise IndexError(j)
+        ids = self.tokens[j * self.seq_len:(j + 1) * self.seq_len].tolist()
+        return Example(ids, ids)
+
+    def label_count(self, j: int) -> int:
+        return min(self.seq_len, self.n_tokens - j * self.seq_len) - 1
+
+
+def text_blocks(cfg: Any, split: str, tokenizer: Any, seq_len: int, seed: int, cache_dir: Path) -> PackedBlocks:
+    """The split's text as packed blocks, tokenizing the source into the cache on first use."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    token_file = cache_dir / f"{_cache_key(cfg, split, tokenizer, seed)}.bin"
+    if not token_file.exists():
+        limit = cfg.max_train_samples if split == "train" else cfg.max_test_samples
+        tokenize_to_file(iter_records(cfg, split, seed), cfg.text_field, tokenizer, token_file, limit=limit)
+    return PackedBlocks(token_file, seq_len)
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident memory (Linux), for memory-budget checks."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
