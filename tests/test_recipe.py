@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,27 @@ def test_choices_are_checked_against_the_test_answers_before_training(tiny_recip
     r = recipe.load(tiny_recipe, ["stages.0.data.choices=[Korvan, Lumtar]"])
     with pytest.raises(RecipeError, match=r"'stages.0.data.choices': test answer '.*' is not one of"):
         checks.check(r)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_recipe_trains_two_steps_on_the_tiny_model(path: Path, tmp_path, monkeypatch):
+    """Runnable, not just valid: each shipped recipe, its model swapped for builtin:tiny, 2 steps a stage."""
+    from conftest import run_cli
+
+    if "../shared/data" in path.read_text():
+        if not SHARED_DATA.is_dir():
+            pytest.skip("../shared/data is not available here")
+        (tmp_path / "repo").mkdir()
+        (tmp_path / "shared").mkdir()
+        (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
+        monkeypatch.chdir(tmp_path / "repo")
+    r = recipe.load(path)
+    overrides = ["model.path=builtin:tiny", "train.max_steps=2", "train.max_tokens=null", "train.save_every=0",
+                 "eval.after_each_stage=false"]
+    overrides += [f"stages.{i}.train.max_steps=2" for i, s in enumerate(r.stages) if "max_steps" in s.train]
+    if r.train.schedule == "infinite":
+        overrides += ["train.warmup=0", "train.cooldown=0", "train.anneal=1"]
+    res = run_cli("train", str(path), *overrides, "--run-dir", str(tmp_path / "run"))
+    assert res.exit_code == 0, res.output
+    ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    assert [s["status"] for s in ledger["stages"]] == ["done"] * len(r.stages)
