@@ -363,10 +363,44 @@ def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
             raise RecipeError(parent, message=f"recipe key '{parent}' holds a value, not a mapping; cannot set '{here}'")
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def _merge(parent: Any, child: Any) -> Any:
+    """Child values win; mappings merge key by key; lists and scalars are replaced whole."""
+    if isinstance(parent, dict) and isinstance(child, dict):
+        out = dict(parent)
+        for k, v in child.items():
+            out[k] = _merge(parent.get(k), v) if k in parent else v
+        return out
+    return child
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file as a dict; `inherit: other.yaml` (relative to this file) merges this one over another."""
     p = Path(path)
     if not p.is_file():
         raise LlmclError(f"recipe file '{path}' not found")
+    data = _read_one(p)
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError("inherit", parent, "the path of another recipe file")
+    parent_path = (p.parent / parent).resolve()
+    if parent_path in _seen or parent_path == p.resolve():
+        raise LlmclError(f"recipe file '{path}': 'inherit' forms a cycle through {parent_path}")
+    if not parent_path.is_file():
+        raise RecipeError("inherit", parent, f"an existing recipe file (looked for {parent_path})")
+    base = read_yaml(parent_path, _seen + (p.resolve(),))
+    base.pop("name", None)  # a child is its own run unless it names itself
+    base.pop("description", None)
+    child_method, base_method = data.get("method"), base.get("method")
+    if isinstance(child_method, dict) and isinstance(base_method, dict) and \
+            child_method.get("name", base_method.get("name")) != base_method.get("name"):
+        base.pop("method")  # another method: its options do not carry over
+    return _merge(base, data)
+
+
+def _read_one(p: Path) -> dict[str, Any]:
+    path = str(p)
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:

@@ -204,3 +204,19 @@ def test_every_shipped_recipe_trains_two_steps_on_the_tiny_model(path: Path, tmp
     assert res.exit_code == 0, res.output
     ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
     assert [s["status"] for s in ledger["stages"]] == ["done"] * len(r.stages)
+
+
+def test_inherit_merges_a_recipe_over_another(tmp_path):
+    parent = write_recipe(tmp_path / "parent.yaml", method={"name": "seqft", "train_embeddings": False})
+    (tmp_path / "child.yaml").write_text("inherit: parent.yaml\nname: child\ntrain: {lr: 0.5}\nmethod: {name: hft}\n")
+    r = recipe.load(tmp_path / "child.yaml")
+    assert r.name == "child" and r.train.lr == 0.5 and r.train.max_steps == 4  # merged key by key
+    assert r.method.name == "hft" and not hasattr(r.method, "train_embeddings")  # another method: fresh options
+    assert [s.name for s in r.stages] == ["facts", "reverse"]
+    (tmp_path / "loop.yaml").write_text("inherit: loop.yaml\n")
+    with pytest.raises(LlmclError, match="cycle"):
+        recipe.load(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("inherit: nowhere.yaml\n")
+    with pytest.raises(RecipeError, match="recipe key 'inherit'"):
+        recipe.load(tmp_path / "orphan.yaml")
+    assert parent.exists()

@@ -31,7 +31,7 @@ class MethodConfig:
     """Fields shared by every method's config."""
 
     name: str = "seqft"
-    """Registered method name: seqft, lora (more arrive with later releases)."""
+    """Registered method name: seqft, lora, hft, osft."""
 
 
 @dataclass
@@ -61,6 +61,10 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     adapter: ClassVar[bool] = False
     """True when the trained parameters are an adapter over a frozen base (saved as a PEFT adapter)."""
+    zero_stages: ClassVar[tuple[int, ...]] = (1, 2, 3)
+    """DeepSpeed ZeRO stages the method works under; others are refused before training with a clear message."""
+    zero_note: ClassVar[str] = ""
+    """Why some ZeRO stages are not supported (shown in the refusal)."""
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -96,6 +100,10 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def describe_stage(self) -> str:
+        """One line about what prepare() did this stage (printed at the stage start); empty = nothing to say."""
+        return ""
 
     # -- helpers -------------------------------------------------------------------------------
     def describe(self) -> str:

@@ -173,11 +173,14 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
         else:
             model = load_stage_model(run_dir, origin, recipe.model, recipe.seed, trainable=True)
     method = methods.create(recipe.method)
+    _check_distributed(accelerator, method)
     if prev_dir is not None:
         method.load_state_dict(ckpt.load_tree(prev_dir, "method_state"))
     info = StageInfo(index=i, name=stage.name, num_stages=n, max_steps=total, seed=recipe.seed + i, origin=origin,
                      batches=calibration_batches)
     model = method.prepare(model, info)
+    if method.describe_stage():
+        display.message(method.describe_stage())
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -317,6 +320,17 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
                       f"{_last_loss(run_dir, i):.4f} -> {run_dir / name}")
     accelerator.free_memory(model, optimizer)
     del model, optimizer, unwrapped
+
+
+def _check_distributed(accelerator: Any, method: Any) -> None:
+    """Refuse a DeepSpeed ZeRO stage the method cannot work under, before any training."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    stage = accelerator.state.deepspeed_plugin.zero_stage
+    if stage not in method.zero_stages:
+        raise LlmclError(f"method {method.name!r} does not support DeepSpeed ZeRO-{stage}: {method.zero_note}")
 
 
 def _write_model(out: Path, name: str, method: Any, model: Any, tokenizer: Any, info: StageInfo, optimizer: Any,

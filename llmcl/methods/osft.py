@@ -1,0 +1,217 @@
+"""OSFT, SVD-orthogonal full fine-tuning ("Sculpting Subspaces", Nayak et al. 2025).
+
+At the start of every stage each target matrix W (m x n: the attention and MLP projections) is decomposed in
+fp32, W = U S V^T, and its top-k singular directions U_k (m x k), V_k (n x k) are protected. Training then
+keeps every update of W orthogonal to them:
+
+  1) after backward, the gradient is projected onto the complement:  G <- (I - U_k U_k^T) G (I - V_k V_k^T)
+  2) after the optimizer step, the applied update dW = W_after - W_before is corrected the same way, because
+     Adam's per-coordinate scaling and weight decay leak into the protected directions:
+     W <- W_after - [U_k D_A + D_B V_k^T - U_k (D_A V_k) V_k^T],  D_A = U_k^T dW,  D_B = dW V_k
+     (U_k^T W and W V_k are taken just before the step; only U_k and V_k persist between steps).
+After (2), U_k^T W and W V_k do not change over the stage (up to float rounding).
+
+k per matrix = round(r x min(m, n)), with the preserved ratio r chosen per decoder layer:
+  adaptive  layer importance = mean cosine similarity between the layer's input and output hidden states on
+            calibration batches of the stage's data (padding masked), min-max normalised across layers, mapped
+            to r = min_ratio + importance x (max_ratio - min_ratio). `importance: similarity` protects layers
+            that change their input least the most (our reading of the paper); `change` uses 1 - similarity.
+  uniform   r = uniform_ratio for every layer.
+Either way `growth` x stage index is added (the preserved fraction grows stage by stage), or `stage_ratios`
+gives each stage's uniform ratio. The chosen k of every matrix, the ratios and the SVD time are saved in
+the stage's method state (method_state.json).
+
+Embeddings, LM head and norms are frozen unless `train_other: true`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from llmcl import methods
+from llmcl.config import KeyFn, require
+from llmcl.methods import arch
+from llmcl.methods.base import Method, MethodConfig, StageInfo
+
+
+@dataclass
+class OSFTConfig(MethodConfig):
+    """Full fine-tuning with updates orthogonal to each matrix's top singular directions."""
+
+    name: str = "osft"
+    """Always 'osft'."""
+    rank_rule: Literal["adaptive", "uniform"] = "adaptive"
+    """How many singular directions each matrix protects: adaptive (layer importance) or uniform."""
+    min_ratio: float = 0.1
+    """adaptive: preserved fraction of the least important layer."""
+    max_ratio: float = 0.8
+    """adaptive: preserved fraction of the most important layer."""
+    uniform_ratio: float = 0.5
+    """uniform: preserved fraction of every matrix."""
+    growth: float = 0.0
+    """Added to every preserved fraction per stage index (stage k protects k x growth more), capped at 0.95."""
+    stage_ratios: list[float] | None = None
+    """Per-stage uniform preserved fractions [r0, r1, ...] (the last repeats); overrides rank_rule."""
+    importance: Literal["similarity", "change"] = "similarity"
+    """adaptive: importance = input/output cosine similarity of a layer, or 1 - similarity."""
+    calibration_batches: int = 2
+    """adaptive: micro-batches of the stage's data used to measure layer importance."""
+    train_other: bool = False
+    """Also train embeddings, LM head and norms (unprotected)."""
+
+    def check(self, key: KeyFn) -> None:
+        for name in ("min_ratio", "max_ratio", "uniform_ratio"):
+            v = getattr(self, name)
+            require(0 <= v < 1, key(name), v, "a fraction in [0, 1)")
+        require(self.min_ratio <= self.max_ratio, key("max_ratio"), self.max_ratio, f">= min_ratio ({self.min_ratio})")
+        require(0 <= self.growth < 1, key("growth"), self.growth, "a fraction in [0, 1)")
+        require(self.calibration_batches > 0, key("calibration_batches"), self.calibration_batches, "a positive integer")
+        if self.stage_ratios is not None:
+            require(bool(self.stage_ratios) and all(0 <= r < 1 for r in self.stage_ratios), key("stage_ratios"),
+                    self.stage_ratios, "a non-empty list of fractions in [0, 1)")
+
+
+def layer_similarity(model: torch.nn.Module, layers: list[torch.nn.Module], batches: list[dict]) -> list[float]:
+    """Mean cosine similarity between each decoder layer's input and output hidden states (non-pad tokens)."""
+    sums = [0.0] * len(layers)
+    count = 0
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def hook(index: int):
+        def fn(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+            m = mask_holder["mask"].to(cos.dtype)
+            sums[index] += float((cos * m).sum())
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for batch in batches:
+                mask_holder["mask"] = batch["attention_mask"].to(device)
+                count += int(batch["attention_mask"].sum())
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask_holder["mask"], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [s / max(count, 1) for s in sums]
+
+
+@methods.register
+class OSFT(Method):
+    name = "osft"
+    config_class = OSFTConfig
+    zero_stages = ()
+    zero_note = ("it takes an SVD of every full weight matrix and edits gradients between backward and the "
+                 "optimizer step, which DeepSpeed fuses and shards; use DDP (accelerate launch without DeepSpeed)")
+
+    def __init__(self, config: OSFTConfig):
+        super().__init__(config)
+        self.records: list[dict[str, Any]] = []
+        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # param name -> (U_k, V_k)
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- which fraction each layer preserves ---------------------------------------------------------
+    def ratios(self, model: torch.nn.Module, layers: list[torch.nn.Module], stage: StageInfo) -> tuple[list[float], list[float] | None]:
+        cfg = self.config
+        n = len(layers)
+        if cfg.stage_ratios is not None:
+            r = cfg.stage_ratios[min(stage.index, len(cfg.stage_ratios) - 1)]
+            return [r] * n, None
+        importance = None
+        if cfg.rank_rule == "uniform":
+            base = [cfg.uniform_ratio] * n
+        else:
+            batches = []
+            if stage.batches is not None:
+                for b in stage.batches():
+                    batches.append(b)
+                    if len(batches) >= cfg.calibration_batches:
+                        break
+            sim = layer_similarity(model, layers, batches)
+            score = sim if cfg.importance == "similarity" else [1 - s for s in sim]
+            lo, hi = min(score), max(score)
+            importance = [(s - lo) / (hi - lo) if hi > lo else 0.5 for s in score]
+            base = [cfg.min_ratio + imp * (cfg.max_ratio - cfg.min_ratio) for imp in importance]
+        return [min(0.95, r + cfg.growth * stage.index) for r in base], importance
+
+    # -- the interface --------------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
+        mapping = arch.layer_map(model, self.name)
+        layers = arch.decoder_layers(model, mapping)
+        ratios, importance = self.ratios(model, layers, stage)
+        for p in model.parameters():
+            p.requires_grad_(self.config.train_other)
+        self.bases, self.params = {}, {}
+        ks: dict[str, int] = {}
+        t0 = time.perf_counter()
+        per_layer = [a + f for a, f in zip(arch.matrices(model, mapping, "attention"), arch.matrices(model, mapping, "ffn"))]
+        for i, mats in enumerate(per_layer):
+            for name, module in mats:
+                w = module.weight
+                w.requires_grad_(True)
+                full = min(w.shape)
+                k = min(full - 1, max(0, round(ratios[i] * full)))
+                ks[f"{name}.weight"] = k
+                if k == 0:
+                    continue
+                u, _, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)
+                self.bases[f"{name}.weight"] = (u[:, :k].contiguous(), vh[:k].T.contiguous())
+                self.params[f"{name}.weight"] = w
+        svd_seconds = time.perf_counter() - t0
+        self.records = [r for r in self.records if r["stage"] != stage.index]
+        self.records.append({"stage": stage.index, "ratios": [round(r, 6) for r in ratios],
+                             "importance": None if importance is None else [round(x, 6) for x in importance],
+                             "k": ks, "svd_seconds": round(svd_seconds, 3)})
+        return model
+
+    def describe_stage(self) -> str:
+        r = self.records[-1]
+        return (f"osft: protected {sum(r['k'].values()):,} singular directions in {len(r['k'])} matrices "
+                f"(preserved {min(r['ratios']):.2f}-{max(r['ratios']):.2f}), SVD {r['svd_seconds']:.1f}s")
+
+    @staticmethod
+    def _project(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(I - U U^T) x (I - V V^T)."""
+        x = x - u @ (u.T @ x)
+        return x - (x @ v) @ v.T
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        self._before = {}
+        with torch.no_grad():
+            for name, (u, v) in self.bases.items():
+                w = self.params[name]
+                if w.grad is not None:
+                    g = self._project(w.grad.float(), u, v)
+                    w.grad.copy_(g.to(w.grad.dtype))
+                wf = w.detach().float()
+                self._before[name] = (u.T @ wf, wf @ v)
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for name, (a_before, b_before) in self._before.items():
+                u, v = self.bases[name]
+                w = self.params[name]
+                wf = w.detach().float()
+                d_a = u.T @ wf - a_before  # k x n: the update's component along U_k
+                d_b = wf @ v - b_before  # m x k: along V_k
+                correction = u @ d_a + d_b @ v.T - u @ ((d_a @ v) @ v.T)
+                w.sub_(correction.to(w.dtype))
+        self._before = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": self.records}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.records = list(state.get("records", []))
