@@ -11,6 +11,7 @@ knowing which method wrote it:
   {"kind": "full", "path": "stage-00-a/model"}                       a complete HF model directory
   {"kind": "peft", "path": "stage-01-b/adapter", "merged": [...]}    a PEFT adapter over the recipe's base
                                                                      model, after merging `merged` adapters
+  {"kind": "mora", "path": "stage-02-c/mora"}                        MoRA expert banks over the base model
 Paths are relative to the run directory.
 """
 
@@ -227,6 +228,13 @@ def load_stage_model(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, se
         for adapter in manifest.get("merged", []):
             model = PeftModel.from_pretrained(model, run_dir / adapter).merge_and_unload()
         model = PeftModel.from_pretrained(model, run_dir / manifest["path"], is_trainable=trainable)
+        if not trainable:
+            model.eval()
+        return model
+    if kind == "mora":
+        from llmcl.layers import mora
+
+        model = mora.load_into(load_base_model(model_cfg, seed), run_dir / manifest["path"])
         if not trainable:
             model.eval()
         return model

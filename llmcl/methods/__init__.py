@@ -25,6 +25,6 @@ def create(config: MethodConfig) -> Method:
     return get(config.name)(config)
 
 
-from llmcl.methods import hft, lora, osft, seqft  # noqa: E402,F401  (registration side effect)
+from llmcl.methods import hft, ilora, lora, mora, osft, seqft  # noqa: E402,F401  (registration side effect)
 
 __all__ = ["Method", "MethodConfig", "StageInfo", "REGISTRY", "register", "get", "create"]

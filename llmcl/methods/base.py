@@ -52,6 +52,12 @@ class StageInfo:
     """Manifest of the model this stage starts from: {"kind": "base"} or the previous stage's manifest."""
     batches: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
     """Calibration batches of the stage's training data, in training order (for SVDs, statistics)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (a method's extra loss terms are divided by it)."""
+    rank: int = 0
+    """This process's rank (per-rank randomness, e.g. replay buffers)."""
+    world_size: int = 1
+    """Number of processes."""
 
 
 class Method:
@@ -100,6 +106,10 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def step_metrics(self) -> dict[str, float]:
+        """Method-specific numbers for metrics.jsonl (last step's values), e.g. a regulariser's size."""
+        return {}
 
     def describe_stage(self) -> str:
         """One line about what prepare() did this stage (printed at the stage start); empty = nothing to say."""

@@ -177,7 +177,7 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
     if prev_dir is not None:
         method.load_state_dict(ckpt.load_tree(prev_dir, "method_state"))
     info = StageInfo(index=i, name=stage.name, num_stages=n, max_steps=total, seed=recipe.seed + i, origin=origin,
-                     batches=calibration_batches)
+                     batches=calibration_batches, grad_accum=cfg.grad_accum, rank=rank, world_size=world)
     model = method.prepare(model, info)
     if method.describe_stage():
         display.message(method.describe_stage())
@@ -279,6 +279,7 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
                 "tokens": tokens_done, "tokens_per_s": float(window[1]) / max(now - t_log, 1e-9),
                 "replay_fraction": replay_log / (steps_in_window * plan.global_batch),
                 "elapsed_s": wall_before + now - t_stage,
+                **{f"{recipe.method.name}/{k}": v for k, v in method.step_metrics().items()},
             }
             metrics.log(record)
             display.update(done_steps, record["loss"], lr, record["tokens_per_s"])

@@ -1,0 +1,160 @@
+"""MoRA layers: a frozen linear layer plus a growing bank of rank-1 experts, self-activated, no router
+(Lu et al. 2025, "Little By Little: Continual Learning via Self-Activated Sparse Mixture-of-Rank Adaptive
+Learning"). Model code shared by the `mora` method and the checkpoint loader (which never imports a method).
+
+For an input x and experts (a_i, b_i), i = 1..n (the frozen bank, then the stage's new experts):
+  z_i = a_i . x                      every expert's activation
+  s_i = z_i / ||z||_2                relevance: activations normalised over the experts
+  S   = the top_k experts by |s_i|   an expert counts whether it fires positively or negatively; z_i keeps its
+                                     sign, so b_i is added with the sign of the input's projection
+  w   = softmax(|s_S| / tau) on S, 0 elsewhere        (tau: temperature, default 0.03)
+  with an inference threshold delta > 0 (eval mode only), experts of S with |s_i| < delta are dropped from the
+  softmax; if none is left the layer adds nothing
+  y   = W x + scale * sum_i w_i z_i b_i
+
+A new stage adds r experts (a Kaiming-uniform, b zero) and trains only them; freezing moves them into the bank
+as they are (no rescaling), so freezing never changes an output. Adding experts does: they join the top-k
+competition over the whole bank at once (their b is zero, but they take gate weight), which is how MoRA lets a
+new stage route some tokens to new experts without a router.
+
+Files (what `save` writes, `load_into` reads): mora_config.json {targets, top_k, tau, threshold, scale} and
+mora_model.safetensors {"<module>.bank_a": n x in, "<module>.bank_b": out x n}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+class MoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, top_k: int, tau: float, threshold: float = 0.0, scale: float = 1.0):
+        super().__init__()
+        self.base = base
+        self.top_k, self.tau, self.threshold, self.scale = top_k, tau, threshold, scale
+        dtype, device = base.weight.dtype, base.weight.device
+        self.bank_a = nn.Parameter(torch.empty(0, base.in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bank_b = nn.Parameter(torch.empty(base.out_features, 0, dtype=dtype, device=device), requires_grad=False)
+        self.new_a = nn.Parameter(torch.empty(0, base.in_features, dtype=dtype, device=device))
+        self.new_b = nn.Parameter(torch.empty(base.out_features, 0, dtype=dtype, device=device))
+        self.track = False
+        self.counts = torch.zeros(0)
+        self.tokens = 0
+
+    @property
+    def n_bank(self) -> int:
+        return self.bank_a.shape[0]
+
+    @property
+    def n_experts(self) -> int:
+        return self.bank_a.shape[0] + self.new_a.shape[0]
+
+    def add_experts(self, r: int, generator: torch.Generator) -> None:
+        """r new trainable experts: a Kaiming-uniform (as LoRA's A), b zero."""
+        fan_in = self.base.in_features
+        bound = math.sqrt(6 / ((1 + 5) * fan_in))  # kaiming_uniform_ with a=sqrt(5)
+        a = (torch.rand(r, fan_in, generator=generator) * 2 - 1) * bound
+        w = self.base.weight
+        self.new_a = nn.Parameter(torch.cat([self.new_a.data, a.to(w.dtype).to(w.device)]))
+        self.new_b = nn.Parameter(torch.cat([self.new_b.data, torch.zeros(w.shape[0], r, dtype=w.dtype, device=w.device)], 1))
+        self.reset_stats()
+
+    def freeze(self, keep: torch.Tensor | None = None) -> None:
+        """Move the new experts (those in `keep`, default all) into the frozen bank, unchanged."""
+        a, b = self.new_a.data, self.new_b.data
+        if keep is not None:
+            a, b = a[keep], b[:, keep]
+        self.bank_a = nn.Parameter(torch.cat([self.bank_a.data, a]), requires_grad=False)
+        self.bank_b = nn.Parameter(torch.cat([self.bank_b.data, b], 1), requires_grad=False)
+        self.new_a = nn.Parameter(self.new_a.data[:0])
+        self.new_b = nn.Parameter(self.new_b.data[:, :0])
+
+    def reset_stats(self) -> None:
+        self.counts = torch.zeros(self.n_experts)
+        self.tokens = 0
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, w): every expert's activation and its gate weight (zero outside the selected experts)."""
+        z = torch.cat([nn.functional.linear(x, self.bank_a), nn.functional.linear(x, self.new_a)], dim=-1)
+        s = z / (z.norm(dim=-1, keepdim=True) + 1e-12)
+        k = min(self.top_k, z.shape[-1])
+        top, idx = s.abs().topk(k, dim=-1)
+        logits = top / self.tau
+        if self.threshold > 0 and not self.training:
+            logits = logits.masked_fill(top < self.threshold, float("-inf"))
+        w_top = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0).to(z.dtype)  # all dropped -> 0
+        w = torch.zeros_like(z).scatter(-1, idx, w_top)
+        if self.track:
+            with torch.no_grad():
+                self.counts += torch.bincount(idx.reshape(-1).cpu(), minlength=z.shape[-1])[: z.shape[-1]].float()
+                self.tokens += idx.numel() // k
+        return z, w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.n_experts == 0:
+            return y
+        z, w = self.gates(x)
+        h = w * z
+        n = self.n_bank
+        delta = nn.functional.linear(h[..., :n], self.bank_b) + nn.functional.linear(h[..., n:], self.new_b)
+        return y + self.scale * delta
+
+
+def _targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name.split(".")[-1] in ("lm_head", "embed_out", "score"):
+            continue
+        if target_modules == "all-linear" or any(name == t or name.endswith("." + t) for t in target_modules):
+            names.append(name)
+    return names
+
+
+def inject(model: nn.Module, target_modules: str | list[str], top_k: int, tau: float, threshold: float,
+           scale: float) -> list[str]:
+    """Wrap the target linear layers (in place); returns their names. Already-wrapped layers are kept."""
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, MoRALinear)]
+    if wrapped:
+        for n in wrapped:
+            m = model.get_submodule(n)
+            m.top_k, m.tau, m.threshold, m.scale = top_k, tau, threshold, scale
+        return wrapped
+    names = _targets(model, target_modules)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MoRALinear(getattr(parent, child), top_k, tau, threshold, scale))
+    return names
+
+
+def layers(model: nn.Module) -> dict[str, MoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, MoRALinear)}
+
+
+def save(model: nn.Module, out_dir: Path, config: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, m in layers(model).items():
+        tensors[f"{name}.bank_a"] = m.bank_a.detach().cpu().contiguous()
+        tensors[f"{name}.bank_b"] = m.bank_b.detach().cpu().contiguous()
+    save_file(tensors, str(out_dir / "mora_model.safetensors"))
+    (out_dir / "mora_config.json").write_text(json.dumps({**config, "targets": sorted(layers(model))}, indent=2))
+
+
+def load_into(model: nn.Module, directory: Path) -> nn.Module:
+    """Wrap `model` as saved in `directory` and load its expert bank."""
+    cfg = json.loads((directory / "mora_config.json").read_text())
+    inject(model, cfg["targets"], cfg["top_k"], cfg["tau"], cfg.get("threshold", 0.0), cfg.get("scale", 1.0))
+    tensors = load_file(str(directory / "mora_model.safetensors"))
+    for name, m in layers(model).items():
+        w = m.base.weight
+        m.bank_a = nn.Parameter(tensors[f"{name}.bank_a"].to(w.dtype).to(w.device), requires_grad=False)
+        m.bank_b = nn.Parameter(tensors[f"{name}.bank_b"].to(w.dtype).to(w.device), requires_grad=False)
+    return model

@@ -1,0 +1,224 @@
+"""I-LoRA (Ren et al. 2024, "Analyzing and Reducing Catastrophic Forgetting in Parameter Efficient Tuning"):
+two LoRA learners over one frozen base model.
+
+  fast learner  PEFT adapter "fast", trained by the optimizer
+  slow learner  PEFT adapter "default", follows the fast one by interpolation after every optimizer step:
+                theta_slow <- lam_k * theta_slow + (1 - lam_k) * theta_fast,  lam_k = min(lam, 1 - 1/(k+1))
+                (k counts optimizer steps over the whole run, so the warm-up happens once)
+  replay        a reservoir buffer over every training sample seen so far (all stages, `buffer_size`),
+                saved with the method state; each step also trains on a replay batch as large as the current one
+  loss          cross-entropy on the current and the replay samples + consistency x the mean squared
+                difference between the fast and the slow learner's hidden states on the replay samples, over all
+                layers, padding masked out (the slow pass runs without gradient)
+
+The slow learner is what each stage saves and evaluates (`evaluate: fast` to change that); both learners and
+the buffer go into the method state, so the next stage, and an interrupted one, continue exactly.
+Bugs of the reference code avoided here, each covered by a test: the slow adapter really is updated, padding
+is masked (attention mask and loss), and the method runs past the first task.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from llmcl import methods
+from llmcl.config import KeyFn, require
+from llmcl.data.batching import collate
+from llmcl.data.formatting import Example
+from llmcl.methods.base import Method, MethodConfig, StageInfo
+
+SLOW, FAST = "default", "fast"
+
+
+@dataclass
+class ILoraConfig(MethodConfig):
+    """Interpolation-based dual LoRA with experience replay."""
+
+    name: str = "ilora"
+    """Always 'ilora'."""
+    r: int = 8
+    """Rank of both adapters."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules to adapt: 'all-linear' or a list of module-name suffixes."""
+    ema: float = 0.99
+    """lambda: how much of the slow learner is kept at each interpolation (after the warm-up)."""
+    buffer_size: int = 500
+    """Reservoir size: samples kept for replay, over all stages."""
+    replay_batch: int | None = None
+    """Replay samples per micro-batch (default: as many as the current micro-batch)."""
+    consistency: float = 1.0
+    """gamma: weight of the hidden-state consistency loss."""
+    evaluate: Literal["slow", "fast"] = "slow"
+    """Which learner a stage saves and evaluates."""
+
+    def check(self, key: KeyFn) -> None:
+        require(self.r > 0, key("r"), self.r, "a positive integer")
+        require(0 <= self.ema < 1, key("ema"), self.ema, "a number in [0, 1)")
+        require(self.buffer_size > 0, key("buffer_size"), self.buffer_size, "a positive integer")
+        require(self.replay_batch is None or self.replay_batch > 0, key("replay_batch"), self.replay_batch,
+                "a positive integer or null")
+        require(self.consistency >= 0, key("consistency"), self.consistency, "a number >= 0")
+
+
+def masked_hidden_mse(fast: tuple[torch.Tensor, ...], slow: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of the mean squared difference per hidden unit, over non-padding tokens only."""
+    m = mask.unsqueeze(-1).to(fast[0].dtype)
+    denom = m.sum() * fast[0].shape[-1]
+    per_layer = [(((f - s.detach()) ** 2) * m).sum() / denom for f, s in zip(fast, slow)]
+    return torch.stack(per_layer).mean()
+
+
+@methods.register
+class ILora(Method):
+    name = "ilora"
+    config_class = ILoraConfig
+    adapter = True
+
+    def __init__(self, config: ILoraConfig):
+        super().__init__(config)
+        self.steps = 0  # optimizer steps over the whole run (for lam_k)
+        self.seen = 0  # samples offered to the reservoir
+        self.buffer: list[Example] = []
+        self.fast: dict[str, torch.nn.Parameter] = {}
+        self.slow: dict[str, torch.nn.Parameter] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self.grad_accum, self.rank, self.seed = 1, 0, 0
+        self._metrics: dict[str, float] = {}
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        cfg = self.config
+        lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                          task_type="CAUSAL_LM")
+        if not isinstance(model, PeftModel):
+            model = get_peft_model(model, lora, adapter_name=SLOW)
+        if FAST not in model.peft_config:
+            model.add_adapter(FAST, lora)
+        model.set_adapter(FAST)
+        params = dict(model.named_parameters())
+        self.fast = {n: p for n, p in params.items() if f".{FAST}." in n}
+        self.slow = {n.replace(f".{FAST}.", f".{SLOW}."): params[n.replace(f".{FAST}.", f".{SLOW}.")]
+                     for n in self.fast}
+        with torch.no_grad():
+            if self._pending:  # the learners as an earlier stage (or a step checkpoint) left them
+                for n, p in {**self.fast, **self.slow}.items():
+                    p.copy_(self._pending[n])
+                self._pending = {}
+            elif stage.index == 0:  # both learners start from the same initialisation
+                for n, p in self.fast.items():
+                    self.slow[n.replace(f".{FAST}.", f".{SLOW}.")].copy_(p)
+        for p in self.slow.values():
+            p.requires_grad_(False)
+        self.grad_accum, self.rank, self.seed = stage.grad_accum, stage.rank, stage.seed
+        return model
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(self.fast.items())
+
+    # -- replay ---------------------------------------------------------------------------------------
+    def _offer(self, batch: dict[str, torch.Tensor]) -> None:
+        """Reservoir sampling over every sample seen: the n-th replaces a random slot with chance size/(n+1)."""
+        size = self.config.buffer_size
+        ids, labels, mask = (batch[k].detach().cpu() for k in ("input_ids", "labels", "attention_mask"))
+        for row in range(ids.shape[0]):
+            n = int(mask[row].sum())
+            example = Example(ids[row, :n].tolist(), labels[row, :n].tolist())
+            if len(self.buffer) < size:
+                self.buffer.append(example)
+            else:
+                j = random.Random(f"llmcl-ilora-reservoir:{self.seed}:{self.rank}:{self.seen}").randrange(self.seen + 1)
+                if j < size:
+                    self.buffer[j] = example
+            self.seen += 1
+
+    def _replay_batch(self, size: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+        if not self.buffer:
+            return None
+        rng = random.Random(f"llmcl-ilora-replay:{self.seed}:{self.rank}:{self.seen}")
+        picks = [self.buffer[rng.randrange(len(self.buffer))] for _ in range(size)]
+        return {k: v.to(device) for k, v in collate(picks, pad_id=0).items()}
+
+    # -- the loss -------------------------------------------------------------------------------------
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
+        peft = getattr(model, "module", model)  # replay passes bypass DDP's forward hooks
+        replay = self._replay_batch(self.config.replay_batch or batch["input_ids"].shape[0], batch["input_ids"].device)
+        self._offer(batch)
+        if replay is None:
+            return outputs.loss
+        fast_out = peft(**replay, output_hidden_states=True, use_cache=False)
+        with torch.no_grad():
+            peft.set_adapter(SLOW, inference_mode=True)
+            try:
+                slow_out = peft(input_ids=replay["input_ids"], attention_mask=replay["attention_mask"],
+                                output_hidden_states=True, use_cache=False)
+            finally:
+                peft.set_adapter(FAST)
+                for p in self.slow.values():
+                    p.requires_grad_(False)
+        consistency = masked_hidden_mse(fast_out.hidden_states, slow_out.hidden_states, replay["attention_mask"])
+        self._metrics = {"consistency": float(consistency.detach()), "replay_ce": float(fast_out.loss.detach())}
+        extra = fast_out.loss + self.config.consistency * consistency
+        return outputs.loss + extra / self.grad_accum
+
+    def step_metrics(self) -> dict[str, float]:
+        return dict(self._metrics)
+
+    # -- the slow learner ---------------------------------------------------------------------------------
+    def lam(self, k: int) -> float:
+        return min(self.config.ema, 1.0 - 1.0 / (k + 1))
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        lam = self.lam(self.steps)
+        with torch.no_grad():
+            for n, fast in self.fast.items():
+                slow = self.slow[n.replace(f".{FAST}.", f".{SLOW}.")]
+                slow.mul_(lam).add_(fast.detach(), alpha=1.0 - lam)
+        self.steps += 1
+
+    # -- saving -------------------------------------------------------------------------------------------
+    def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo) -> dict[str, Any]:
+        learner = SLOW if self.config.evaluate == "slow" else FAST
+        model.save_pretrained(out_dir / "adapter", selected_adapters=[learner], safe_serialization=True)
+        path = "adapter" if learner == SLOW else f"adapter/{FAST}"
+        return {"kind": "peft", "path": path, "merged": []}
+
+    def state_dict(self) -> dict[str, Any]:
+        flat_ids = [t for e in self.buffer for t in e.input_ids]
+        flat_labels = [t for e in self.buffer for t in e.labels]
+        return {
+            "steps": self.steps, "seen": self.seen,
+            "learners": {n: p.detach().clone() for n, p in {**self.fast, **self.slow}.items()},
+            "buffer": {"ids": torch.tensor(flat_ids, dtype=torch.int64),
+                       "labels": torch.tensor(flat_labels, dtype=torch.int64),
+                       "lengths": torch.tensor([len(e.input_ids) for e in self.buffer], dtype=torch.int64)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.steps, self.seen = int(state["steps"]), int(state["seen"])
+        buf = state["buffer"]
+        ids, labels, lengths = buf["ids"].tolist(), buf["labels"].tolist(), buf["lengths"].tolist()
+        self.buffer, pos = [], 0
+        for n in lengths:
+            self.buffer.append(Example(ids[pos:pos + n], labels[pos:pos + n]))
+            pos += n
+        learners = state["learners"]
+        if self.fast:  # already prepared (resuming a step checkpoint): apply now
+            with torch.no_grad():
+                for n, p in {**self.fast, **self.slow}.items():
+                    p.copy_(learners[n])
+        else:
+            self._pending = dict(learners)
+

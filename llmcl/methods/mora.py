@@ -1,0 +1,106 @@
+"""MoRA (Lu et al. 2025): a growing bank of self-activated rank-1 experts per adapted linear layer
+(the layer itself, and the exact selection rule, are in llmcl.layers.mora).
+
+Every stage adds `r` experts per layer and trains only them; at the stage's end their activation statistics
+are recorded, experts selected for fewer than `prune_below` of the tokens are pruned (logged), and the rest
+are frozen into the bank unchanged. The stage saves the bank as mora/ (config + safetensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmcl import methods
+from llmcl.config import KeyFn, require
+from llmcl.layers import mora as mora_layers
+from llmcl.methods.base import Method, MethodConfig, StageInfo
+
+
+@dataclass
+class MoRAConfig(MethodConfig):
+    """Self-activated sparse mixture of rank-1 experts, growing stage by stage."""
+
+    name: str = "mora"
+    """Always 'mora'."""
+    r: int = 8
+    """New rank-1 experts per adapted layer and stage."""
+    top_k: int = 4
+    """Experts active per token (over the whole bank)."""
+    tau: float = 0.03
+    """Softmax temperature of the gate weights."""
+    threshold: float = 0.0
+    """Inference only: drop selected experts whose normalised |activation| is below this (0 = keep all)."""
+    scale: float = 1.0
+    """Multiplier of the experts' summed output."""
+    target_modules: str | list[str] = "all-linear"
+    """Linear layers to adapt: 'all-linear' (not the LM head) or module-name suffixes."""
+    prune_below: float = 0.0
+    """At a stage's end, prune its experts selected for fewer than this fraction of tokens (0 = keep all)."""
+
+    def check(self, key: KeyFn) -> None:
+        require(self.r > 0, key("r"), self.r, "a positive integer")
+        require(self.top_k > 0, key("top_k"), self.top_k, "a positive integer")
+        require(self.tau > 0, key("tau"), self.tau, "a number > 0")
+        require(0 <= self.threshold < 1, key("threshold"), self.threshold, "a number in [0, 1)")
+        require(0 <= self.prune_below < 1, key("prune_below"), self.prune_below, "a fraction in [0, 1)")
+
+
+@methods.register
+class MoRA(Method):
+    name = "mora"
+    config_class = MoRAConfig
+    adapter = True
+
+    def __init__(self, config: MoRAConfig):
+        super().__init__(config)
+        self.records: list[dict[str, Any]] = []
+
+    def _layer_config(self) -> dict[str, Any]:
+        c = self.config
+        return {"top_k": c.top_k, "tau": c.tau, "threshold": c.threshold, "scale": c.scale}
+
+    def prepare(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
+        c = self.config
+        for p in model.parameters():
+            p.requires_grad_(False)
+        mora_layers.inject(model, c.target_modules, c.top_k, c.tau, c.threshold, c.scale)
+        generator = torch.Generator().manual_seed(stage.seed)
+        for name, layer in sorted(mora_layers.layers(model).items()):
+            layer.add_experts(c.r, generator)
+            layer.new_a.requires_grad_(True)
+            layer.new_b.requires_grad_(True)
+            layer.track = True
+        return model
+
+    def end_stage(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
+        """Record activation statistics, prune rarely selected new experts, freeze the rest into the bank."""
+        pruned, kept, freq_all = 0, 0, {}
+        for name, layer in mora_layers.layers(model).items():
+            freq = layer.counts / max(layer.tokens, 1)
+            new_freq = freq[layer.n_bank:]
+            keep = (new_freq >= self.config.prune_below).nonzero().flatten() if self.config.prune_below else None
+            n_new = layer.new_a.shape[0]
+            kept_here = n_new if keep is None else len(keep)
+            pruned += n_new - kept_here
+            kept += kept_here
+            freq_all[name] = [round(float(f), 4) for f in freq]
+            layer.freeze(keep)
+            layer.track = False
+            layer.reset_stats()
+        self.records = [r for r in self.records if r["stage"] != stage.index]
+        self.records.append({"stage": stage.index, "kept": kept, "pruned": pruned, "activation_frequency": freq_all})
+        return model
+
+    def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo) -> dict[str, Any]:
+        mora_layers.save(model, out_dir / "mora", self._layer_config())
+        return {"kind": "mora", "path": "mora", "merged": []}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": self.records}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.records = list(state.get("records", []))

@@ -1,0 +1,101 @@
+"""Cost of each continual-learning method relative to its base: step time, peak memory, optimizer state.
+
+Every method trains the same packed 4 x 128-token blocks for the same steps through llmcl's own loop, each in
+its own process (so the peak resident memory is that method's alone), interleaved over repeats so machine
+noise hits all alike. Full-parameter methods are compared with seqft, adapter methods with lora.
+
+    python scripts/bench/methods.py                                # SmolLM2-135M: seqft hft osft lora
+    python scripts/bench/methods.py --methods seqft hft --model builtin:tiny --steps 8 --repeats 1
+
+Prints per method: median step seconds, peak RSS, AdamW state (8 bytes per trainable parameter), the
+method's own per-stage overhead (OSFT: SVD seconds), and the ratios to the base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BASE_OF = {"seqft": "seqft", "hft": "seqft", "osft": "seqft", "lora": "lora", "ilora": "lora", "mora": "lora"}
+
+
+def worker(method: str, model: str, steps: int, out: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from llmcl import recipe as recipe_mod
+    from llmcl.data import builtin
+    from llmcl.data.stream import peak_rss_bytes
+    from llmcl.train.loop import run
+    from llmcl.train.progress import Display
+
+    corpus = out / "corpus.jsonl"
+    if not corpus.exists():
+        rows = [{"text": r["prompt"] + r["completion"]} for t in sorted(builtin.TASKS)
+                for r in builtin.generate(t, "train", 0)]
+        corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = recipe_mod.from_dict({
+        "name": f"bench-{method}", "model": {"path": model}, "method": {"name": method},
+        "train": {"lr": 1e-4, "max_steps": steps, "batch_size": 4, "seq_len": 128, "warmup": 0,
+                  "schedule": "constant"},
+        "eval": {"after_each_stage": False},
+        "stages": [{"data": {"path": str(corpus), "format": "text"}}],
+    })
+    run_dir = Path(tempfile.mkdtemp(dir=out))
+    run(r, run_dir, display=Display(enabled=False))
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ends = [m["elapsed_s"] for m in metrics]
+    step_times = [b - a for a, b in zip(ends, ends[1:])][2:]  # the first steps warm up
+    ledger = json.loads((run_dir / "ledger.json").read_text())["stages"][0]
+    state = json.loads(next(run_dir.glob("stage-00-*/method_state.json")).read_text())
+    svd = sum(rec.get("svd_seconds", 0) for rec in state.get("records", []))
+    print(json.dumps({"method": method, "step_s": statistics.median(step_times), "peak_rss": peak_rss_bytes(),
+                      "trainable": ledger["trainable_params"], "total": ledger["total_params"], "svd_s": svd}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=["seqft", "hft", "osft", "lora"])
+    p.add_argument("--model", default="builtin:smollm2-135m")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args.worker, args.model, args.steps, args.out)
+        return
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    with tempfile.TemporaryDirectory() as d:
+        for rep in range(args.repeats):
+            order = args.methods[rep % len(args.methods):] + args.methods[:rep % len(args.methods)]
+            for m in order:
+                cmd = [sys.executable, __file__, "--worker", m, "--model", args.model, "--steps", str(args.steps),
+                       "--out", d]
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                if out.returncode != 0:
+                    sys.exit(f"{m} failed:\n{out.stderr[-3000:]}")
+                results[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"  repeat {rep + 1} {m}: {results[m][-1]['step_s']:.3f} s/step", flush=True)
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "peak_rss", "trainable", "svd_s")}
+           for m, rs in results.items()}
+    print(f"\n{args.model}, batch 4 x 128 tokens, {args.steps} steps, {args.repeats} repeats (medians)")
+    print(f"{'method':8} {'base':6} {'s/step':>7} {'x base':>7} {'peak RSS':>9} {'x base':>7} {'AdamW state':>12} "
+          f"{'x base':>7} {'SVD s':>6}")
+    for m, v in med.items():
+        b = med.get(BASE_OF.get(m, m))
+        ratio = (lambda k: f"{v[k] / b[k]:7.2f}") if b else (lambda k: "      —")
+        print(f"{m:8} {BASE_OF.get(m, m):6} {v['step_s']:7.3f} {ratio('step_s')} {v['peak_rss'] / 2**20:7.0f}Mi "
+              f"{ratio('peak_rss')} {8 * v['trainable'] / 2**20:10.1f}Mi {ratio('trainable')} {v['svd_s']:6.1f}")
+
+
+if __name__ == "__main__":
+    main()
