@@ -74,6 +74,8 @@ class DataConfig:
     """Use only the first N training records (after a seeded shuffle); null = all."""
     max_test_samples: int | None = None
     """Use only the first N test records (after a seeded shuffle); null = all."""
+    holdout: int | float | None = None
+    """Hold out this many training records (an integer) or this fraction (a float) as the test split, seeded; for sources without one."""
     choices: list[str] | None = None
     """Score the test split as multiple choice over these completions (loglikelihood), e.g. the label set; null = generate and compare by exact match."""
 
@@ -86,6 +88,10 @@ class DataConfig:
         for name in ("max_train_samples", "max_test_samples"):
             value = getattr(self, name)
             require(value is None or value > 0, key(name), value, "a positive integer or null")
+        if isinstance(self.holdout, float):
+            require(0 < self.holdout < 1, key("holdout"), self.holdout, "a fraction in (0, 1) or a number of records")
+        elif self.holdout is not None:
+            require(self.holdout > 0, key("holdout"), self.holdout, "a positive number of records or a fraction")
 
 
 @dataclass

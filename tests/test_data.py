@@ -164,3 +164,14 @@ def test_collate_pads_right_and_masks(tok):
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
     assert label_tokens([Example([5, 6, 7], [IGNORE, 6, 7])]) == 2
+
+
+def test_holdout_makes_a_disjoint_seeded_test_split(tmp_path):
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "completion": " a"}) + "\n"
+                                                for i in range(40)))
+    cfg = DataConfig(path=str(tmp_path / "all.jsonl"), holdout=0.25)
+    train, test = load_records(cfg, "train", 0), load_records(cfg, "test", 0)
+    assert len(train) == 30 and len(test) == 10
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert test == load_records(cfg, "test", 0) and test != load_records(cfg, "test", 1)
+    assert len(load_records(DataConfig(path=str(tmp_path / "all.jsonl"), holdout=5), "test", 0)) == 5

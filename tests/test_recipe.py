@@ -65,7 +65,7 @@ BAD = [
     (["stages=[]"], "recipe key 'stages': got []; expected a non-empty list of stages"),
     (["stages.1.data.path=missing.json"], "recipe key 'stages.1.data.path': data file 'missing.json' does not exist"),
     (["stages.1.data.path=builtin:fact"], "recipe key 'stages.1.data.path': unknown built-in task 'builtin:fact' (did you mean 'builtin:facts'"[:-15]),
-    (["method.name=lorra"], "recipe key 'method.name': unknown method 'lorra' (did you mean 'lora'?)"),
+    (["method.name=lorra"], "recipe key 'method.name': unknown method 'lorra' (did you mean 'lora'"),
     (["method.name=lora", "method.r=0"], "recipe key 'method.r': got 0; expected a positive integer"),
     (["method.rank=3"], "recipe key 'method.rank' is unknown"),
     (["model.path=builtin:huge"], "recipe key 'model.path': unknown built-in model 'builtin:huge'"),

@@ -97,6 +97,32 @@ def _hub(path: str, subset: str | None, split: str) -> list[dict[str, Any]]:
 
 def load_records(cfg: Any, split: str, seed: int) -> list[dict[str, Any]] | None:
     """Records of `split` ('train' or 'test') for a DataConfig; None when the stage has no such split."""
+    if getattr(cfg, "holdout", None) is not None:
+        return _held_out(cfg, split, seed)
+    return _load(cfg, split, seed)
+
+
+def _held_out(cfg: Any, split: str, seed: int) -> list[dict[str, Any]]:
+    """data.holdout: a seeded share of the training records becomes the test split (and leaves training)."""
+    import dataclasses
+
+    full = _load(dataclasses.replace(cfg, holdout=None, max_train_samples=None), "train", seed) or []
+    n = cfg.holdout if isinstance(cfg.holdout, int) else round(cfg.holdout * len(full))
+    if not 0 < n < len(full):
+        raise LlmclError(f"data.holdout={cfg.holdout!r} leaves no training or no test records ({len(full)} records)")
+    order = list(range(len(full)))
+    random.Random(f"llmcl-holdout:{seed}").shuffle(order)
+    chosen = sorted(order[:n]) if split == "test" else sorted(order[n:])
+    records = [full[i] for i in chosen]
+    limit = cfg.max_train_samples if split == "train" else cfg.max_test_samples
+    if limit is not None and limit < len(records):
+        keep = list(range(len(records)))
+        random.Random(f"llmcl-subset:{split}:{seed}").shuffle(keep)
+        records = [records[i] for i in sorted(keep[:limit])]
+    return records
+
+
+def _load(cfg: Any, split: str, seed: int) -> list[dict[str, Any]] | None:
     split_name = cfg.train_split if split == "train" else cfg.test_split
     if split_name is None:
         return None

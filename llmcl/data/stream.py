@@ -30,6 +30,11 @@ BATCH = 256  # documents tokenized together
 
 def iter_records(cfg: Any, split: str, seed: int) -> Iterator[dict[str, Any]]:
     """Records of a split, one at a time, without reading the whole source into memory."""
+    if getattr(cfg, "holdout", None) is not None:  # a held-out split needs the whole source: not streamed
+        from llmcl.data.sources import load_records
+
+        yield from load_records(cfg, split, seed) or []
+        return
     split_name = cfg.train_split if split == "train" else cfg.test_split
     path = cfg.test_path if (split == "test" and cfg.test_path) else cfg.path
     if is_builtin(path):

@@ -82,6 +82,9 @@ class ILora(Method):
     name = "ilora"
     config_class = ILoraConfig
     adapter = True
+    zero_stages = (1, 2)
+    zero_note = ("its slow learner is interpolated outside the forward pass, where ZeRO-3 keeps parameters "
+                 "partitioned; use ZeRO-2 or DDP")
 
     def __init__(self, config: ILoraConfig):
         super().__init__(config)

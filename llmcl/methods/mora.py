@@ -54,6 +54,9 @@ class MoRA(Method):
     name = "mora"
     config_class = MoRAConfig
     adapter = True
+    zero_stages = (1, 2)
+    zero_note = ("it grows and freezes expert banks by concatenating parameters between stages and prunes by "
+                 "statistics gathered in forward, which ZeRO-3 partitions; use ZeRO-2 or DDP")
 
     def __init__(self, config: MoRAConfig):
         super().__init__(config)
