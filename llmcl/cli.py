@@ -1,6 +1,7 @@
 """The llmcl command line. Thin: each command parses its arguments and calls one plain function.
 
-Errors a user can cause (LlmclError) print one line on stderr and exit with status 2.
+Errors a user can cause (LlmclError) print one line on stderr and exit with status 2. A run stopped by
+SIGTERM/SIGUSR1 saves a checkpoint, prints one line and exits with status 75 (rerun to resume).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ class _Group(click.Group):
         except LlmclError as exc:
             click.echo("error: " + " ".join(str(exc).split()), err=True)
             ctx.exit(2)
+        except Exception as exc:
+            from llmcl.train.signals import RESUMABLE_EXIT, Stopped
+
+            if not isinstance(exc, Stopped):
+                raise
+            click.echo("stopped: " + str(exc), err=True)
+            ctx.exit(RESUMABLE_EXIT)
 
 
 def _quiet_defaults() -> None:

@@ -253,12 +253,16 @@ class EvalConfig:
     """Turn every stage's test split into an lm-eval task (columns of the accuracy matrix)."""
     tasks: list[str] = field(default_factory=list)
     """Extra lm-eval tasks for general ability: harness names (arc_easy, ...), llmcl's local ones (llmcl_arc_easy, ...) or tasks under include_path."""
+    tasks_every_stage: bool = True
+    """Score eval.tasks after every stage; false = only for the base model and the last stage (general ability is the slow part of a row)."""
     include_path: list[str] = field(default_factory=list)
     """Directories with your own lm-eval task YAMLs."""
     data_dir: str | None = None
     """Directory of the local general-ability data used by llmcl_* tasks (default: $LLMCL_EVAL_DATA or ../shared/data/eval)."""
     limit: int | None = None
     """At most this many samples per task (null = all)."""
+    tasks_limit: int | str | None = "same"
+    """At most this many samples per eval.tasks task: a number, null (= all) or 'same' (= eval.limit)."""
     batch_size: int | str = 16
     """lm-eval batch size, or 'auto' (GPU)."""
     max_new_tokens: int = 32
@@ -268,6 +272,8 @@ class EvalConfig:
 
     def check(self, key: KeyFn) -> None:
         require(self.limit is None or self.limit > 0, key("limit"), self.limit, "a positive integer or null")
+        require(self.tasks_limit in (None, "same") or (isinstance(self.tasks_limit, int) and self.tasks_limit > 0),
+                key("tasks_limit"), self.tasks_limit, "a positive integer, null or 'same'")
         require(self.max_new_tokens > 0, key("max_new_tokens"), self.max_new_tokens, "a positive integer")
         require(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0),
                 key("batch_size"), self.batch_size, "a positive integer or 'auto'")

@@ -237,3 +237,30 @@ def test_evaluation_leaves_the_training_rng_untouched():
 
 def test_metrics_module_and_report_agree_on_partial_runs():
     assert M.summary([[0.5]], [0.1]) == {"AA": 0.5, "BWT": None, "FWT": None, "forgetting": None}
+
+
+@pytest.mark.skipif(not HAS_EVAL_DATA, reason="needs ../shared/data/eval")
+def test_general_tasks_only_on_base_and_last_stage_when_asked(run_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "ends"
+    shutil.copytree(run_dir, other)
+    data = yaml.safe_load((other / "recipe.yaml").read_text())
+    data["eval"].update(tasks_every_stage=False, tasks_limit=3)
+    (other / "recipe.yaml").write_text(yaml.safe_dump(data))
+    for p in (other / "eval").glob("*.json"):
+        p.unlink()
+    res = run_cli("eval", str(other))
+    assert res.exit_code == 0, res.output
+    rows = _rows(other)
+    has_general = {k: "llmcl_arc_easy" in v["tasks"] for k, v in rows.items()}
+    assert has_general == {"base": True, "stage-00": False, "stage-01": False, "stage-02": True}
+    assert rows["base"]["tasks"]["llmcl_arc_easy"]["n"] == 3  # eval.tasks_limit
+    assert rows["base"]["tasks"]["llmcl_stage_sentiment"]["n"] == 6  # eval.limit
+    # the general delta (last row vs base) is computed from the two rows that have it
+    assert run_cli("report", str(run_dir)).exit_code == 0 and run_cli("report", str(other)).exit_code == 0
+    full = json.loads((run_dir / "report" / "matrix.json").read_text())
+    ends = json.loads((other / "report" / "matrix.json").read_text())
+    assert full["general_delta"]["llmcl_arc_easy"] is not None
+    delta = rows["stage-02"]["tasks"]["llmcl_arc_easy"]["value"] - rows["base"]["tasks"]["llmcl_arc_easy"]["value"]
+    assert ends["general_delta"]["llmcl_arc_easy"] == pytest.approx(delta)

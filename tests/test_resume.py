@@ -143,3 +143,58 @@ def test_sigkill_mid_stage_then_restart_is_bitwise_equal(tmp_path):
     subprocess.run(_train_cmd(recipe, killed), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
     assert _equal(_final_weights(clean), _final_weights(killed))
     assert [m["loss"] for m in _metrics(clean)] == [m["loss"] for m in _metrics(killed)]
+
+
+def test_sigterm_mid_stage_saves_a_checkpoint_and_the_rerun_is_bitwise_equal(tmp_path):
+    """SLURM preemption: SIGTERM to a running `llmcl train` with no periodic checkpoints at all."""
+    recipe = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 40, "batch_size": 4, "seq_len": 48,
+                                                      "save_every": 0, "warmup": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    subprocess.run(_train_cmd(recipe, clean), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(_train_cmd(recipe, stopped), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        rows = _metrics(stopped) if (stopped / "metrics.jsonl").exists() else []
+        if any(r["stage"] == 1 and r["step"] >= 5 for r in rows):
+            break
+        assert proc.poll() is None, "the run finished before the signal; make the stage longer"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err  # stopped, resumable: not success, not an error
+    assert "stopped: SIGTERM: stopped after step" in err and "Traceback" not in err
+    state = json.loads((stopped / "step-checkpoint" / "state.json").read_text())
+    assert state["stage"] == 1 and 5 <= state["step"] < 40
+    assert json.loads((stopped / "ledger.json").read_text())["stages"][1]["status"] == "running"
+
+    subprocess.run(_train_cmd(recipe, stopped), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+    assert _equal(_final_weights(clean), _final_weights(stopped))
+    assert [m["loss"] for m in _metrics(clean)] == [m["loss"] for m in _metrics(stopped)]
+
+
+def test_a_signal_during_a_save_lets_the_save_finish_then_stops(tmp_path, monkeypatch):
+    """SIGUSR1 (SLURM's time-limit warning) arriving while a step checkpoint is being written."""
+    from llmcl.train import checkpoint
+
+    recipe = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 5, "batch_size": 4, "seq_len": 48,
+                                                      "save_every": 2, "warmup": 0})
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    assert run_cli("train", str(recipe), "--run-dir", str(clean)).exit_code == 0
+    original = checkpoint.save_step
+
+    def save_step_signalled(run_dir, **kw):
+        if kw["stage"] == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # delivered now, in the middle of the save
+        original(run_dir, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "save_step", save_step_signalled)
+        res = run_cli("train", str(recipe), "--run-dir", str(stopped))
+    assert res.exit_code == 75 and "SIGUSR1: stopped after step 2/5 of stage 1" in res.stderr
+    assert json.loads((stopped / "step-checkpoint" / "state.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone after the run
+    assert run_cli("train", str(recipe), "--run-dir", str(stopped)).exit_code == 0
+    assert _equal(_final_weights(clean), _final_weights(stopped))

@@ -73,7 +73,10 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
     tokenizer = tokenizer or load_tokenizer(recipe.model)
     stage_tasks = write_stage_tasks(recipe, run_dir, tokenizer) if recipe.eval.stage_tasks else []
     by_name = {t.task: t for t in stage_tasks}
-    names = [t.task for t in stage_tasks] + [t for t in recipe.eval.tasks if t not in by_name]
+    general = [t for t in recipe.eval.tasks if t not in by_name]
+    if not recipe.eval.tasks_every_stage and row != BASE and int(row) != len(recipe.stages) - 1:
+        general = []  # general ability only for the base model and the last stage
+    names = [t.task for t in stage_tasks] + general
     if only:
         aliases = {t.stage_name: t.task for t in stage_tasks}
         wanted = [aliases.get(n, n) for n in only]
@@ -84,11 +87,18 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
     model = _load_model(run_dir, recipe, row)
     dd = data_dir(recipe)
     t0 = time.perf_counter()
-    results = harness.evaluate(
-        model, tokenizer, names, include_path=include_paths(recipe, run_dir),
-        include_defaults=needs_harness_index(names), limit=recipe.eval.limit, batch_size=recipe.eval.batch_size,
-        num_fewshot=recipe.eval.num_fewshot, metadata={"llmcl_eval_data": dd} if dd else None,
-    )
+    e = recipe.eval
+    general_limit = e.limit if e.tasks_limit == "same" else e.tasks_limit
+    groups: dict[int | None, list[str]] = {}  # lm-eval takes one limit per call
+    for name in names:
+        groups.setdefault(e.limit if name in by_name else general_limit, []).append(name)
+    results = {}
+    for limit, group in groups.items():
+        results.update(harness.evaluate(
+            model, tokenizer, group, include_path=include_paths(recipe, run_dir),
+            include_defaults=needs_harness_index(group), limit=limit, batch_size=e.batch_size,
+            num_fewshot=e.num_fewshot, metadata={"llmcl_eval_data": dd} if dd else None,
+        ))
     seconds = time.perf_counter() - t0
     del model
     payload = read_row(run_dir, row) if only else None
@@ -98,7 +108,8 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
         "row": row_name(row), "stage": None if row == BASE else int(row),
         "stage_name": None if row == BASE else recipe.stages[int(row)].name,
         "checkpoint": None if row == BASE else ledger_entry["checkpoint"],
-        "lm_eval_version": harness.lm_eval_version(), "limit": recipe.eval.limit, "created_at": now(),
+        "lm_eval_version": harness.lm_eval_version(), "limit": e.limit, "tasks_limit": general_limit,
+        "created_at": now(),
         "seconds": round(seconds, 3),
     })
     for name, result in results.items():

@@ -35,6 +35,7 @@ from llmcl.schedules import lr_at
 from llmcl.train import checkpoint as ckpt
 from llmcl.train.metrics import MetricsLog
 from llmcl.train.progress import Display
+from llmcl.train.signals import StopSignals, Stopped
 
 
 @dataclass
@@ -100,11 +101,16 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
     metrics = MetricsLog(run_dir, accelerator, trackers=list(recipe.logging.trackers),
                          project=recipe.logging.project or recipe.name, config=recipe.to_dict())
     try:
-        for i in todo:
-            _train_stage(recipe, i, run_dir, ledger, accelerator, tokenizer, metrics, display)
-            result.trained.append(i)
-            if hooks is not None:
-                hooks.on_stage_end(i, accelerator, ledger)
+        with StopSignals() as stop:
+            for i in todo:
+                if (sig := stop.agreed(accelerator)) is not None:  # e.g. during the last stage's evaluation
+                    raise Stopped(f"{sig}: stopped before stage {i} ({recipe.stages[i].name}); stages "
+                                  f"{', '.join(map(str, ledger.done_stages())) or 'none'} are done — rerun the "
+                                  "same command to continue")
+                _train_stage(recipe, i, run_dir, ledger, accelerator, tokenizer, metrics, display, stop)
+                result.trained.append(i)
+                if hooks is not None:
+                    hooks.on_stage_end(i, accelerator, ledger)
     finally:
         metrics.close()
     return result
@@ -124,7 +130,7 @@ def _adamw(named: list[tuple[str, torch.nn.Parameter]], cfg: Any) -> torch.optim
 
 
 def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, accelerator: Any, tokenizer: Any,
-                 metrics: MetricsLog, display: Display) -> None:
+                 metrics: MetricsLog, display: Display, stop: StopSignals | None = None) -> None:
     from accelerate.utils import set_seed
 
     stage, cfg, n = recipe.stages[i], recipe.stage_train(i), len(recipe.stages)
@@ -285,11 +291,20 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
             display.update(done_steps, record["loss"], lr, record["tokens_per_s"])
             loss_sum.zero_()
             tokens_log, replay_log, steps_in_window, t_log = 0, 0, 0, now
+        saved = False
         if cfg.save_every and done_steps % cfg.save_every == 0 and done_steps < total:
             t_save = time.perf_counter()
             _save_step(run_dir, i, done_steps, accelerator, model, named, optimizer, method,
                        tokens_done, wall_before + t_save - t_stage)
             t_log += time.perf_counter() - t_save  # tokens/s measures training, not checkpoint writes
+            saved = True
+        if stop is not None and done_steps < total and (sig := stop.agreed(accelerator)) is not None:
+            # SIGTERM/SIGUSR1 (SLURM preemption or time limit): checkpoint this step and leave; a rerun resumes
+            if not saved:
+                _save_step(run_dir, i, done_steps, accelerator, model, named, optimizer, method, tokens_done,
+                           wall_before + time.perf_counter() - t_stage)
+            raise Stopped(f"{sig}: stopped after step {done_steps}/{total} of stage {i} ({stage.name}) and saved "
+                          f"a step checkpoint in {run_dir} — rerun the same command to resume")
 
     # 6) end of stage: the method's hook, the stage checkpoint (atomic), then the ledger
     unwrapped = method.end_stage(accelerator.unwrap_model(model), info)

@@ -1,0 +1,53 @@
+"""Stop cleanly on SIGTERM or SIGUSR1: SLURM's preemption and its warning before the time limit.
+
+The handler only records the signal. The training loop looks at it between optimizer steps (every rank the
+same step: the flag is all-reduced), saves a step checkpoint and raises `Stopped`; the CLI then exits with
+RESUMABLE_EXIT so a batch script can tell "stopped, resumable" from success (0) and errors (2, 1).
+A signal that arrives during a save lets the save finish: no checkpoint is ever half written by us.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+RESUMABLE_EXIT = 75  # EX_TEMPFAIL: the work is not done, rerun the same command to continue
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Stopped(Exception):
+    """Training stopped on a signal after saving what a rerun needs to resume."""
+
+
+class StopSignals:
+    """Context manager: while inside, SIGTERM/SIGUSR1 set `requested` (the signal's name) instead of killing."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def agreed(self, accelerator: Any) -> str | None:
+        """The signal name if any rank got one (all ranks call this at the same point), else None."""
+        import torch
+
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        if float(accelerator.reduce(flag, "max")) > 0:
+            return self.requested or "a signal on another rank"
+        return None
