@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.llmcl-installed
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow test-slurm clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The SLURM scripts on a real SLURM: a one-node cluster on this machine (root; installs slurm-wlm and
+# shellcheck with apt), then the tests marked slurm.
+test-slurm: setup
+	command -v shellcheck >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null)
+	bash scripts/slurm/local_cluster.sh
+	$(BIN)/python -m pytest -q -m slurm tests/test_slurm.py
 
 clean:
 	rm -rf $(VENV) runs

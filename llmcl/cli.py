@@ -76,17 +76,85 @@ def train(recipe_file: str, overrides: tuple[str, ...], run_dir: str | None, sta
     from llmcl.train.loop import run
     from llmcl.train.progress import Display
 
+    from llmcl import launch
+
     r = load_checked(recipe_file, overrides)
-    directory = Path(run_dir) if run_dir else Path("runs") / r.name
+    if r.distributed.accelerate_config:
+        if not launch.launched():  # the recipe names its launch: become `accelerate launch ... llmcl train ...`
+            args = [recipe_file, *overrides] + (["--run-dir", run_dir] if run_dir else []) \
+                + (["--stage", str(stage)] if stage is not None else [])
+            sys.exit(launch.relaunch(r, args))
+        if launch.LAUNCHED_ENV not in os.environ and os.environ.get("RANK", "0") == "0":
+            click.echo(f"note: distributed.accelerate_config={r.distributed.accelerate_config} is ignored: a launcher "
+                       "started llmcl, and its settings win", err=True)
+    directory = _run_dir(r, run_dir)
     display = Display()
     run(r, directory, only_stage=stage, display=display, hooks=EvalHooks(r, directory, display))
+
+
+def _run_dir(r, run_dir: str | None) -> Path:
+    return Path(run_dir) if run_dir else Path("runs") / r.name
+
+
+@cli.command()
+@click.argument("recipe_file")
+@click.argument("overrides", nargs=-1)
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default: runs/<recipe name>).")
+def status(recipe_file: str, overrides: tuple[str, ...], run_dir: str | None) -> None:
+    """Where a run stands: its run dir, then one tab-separated line per stage (index, name, status)."""
+    import json
+
+    r = load_checked(recipe_file, overrides)
+    directory = _run_dir(r, run_dir)
+    ledger = directory / "ledger.json"
+    stages = json.loads(ledger.read_text())["stages"] if ledger.exists() else []
+    by_index = {s["index"]: s for s in stages}
+    click.echo(f"run_dir\t{directory}")
+    for i, st in enumerate(r.stages):
+        click.echo(f"stage\t{i}\t{st.name}\t{by_index.get(i, {}).get('status', 'pending')}")
+
+
+@cli.command()
+@click.argument("recipe_file")
+@click.argument("overrides", nargs=-1)
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes per stage job.")
+@click.option("--gpus-per-node", type=int, default=1, show_default=True,
+              help="GPUs (= training processes) per node; 0 = one CPU process per node.")
+@click.option("--partition", default=None, help="sbatch --partition.")
+@click.option("--time", "time_limit", default=None, help="sbatch --time, e.g. 24:00:00.")
+@click.option("--account", default=None, help="sbatch --account.")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default: runs/<recipe name>).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where to write train.sbatch and chain.sh (default: <run dir>/slurm).")
+@click.option("--print", "print_only", is_flag=True, help="Print train.sbatch instead of writing files.")
+def slurm(recipe_file: str, overrides: tuple[str, ...], nodes: int, gpus_per_node: int, partition: str | None,
+          time_limit: str | None, account: str | None, run_dir: str | None, out: str | None,
+          print_only: bool) -> None:
+    """Write the SLURM scripts for RECIPE_FILE: train.sbatch (all stages, or --stage K) and chain.sh (a job per stage)."""
+    from llmcl import catalog
+    from llmcl import slurm as slurm_mod
+
+    r = load_checked(recipe_file, overrides)
+    directory = _run_dir(r, run_dir)
+    cluster = slurm_mod.Cluster(nodes, gpus_per_node, partition, time_limit, account)
+    files = slurm_mod.render(catalog.find(recipe_file), list(overrides), directory, r.name, cluster,
+                             r.distributed.accelerate_config)
+    if print_only:
+        click.echo(files["train.sbatch"], nl=False)
+        return
+    target = Path(out) if out else directory / "slurm"
+    for path in slurm_mod.write(files, target):
+        click.echo(f"wrote {path}")
+    click.echo(f"all stages in one job:  sbatch {target / 'train.sbatch'}")
+    click.echo(f"one job per stage:      bash {target / 'chain.sh'}")
 
 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--stage", "row", default=None, help="A stage index, or 'base' (default: base and every finished stage).")
 @click.option("--tasks", default=None, help="Comma-separated stage names or lm-eval tasks to (re)score (default: all).")
-def eval_command(run_dir: str, row: str | None, tasks: str | None) -> None:
+@click.option("--missing", is_flag=True, help="Only rows that have no results yet (e.g. after a chain of stage jobs).")
+def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool) -> None:
     """(Re)score checkpoints of RUN_DIR with lm-eval, without training."""
     from rich.console import Console
 
@@ -105,6 +173,10 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None) -> None:
         rows = [int(row)]
     else:
         raise LlmclError(f"--stage {row}: expected 'base' or a finished stage of {run_dir} ({done or 'none yet'})")
+    if missing:
+        from llmcl.eval.scoring import row_file
+
+        rows = [r for r in rows if not row_file(directory, r).exists()]
     only = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     console = Console(soft_wrap=True)
     for r in rows:

@@ -242,14 +242,15 @@ def load_stage_model(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, se
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts, counting tied weights once."""
+    """(trainable, total) parameter counts, counting tied weights once (and ZeRO-3-partitioned ones in full)."""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total

@@ -282,6 +282,26 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How `llmcl train` launches itself when not started by a launcher (accelerate launch, torchrun, srun)."""
+
+    accelerate_config: str | None = None
+    """An accelerate config YAML (e.g. recipes/accelerate/zero2.yaml): a plain `llmcl train` re-launches itself through `accelerate launch --config_file` with it. Ignored (with a note) when a launcher already started llmcl: launcher flags win."""
+    num_processes: int | None = None
+    """Processes for that launch (null = the accelerate config's num_processes)."""
+    timeout_minutes: float = 180.0
+    """Collective timeout: how long other ranks wait for rank 0 (e.g. during evaluation between stages)."""
+
+    def check(self, key: KeyFn) -> None:
+        if self.accelerate_config is not None:
+            require(Path(self.accelerate_config).expanduser().is_file(), key("accelerate_config"),
+                    self.accelerate_config, "an existing accelerate config YAML (see recipes/accelerate/)")
+        require(self.num_processes is None or self.num_processes > 0, key("num_processes"), self.num_processes,
+                "a positive integer or null")
+        require(self.timeout_minutes > 0, key("timeout_minutes"), self.timeout_minutes, "a number of minutes > 0")
+
+
+@dataclass
 class Recipe:
     """A continual fine-tuning run: a model, a method, and stages trained one after another."""
 
@@ -305,6 +325,8 @@ class Recipe:
     """Extra metric trackers."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation after each stage: the accuracy matrix and general-ability tasks."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Launch settings for multi-process training (the launcher's own flags take precedence)."""
 
     def stage_train(self, index: int) -> TrainConfig:
         """The train settings of stage `index`: the recipe's, with the stage's overrides applied."""

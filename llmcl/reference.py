@@ -11,10 +11,15 @@ from llmcl.config import _describe, field_docs
 SECTIONS = [
     ("", recipe.Recipe),
     ("model.", recipe.ModelConfig),
+    ("method.", recipe.MethodConfig),
     ("train.", recipe.TrainConfig),
     ("stages.N.", recipe.StageConfig),
     ("stages.N.data.", recipe.DataConfig),
+    ("replay.", recipe.ReplayConfig),
+    ("replay.datasets.N.weight", None),
     ("logging.", recipe.LoggingConfig),
+    ("eval.", recipe.EvalConfig),
+    ("distributed.", recipe.DistributedConfig),
 ]
 
 
@@ -52,6 +57,10 @@ def method_tables() -> str:
 def render() -> str:
     out = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for prefix, cls in SECTIONS:
+        if cls is None:  # a replay dataset is a stages.N.data source plus a weight
+            out.append(f"| `{prefix}` | a number | `1.0` | "
+                       f"{field_docs(recipe.ReplayDataConfig)['weight']} Every other key as in stages.N.data. |")
+            continue
         out += table(prefix, cls)
     return "\n".join(out) + "\n\n" + method_tables() + "\n"
 

@@ -220,3 +220,26 @@ def test_inherit_merges_a_recipe_over_another(tmp_path):
     with pytest.raises(RecipeError, match="recipe key 'inherit'"):
         recipe.load(tmp_path / "orphan.yaml")
     assert parent.exists()
+
+
+def test_the_key_reference_covers_every_recipe_key():
+    """Every leaf key the recipe loader accepts appears in the generated reference."""
+    import dataclasses
+    import typing
+
+    from llmcl import reference
+
+    text = reference.render()
+
+    def leaves(prefix, cls):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            if dataclasses.is_dataclass(t):
+                yield from leaves(f"{prefix}{f.name}.", t)
+            elif f.name not in ("stages", "method", "datasets", "train", "replay") or prefix == "replay.":
+                yield prefix + f.name
+
+    keys = list(leaves("", recipe.Recipe)) + list(leaves("stages.N.", recipe.StageConfig))
+    missing = [k for k in keys if f"`{k}`" not in text]
+    assert not missing and len(keys) > 60, missing

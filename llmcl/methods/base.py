@@ -31,7 +31,7 @@ class MethodConfig:
     """Fields shared by every method's config."""
 
     name: str = "seqft"
-    """Registered method name: seqft, lora, hft, osft."""
+    """Registered method name: seqft, lora, hft, osft, ilora or mora; its own options are listed below."""
 
 
 @dataclass
@@ -94,11 +94,13 @@ class Method:
     def end_stage(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
         return model
 
-    def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo) -> dict[str, Any]:
+    def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo,
+             state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Write the stage's model artifact into out_dir; return its manifest (see llmcl.models).
 
-        "path" is relative to out_dir; "merged" entries are relative to the run directory."""
-        model.save_pretrained(out_dir / "model", safe_serialization=True)
+        "path" is relative to out_dir; "merged" entries are relative to the run directory. `state_dict` is the
+        consolidated full state dict when the model's parameters are sharded (DeepSpeed ZeRO-3); else None."""
+        model.save_pretrained(out_dir / "model", state_dict=state_dict, safe_serialization=True)
         return {"kind": "full", "path": "model"}
 
     def state_dict(self) -> dict[str, Any]:

@@ -94,7 +94,7 @@ class ILora(Method):
         self.fast: dict[str, torch.nn.Parameter] = {}
         self.slow: dict[str, torch.nn.Parameter] = {}
         self._pending: dict[str, torch.Tensor] = {}
-        self.grad_accum, self.rank, self.seed = 1, 0, 0
+        self.grad_accum, self.rank, self.seed, self.world = 1, 0, 0, 1
         self._metrics: dict[str, float] = {}
 
     # -- set-up ---------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ class ILora(Method):
                     self.slow[n.replace(f".{FAST}.", f".{SLOW}.")].copy_(p)
         for p in self.slow.values():
             p.requires_grad_(False)
-        self.grad_accum, self.rank, self.seed = stage.grad_accum, stage.rank, stage.seed
+        self.grad_accum, self.rank, self.seed, self.world = stage.grad_accum, stage.rank, stage.seed, stage.world_size
         return model
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -172,7 +172,10 @@ class ILora(Method):
         consistency = masked_hidden_mse(fast_out.hidden_states, slow_out.hidden_states, replay["attention_mask"])
         self._metrics = {"consistency": float(consistency.detach()), "replay_ce": float(fast_out.loss.detach())}
         extra = fast_out.loss + self.config.consistency * consistency
-        return outputs.loss + extra / self.grad_accum
+        # outputs.loss is already this micro-batch's share of the step's token mean over every rank; the replay
+        # terms are means over this rank's replay batch: scale them so the step averages them over micro-batches
+        # and ranks (the loop multiplies every loss by grad_accum * world before DDP averages the gradients)
+        return outputs.loss + extra / (self.grad_accum * self.world)
 
     def step_metrics(self) -> dict[str, float]:
         return dict(self._metrics)
@@ -190,7 +193,8 @@ class ILora(Method):
         self.steps += 1
 
     # -- saving -------------------------------------------------------------------------------------------
-    def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo) -> dict[str, Any]:
+    def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo,
+             state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         learner = SLOW if self.config.evaluate == "slow" else FAST
         model.save_pretrained(out_dir / "adapter", selected_adapters=[learner], safe_serialization=True)
         path = "adapter" if learner == SLOW else f"adapter/{FAST}"

@@ -66,8 +66,9 @@ class Lora(Method):
         )
         return get_peft_model(model, peft_config)
 
-    def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo) -> dict[str, Any]:
-        model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+    def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo,
+             state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        model.save_pretrained(out_dir / "adapter", state_dict=state_dict, safe_serialization=True)
         origin = stage.origin
         merged = list(origin.get("merged", [])) if origin.get("kind") == "peft" else []
         if origin.get("kind") == "peft" and self.config.between_stages == "merge":

@@ -98,7 +98,8 @@ class MoRA(Method):
         self.records.append({"stage": stage.index, "kept": kept, "pruned": pruned, "activation_frequency": freq_all})
         return model
 
-    def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo) -> dict[str, Any]:
+    def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo,
+             state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         mora_layers.save(model, out_dir / "mora", self._layer_config())
         return {"kind": "mora", "path": "mora", "merged": []}
 

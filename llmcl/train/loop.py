@@ -33,9 +33,10 @@ from llmcl.models import count_parameters, load_base_model, load_stage_model, lo
 from llmcl.recipe import Recipe
 from llmcl.schedules import lr_at
 from llmcl.train import checkpoint as ckpt
+from llmcl.train import distributed
 from llmcl.train.metrics import MetricsLog
 from llmcl.train.progress import Display
-from llmcl.train.signals import StopSignals, Stopped
+from llmcl.train.signals import STOPPED_FILE, StopSignals, Stopped
 
 
 @dataclass
@@ -65,6 +66,8 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
         mixed_precision=mixed_precision(recipe.train.precision),
         log_with=list(recipe.logging.trackers) or None,
         project_dir=str(run_dir),
+        kwargs_handlers=distributed.accelerator_kwargs(recipe.distributed.timeout_minutes),
+        cpu=distributed.cpu_processes(),
     )
     display = display or Display(enabled=accelerator.is_main_process)
     display.enabled = display.enabled and accelerator.is_main_process
@@ -100,6 +103,9 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
     tokenizer = load_tokenizer(recipe.model)
     metrics = MetricsLog(run_dir, accelerator, trackers=list(recipe.logging.trackers),
                          project=recipe.logging.project or recipe.name, config=recipe.to_dict())
+    stopped_marker = run_dir / STOPPED_FILE
+    if accelerator.is_main_process:
+        stopped_marker.unlink(missing_ok=True)
     try:
         with StopSignals() as stop:
             for i in todo:
@@ -111,6 +117,10 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
                 result.trained.append(i)
                 if hooks is not None:
                     hooks.on_stage_end(i, accelerator, ledger)
+    except Stopped as exc:  # leave a marker a batch script can test (launchers may not pass exit status 75 on)
+        if accelerator.is_main_process:
+            ckpt.write_json(stopped_marker, {"reason": str(exc), "at": ckpt.now()})
+        raise
     finally:
         metrics.close()
     return result
@@ -179,7 +189,8 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
         else:
             model = load_stage_model(run_dir, origin, recipe.model, recipe.seed, trainable=True)
     method = methods.create(recipe.method)
-    _check_distributed(accelerator, method)
+    distributed.check_method(accelerator, method)
+    distributed.check_stage(accelerator, cfg, f"stages.{i}.train" if stage.train else "train")
     if prev_dir is not None:
         method.load_state_dict(ckpt.load_tree(prev_dir, "method_state"))
     info = StageInfo(index=i, name=stage.name, num_stages=n, max_steps=total, seed=recipe.seed + i, origin=origin,
@@ -218,6 +229,7 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
         start = resume["state"]["step"]
         tokens_done, wall_before = resume["state"]["tokens"], resume["state"]["wall_seconds"]
     metrics.truncate(i, start)
+    distributed.configure_stage(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.gradient_accumulation_steps = cfg.grad_accum
     accelerator.step = 0
@@ -300,6 +312,9 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
             saved = True
         if stop is not None and done_steps < total and (sig := stop.agreed(accelerator)) is not None:
             # SIGTERM/SIGUSR1 (SLURM preemption or time limit): checkpoint this step and leave; a rerun resumes
+            if distributed.deepspeed_plugin(accelerator) is not None:  # no step checkpoints under DeepSpeed yet
+                raise Stopped(f"{sig}: stopped at step {done_steps}/{total} of stage {i} ({stage.name}); under "
+                              "DeepSpeed the stage restarts from its beginning — rerun the same command")
             if not saved:
                 _save_step(run_dir, i, done_steps, accelerator, model, named, optimizer, method, tokens_done,
                            wall_before + time.perf_counter() - t_stage)
@@ -309,10 +324,13 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
     # 6) end of stage: the method's hook, the stage checkpoint (atomic), then the ledger
     unwrapped = method.end_stage(accelerator.unwrap_model(model), info)
     wall = wall_before + time.perf_counter() - t_stage
+    # ZeRO-3 shards every parameter across ranks: gather one full state dict (all ranks take part)
+    full_state = accelerator.get_state_dict(model) if distributed.zero_stage(accelerator) == 3 else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         def write(tmp: Path) -> None:
-            manifest = _write_model(tmp, name, method, unwrapped, tokenizer, info, optimizer, named, keep_next)
+            manifest = _write_model(tmp, name, method, unwrapped, tokenizer, info, optimizer, named, keep_next,
+                                    state_dict=full_state)
             manifest.update(stage=i, method=recipe.method.name, base_model=recipe.model.path, seed=recipe.seed)
             branch = run_dir / f"{name}.continue"
             if branch.exists():  # the pre-anneal weights the next stage continues from
@@ -327,7 +345,10 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
         ckpt.write_dir(run_dir / name, write)
         ledger.mark(i, "done", checkpoint=name, steps=total, examples=stats.examples, tokens=tokens_done,
                     wall_seconds=round(wall, 3), trainable_params=trainable_params, total_params=total_params,
-                    final_lr=lr_at(total - 1, schedule), finished_at=ckpt.now())
+                    final_lr=lr_at(total - 1, schedule), processes=world,
+                    distributed=str(accelerator.distributed_type).split(".")[-1].lower()
+                    + (f"-zero{distributed.zero_stage(accelerator)}" if distributed.zero_stage(accelerator) else ""),
+                    finished_at=ckpt.now())
         ckpt.clear_step(run_dir)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -338,21 +359,11 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
     del model, optimizer, unwrapped
 
 
-def _check_distributed(accelerator: Any, method: Any) -> None:
-    """Refuse a DeepSpeed ZeRO stage the method cannot work under, before any training."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return
-    stage = accelerator.state.deepspeed_plugin.zero_stage
-    if stage not in method.zero_stages:
-        raise LlmclError(f"method {method.name!r} does not support DeepSpeed ZeRO-{stage}: {method.zero_note}")
-
-
 def _write_model(out: Path, name: str, method: Any, model: Any, tokenizer: Any, info: StageInfo, optimizer: Any,
-                 named: list, keep_optimizer: bool, prefix: str | None = None) -> dict[str, Any]:
+                 named: list, keep_optimizer: bool, prefix: str | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """The model artifact, tokenizer, method state (and optimizer state for a stage that keeps it) into `out`."""
-    manifest = method.save(model, out, info)
+    manifest = method.save(model, out, info, state_dict=state_dict)
     tokenizer.save_pretrained(out / manifest["path"])
     ckpt.save_tree(method.state_dict(), out, "method_state")
     if keep_optimizer:

@@ -2,7 +2,8 @@
 
 The handler only records the signal. The training loop looks at it between optimizer steps (every rank the
 same step: the flag is all-reduced), saves a step checkpoint and raises `Stopped`; the CLI then exits with
-RESUMABLE_EXIT so a batch script can tell "stopped, resumable" from success (0) and errors (2, 1).
+RESUMABLE_EXIT so a batch script can tell "stopped, resumable" from success (0) and errors (2, 1); rank 0 also
+writes run_dir/stopped.json, because a launcher between the batch script and llmcl may not pass 75 on.
 A signal that arrives during a save lets the save finish: no checkpoint is ever half written by us.
 """
 
@@ -13,6 +14,7 @@ import threading
 from typing import Any
 
 RESUMABLE_EXIT = 75  # EX_TEMPFAIL: the work is not done, rerun the same command to continue
+STOPPED_FILE = "stopped.json"  # written into the run dir when a signal stopped training (removed by the next run)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

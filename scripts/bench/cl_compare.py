@@ -193,7 +193,7 @@ def main() -> None:
                   f"{_cell([r['BWT']], signed=True)} ({time.perf_counter() - t0:.0f}s)", flush=True)
     size = (f"{args.steps} steps x {args.batch} samples per task" + (" (--full: one epoch)" if args.full else "")
             + f", {args.limit or 'all'} test samples per task, {args.general_limit or 'all'} per general task")
-    header = [f"SmolLM2-135M-Instruct ({args.model}), dbpedia -> amazon -> yahoo -> agnews, {size}, "
+    header = [f"{args.model}, dbpedia -> amazon -> yahoo -> agnews, {size}, "
               f"general: {', '.join(args.general) or 'none'}, seeds: {args.seeds}"]
     lines = header + [""] + table(results)
     print("\n" + "\n".join(lines))

@@ -1,0 +1,102 @@
+"""What the loop needs to know about the launcher: DDP/DeepSpeed settings, per-stage DeepSpeed config, refusals.
+
+`accelerate launch` (flags or --config_file) decides the distribution: processes, DDP or DeepSpeed, the ZeRO
+stage and offload. A recipe may name an accelerate config (`train.distributed` is not a key: the launcher is
+the one place), and llmcl fills the DeepSpeed config's "auto" values from the stage's train settings before
+every stage, because stages may differ in batch size or gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from typing import Any
+
+from llmcl.errors import LlmclError
+
+
+def accelerator_kwargs(timeout_minutes: float) -> list[Any]:
+    """Process-group settings: a collective timeout long enough for rank 0 to evaluate between stages."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=dt.timedelta(minutes=timeout_minutes))]
+
+
+def cpu_processes() -> bool:
+    """Several processes on a machine without CUDA (torchrun/accelerate launch --multi_gpu there): DDP over gloo
+    on CPU. Accelerate needs cpu=True for that; DeepSpeed brings its own CPU accelerator."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return world > 1 and not deepspeed and not torch.cuda.is_available()
+
+
+def deepspeed_plugin(accelerator: Any) -> Any | None:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return accelerator.state.deepspeed_plugin
+
+
+def zero_stage(accelerator: Any) -> int | None:
+    plugin = deepspeed_plugin(accelerator)
+    return None if plugin is None else int(plugin.zero_stage)
+
+
+def offloads(accelerator: Any) -> bool:
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return False
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    return any(zero.get(k, {}).get("device", "none") not in ("none", None)
+               for k in ("offload_optimizer", "offload_param"))
+
+
+def check_method(accelerator: Any, method: Any) -> None:
+    """Refuse a DeepSpeed ZeRO stage the method cannot work under, before any training."""
+    stage = zero_stage(accelerator)
+    if stage is not None and stage not in method.zero_stages:
+        raise LlmclError(f"method {method.name!r} does not support DeepSpeed ZeRO-{stage}: {method.zero_note}")
+
+
+def check_stage(accelerator: Any, cfg: Any, key: str) -> None:
+    """Train settings that DeepSpeed runs do not support yet, refused before the stage trains."""
+    if deepspeed_plugin(accelerator) is None:
+        return
+    if cfg.save_every:
+        raise LlmclError(f"{key}.save_every={cfg.save_every}: step checkpoints are not supported under DeepSpeed yet "
+                         "(stages are the checkpoint unit there); set it to 0")
+    if cfg.optimizer_state == "keep":
+        raise LlmclError(f"{key}.optimizer_state=keep is not supported under DeepSpeed (its optimizer state is "
+                         "sharded); use reset")
+
+
+def configure_stage(accelerator: Any, cfg: Any) -> None:
+    """Fill the DeepSpeed config's "auto" values for this stage, starting from the config as launched."""
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return
+    if not hasattr(plugin, "_llmcl_launched_config"):
+        plugin._llmcl_launched_config = copy.deepcopy(plugin.deepspeed_config)
+    original = plugin._llmcl_launched_config
+    config = copy.deepcopy(original)
+    world = accelerator.num_processes
+    values = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world,
+        "gradient_clipping": cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
+    }
+    for key, value in values.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif config[key] != value and key != "gradient_clipping":
+            raise LlmclError(f"the DeepSpeed config sets {key}={config[key]} but the recipe's stage needs {value} "
+                             f"(train.batch_size/grad_accum); set it to \"auto\" in the DeepSpeed JSON")
+    plugin.hf_ds_config.config = config
+    plugin.deepspeed_config = config
+    accelerator.gradient_accumulation_steps = cfg.grad_accum

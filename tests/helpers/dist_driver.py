@@ -1,0 +1,43 @@
+"""Run several recipes one after another in one launched process group (DDP or DeepSpeed), as tests do.
+
+    accelerate launch --config_file CFG tests/helpers/dist_driver.py RECIPE:RUN_DIR [RECIPE:RUN_DIR ...]
+
+One launch per distributed configuration instead of one per (method, configuration): the launcher and the
+DeepSpeed import are the slow part. Exit 0 only when every run finishes; a refusal (LlmclError) is printed as
+"refused: <message>" and the next recipe runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def main() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from llmcl import recipe as recipe_mod
+    from llmcl.errors import LlmclError
+    from llmcl.train.loop import run
+    from llmcl.train.progress import Display
+
+    rank = int(os.environ.get("RANK", "0"))
+    for pair in sys.argv[1:]:
+        recipe_path, run_dir = pair.split(":", 1)
+        try:
+            run(recipe_mod.load(Path(recipe_path), []), Path(run_dir), display=Display(enabled=False))
+            print(f"done: {run_dir}", flush=True)
+            Path(f"{run_dir}.rank{rank}.done").touch()  # each rank says it finished (stdout may be rank 0's only)
+        except LlmclError as exc:
+            print(f"refused: {run_dir}: {exc}", flush=True)
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+
+
+if __name__ == "__main__":
+    main()
