@@ -34,9 +34,13 @@ STEPS = 3
 
 
 def _recipe(tmp_path, method, per_rank_batch):
-    return write_recipe(tmp_path / f"{method}-b{per_rank_batch}.yaml", method={"name": method, **OPTIONS[method]},
+    extra = {}
+    if method == "seqft_replay_eval":  # replay (sampled per rank from the global plan) and evaluation by rank 0
+        extra = {"replay": {"ratio": 0.5}, "eval": {"after_each_stage": True, "limit": 4}}
+    name = method.split("_")[0]
+    return write_recipe(tmp_path / f"{method}-b{per_rank_batch}.yaml", method={"name": name, **OPTIONS[name]},
                         train={"lr": 1e-3, "max_steps": STEPS, "batch_size": per_rank_batch, "seq_len": 48,
-                               "warmup": 0})
+                               "warmup": 0}, **extra)
 
 
 def _launch(config, pairs, processes, tmp_path):
@@ -68,7 +72,7 @@ def references(tmp_path_factory):
     """Each method trained by one plain process with the global batch (4)."""
     tmp = tmp_path_factory.mktemp("ref")
     runs = {}
-    for method in OPTIONS:
+    for method in [*OPTIONS, "seqft_replay_eval"]:
         recipe = _recipe(tmp, method, 4)
         res = run_cli("train", str(recipe), "--run-dir", str(tmp / method))
         assert res.exit_code == 0, res.output
@@ -90,11 +94,12 @@ def _check_same_training(ref, run, loss_tol, weight_tol):
 
 def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, references):
     """2 gloo processes x 2 samples = 1 process x 4 samples: the same data, so the same losses (float tolerance)."""
-    pairs = [(_recipe(tmp_path, m, 2), tmp_path / f"ddp-{m}") for m in SUPPORTED["ddp_cpu"]]
-    out = _launch("ddp_cpu", pairs, 2, tmp_path)
+    variants = SUPPORTED["ddp_cpu"] + ["seqft_replay_eval"]
+    pairs = [(_recipe(tmp_path, m, 2), tmp_path / f"ddp-{m}") for m in variants]
+    _launch("ddp_cpu", pairs, 2, tmp_path)
     for _, run in pairs:  # both ranks finish every run
         assert (run.parent / f"{run.name}.rank0.done").exists() and (run.parent / f"{run.name}.rank1.done").exists()
-    for m in SUPPORTED["ddp_cpu"]:
+    for m in variants:
         run = tmp_path / f"ddp-{m}"
         if m == "ilora":  # each rank keeps its own reservoir of the samples it saw: replay differs by design
             a, b = _losses(references[m]), _losses(run)
@@ -105,6 +110,15 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
         # gradients onto a complement where many coordinates are ~0, and Adam scales that rounding noise up to ~lr
         _check_same_training(references[m], run, loss_tol=1e-4, weight_tol=2e-3 if m == "osft" else 1e-4)
         assert not list(run.glob("*.tmp")) and (run / "recipe.yaml").exists()
+    # rank 0 scored every row on the saved checkpoints while rank 1 waited; the same scores as one process
+    replay = tmp_path / "ddp-seqft_replay_eval"
+    ref_rows = {p.name: json.loads(p.read_text())["tasks"] for p in (references["seqft_replay_eval"] / "eval").glob("*.json")}
+    rows = {p.name: json.loads(p.read_text())["tasks"] for p in (replay / "eval").glob("*.json")}
+    assert sorted(rows) == ["base.json", "stage-00.json", "stage-01.json"]
+    assert {k: {t: r["value"] for t, r in v.items()} for k, v in rows.items()} == \
+        {k: {t: r["value"] for t, r in v.items()} for k, v in ref_rows.items()}
+    fractions = [json.loads(x)["replay_fraction"] for x in (replay / "metrics.jsonl").read_text().splitlines()]
+    assert fractions[STEPS:] == [0.5] * STEPS  # stage 2 replays half of every step, summed over both ranks
 
 
 @pytest.mark.parametrize("config", ["zero2", "zero3", "zero3_offload", "zero2_offload"])

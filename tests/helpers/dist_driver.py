@@ -1,4 +1,5 @@
-"""Run several recipes one after another in one launched process group (DDP or DeepSpeed), as tests do.
+"""Run several recipes one after another in one launched process group (DDP or DeepSpeed), as `llmcl train`
+does (evaluation hooks included).
 
     accelerate launch --config_file CFG tests/helpers/dist_driver.py RECIPE:RUN_DIR [RECIPE:RUN_DIR ...]
 
@@ -22,6 +23,7 @@ def main() -> None:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from llmcl import recipe as recipe_mod
+    from llmcl.eval.hooks import EvalHooks
     from llmcl.errors import LlmclError
     from llmcl.train.loop import run
     from llmcl.train.progress import Display
@@ -30,7 +32,8 @@ def main() -> None:
     for pair in sys.argv[1:]:
         recipe_path, run_dir = pair.split(":", 1)
         try:
-            run(recipe_mod.load(Path(recipe_path), []), Path(run_dir), display=Display(enabled=False))
+            recipe, display = recipe_mod.load(Path(recipe_path), []), Display(enabled=False)
+            run(recipe, Path(run_dir), display=display, hooks=EvalHooks(recipe, Path(run_dir), display))
             print(f"done: {run_dir}", flush=True)
             Path(f"{run_dir}.rank{rank}.done").touch()  # each rank says it finished (stdout may be rank 0's only)
         except LlmclError as exc:
