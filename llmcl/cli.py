@@ -107,7 +107,10 @@ def status(recipe_file: str, overrides: tuple[str, ...], run_dir: str | None) ->
     r = load_checked(recipe_file, overrides)
     directory = _run_dir(r, run_dir)
     ledger = directory / "ledger.json"
-    stages = json.loads(ledger.read_text())["stages"] if ledger.exists() else []
+    try:
+        stages = json.loads(ledger.read_text())["stages"] if ledger.exists() else []
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LlmclError(f"{ledger} is not a readable llmcl ledger ({exc})") from None
     by_index = {s["index"]: s for s in stages}
     click.echo(f"run_dir\t{directory}")
     for i, st in enumerate(r.stages):
@@ -137,12 +140,12 @@ def slurm(recipe_file: str, overrides: tuple[str, ...], nodes: int, gpus_per_nod
     r = load_checked(recipe_file, overrides)
     directory = _run_dir(r, run_dir)
     cluster = slurm_mod.Cluster(nodes, gpus_per_node, partition, time_limit, account)
+    target = Path(out) if out else directory / "slurm"
     files = slurm_mod.render(catalog.find(recipe_file), list(overrides), directory, r.name, cluster,
-                             r.distributed.accelerate_config)
+                             r.distributed.accelerate_config, out_dir=target)
     if print_only:
         click.echo(files["train.sbatch"], nl=False)
         return
-    target = Path(out) if out else directory / "slurm"
     for path in slurm_mod.write(files, target):
         click.echo(f"wrote {path}")
     click.echo(f"all stages in one job:  sbatch {target / 'train.sbatch'}")

@@ -30,6 +30,9 @@ def accelerate_command(config: str, train_args: list[str], num_processes: int | 
 
 def relaunch(recipe: Any, train_args: list[str]) -> int:
     """Run `llmcl train train_args` under accelerate launch with the recipe's config; returns its exit status."""
-    cmd = accelerate_command(recipe.distributed.accelerate_config, train_args, recipe.distributed.num_processes)
+    from pathlib import Path
+
+    config = str(Path(recipe.distributed.accelerate_config).expanduser())
+    cmd = accelerate_command(config, train_args, recipe.distributed.num_processes)
     env = dict(os.environ, **{LAUNCHED_ENV: "1"})
     return subprocess.call(cmd, env=env)

@@ -38,9 +38,16 @@ def _defaults(lines: list[str]) -> str:
     return MARKER + "\n" + "\n".join(lines)
 
 
+def _setdefault(name: str, value: str) -> str:
+    """A bash line giving $name a default (the environment wins), safe for any characters in value."""
+    return f"[[ -n ${{{name}:-}} ]] || {name}={shlex.quote(value)}"
+
+
 def render(recipe_path: Path, overrides: list[str], run_dir: Path, recipe_name: str, cluster: Cluster,
-           accelerate_config: str | None, python: str | None = None) -> dict[str, str]:
-    """{"train.sbatch": text, "chain.sh": text} for this recipe and cluster."""
+           accelerate_config: str | None, python: str | None = None,
+           out_dir: Path | None = None) -> dict[str, str]:
+    """{"train.sbatch": text, "chain.sh": text} for this recipe and cluster; out_dir is where they will be
+    written (their logs go there too; default <run_dir>/slurm)."""
     if cluster.nodes < 1:
         raise LlmclError(f"--nodes {cluster.nodes}: expected at least 1")
     if cluster.gpus_per_node < 0:
@@ -49,9 +56,11 @@ def render(recipe_path: Path, overrides: list[str], run_dir: Path, recipe_name: 
     python = python or sys.executable
     procs = max(1, cluster.gpus_per_node)
     world = cluster.nodes * procs
-    config = accelerate_config or ("recipes/accelerate/ddp.yaml" if world > 1 else "")
-    if config and not Path(config).is_absolute():
-        config = str((templates_dir().parents[1] / config).resolve())
+    if accelerate_config:  # as the recipe check saw it: relative to the current directory
+        config = str(Path(accelerate_config).expanduser().resolve())
+    else:
+        config = str(d.parents[1] / "recipes" / "accelerate" / "ddp.yaml") if world > 1 else ""
+    out_dir = (out_dir or run_dir / "slurm").resolve()
     args = [str(recipe_path.resolve()), "--run-dir", str(run_dir.resolve()), *overrides]
     q = shlex.quote
 
@@ -63,7 +72,9 @@ def render(recipe_path: Path, overrides: list[str], run_dir: Path, recipe_name: 
         if value:
             header.append(f"#SBATCH --{flag}={value}")
     header += ["#SBATCH --requeue", "#SBATCH --signal=USR1@180", "#SBATCH --open-mode=append",
-               f"#SBATCH --output={run_dir.resolve()}/slurm/%x-%j.out"]
+               f"#SBATCH --output={out_dir}/%x-%j.out"]
+    if any(c.isspace() for c in str(out_dir)):
+        raise LlmclError(f"--out {out_dir}: SLURM cannot write logs to a path with spaces; choose another")
 
     train = (d / "train.sbatch").read_text()
     lines = train.splitlines()
@@ -71,10 +82,13 @@ def render(recipe_path: Path, overrides: list[str], run_dir: Path, recipe_name: 
     last = max(i for i, x in enumerate(lines) if x.startswith("#SBATCH"))
     defaults = [
         f"# written by `llmcl slurm` for {recipe_path}: {cluster.nodes} node(s) x {procs} process(es)",
-        f'[[ $# -gt 0 ]] || set -- {" ".join(q(a) for a in args)}',
-        f': "${{LLMCL_PROCS_PER_NODE:={procs}}}"',
-        f': "${{LLMCL_ACCELERATE_CONFIG:={config}}}"' if config else ": # no accelerate config: one process",
-        f': "${{LLMCL_PYTHON:={python}}}"',
+        "# no arguments, or only options (--stage K): the recipe, run dir and overrides below come first",
+        f'if [[ $# -eq 0 || $1 == --* ]]; then set -- {" ".join(q(a) for a in args)} "$@"; fi',
+        "# processes per node: what SLURM allocated (sbatch --gpus-per-node), else what llmcl slurm was told",
+        _setdefault("LLMCL_PROCS_PER_NODE", "${SLURM_GPUS_ON_NODE:-%d}" % procs).replace(
+            q("${SLURM_GPUS_ON_NODE:-%d}" % procs), '"${SLURM_GPUS_ON_NODE:-%d}"' % procs),
+        _setdefault("LLMCL_ACCELERATE_CONFIG", config) if config else ": # no accelerate config: one process",
+        _setdefault("LLMCL_PYTHON", python),
     ]
     train = "\n".join(lines[:first] + header + lines[last + 1:]) + "\n"
     if MARKER not in train:
@@ -86,9 +100,9 @@ def render(recipe_path: Path, overrides: list[str], run_dir: Path, recipe_name: 
         raise LlmclError(f"{d / 'chain.sh'} has no '{MARKER}' line")
     chain = chain.replace(MARKER, _defaults([
         f"# written by `llmcl slurm` for {recipe_path}",
-        f'[[ $# -gt 0 ]] || set -- {" ".join(q(a) for a in args)}',
-        f': "${{LLMCL_TRAIN_SBATCH:={run_dir.resolve()}/slurm/train.sbatch}}"',
-        f': "${{LLMCL_PYTHON:={python}}}"',
+        f'if [[ $# -eq 0 || $1 == --* ]]; then set -- {" ".join(q(a) for a in args)} "$@"; fi',
+        _setdefault("LLMCL_TRAIN_SBATCH", str(out_dir / "train.sbatch")),
+        _setdefault("LLMCL_PYTHON", python),
     ]))
     return {"train.sbatch": train, "chain.sh": chain}
 

@@ -33,12 +33,16 @@ REFUSED = {"zero2": ["osft"], "zero3": ["osft", "ilora", "mora"]}
 STEPS = 3
 
 
-def _recipe(tmp_path, method, per_rank_batch):
+def _recipe(tmp_path, method, per_rank_batch, stage1_accum=False):
     extra = {}
+    if stage1_accum:  # stage 2 as 2 micro-batches of 2: the same step as 1 x 4, another DeepSpeed config
+        extra["stages"] = [{"data": {"path": "builtin:facts"}},
+                           {"data": {"path": "builtin:reverse"}, "train": {"batch_size": 2, "grad_accum": 2}}]
     if method == "seqft_replay_eval":  # replay (sampled per rank from the global plan) and evaluation by rank 0
         extra = {"replay": {"ratio": 0.5}, "eval": {"after_each_stage": True, "limit": 4}}
     name = method.split("_")[0]
-    return write_recipe(tmp_path / f"{method}-b{per_rank_batch}.yaml", method={"name": name, **OPTIONS[name]},
+    return write_recipe(tmp_path / f"{method}-b{per_rank_batch}{'-acc' if stage1_accum else ''}.yaml",
+                        method={"name": name, **OPTIONS[name]},
                         train={"lr": 1e-3, "max_steps": STEPS, "batch_size": per_rank_batch, "seq_len": 48,
                                "warmup": 0}, **extra)
 
@@ -124,7 +128,8 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
 @pytest.mark.parametrize("config", ["zero2", "zero3", "zero3_offload", "zero2_offload"])
 def test_deepspeed_zero_runs_every_supported_method_and_refuses_the_others(config, tmp_path, references):
     methods = SUPPORTED[config] + REFUSED.get(config, [])
-    pairs = [(_recipe(tmp_path, m, 4), tmp_path / f"{config}-{m}") for m in methods]
+    # I-LoRA draws its replay per micro-batch, so splitting a step changes its replay: it keeps one micro-batch
+    pairs = [(_recipe(tmp_path, m, 4, stage1_accum=m != "ilora"), tmp_path / f"{config}-{m}") for m in methods]
     if config == "zero2":  # step checkpoints are refused under DeepSpeed, before any training
         pairs.append((write_recipe(tmp_path / "save.yaml", train={"max_steps": 2, "save_every": 1}),
                       tmp_path / "zero2-save"))
@@ -211,3 +216,45 @@ def test_launcher_flags_win_over_the_recipes_accelerate_config(tmp_path, monkeyp
     assert res.exit_code == 0 and "is ignored: a launcher started llmcl" in res.stderr
     stages = json.loads((tmp_path / "run" / "ledger.json").read_text())["stages"]
     assert stages[0]["processes"] == 1 and stages[0]["distributed"] == "no"
+
+
+class _FakePlugin:
+    def __init__(self, config):
+        self.zero_stage = 2
+        self.deepspeed_config = config
+
+        class _Hf:
+            pass
+
+        self.hf_ds_config = _Hf()
+        self.hf_ds_config.config = config
+
+
+def test_deepspeed_auto_values_are_filled_per_stage_from_the_launched_config():
+    from types import SimpleNamespace
+
+    from llmcl.errors import LlmclError
+    from llmcl.train import distributed
+
+    accel = _FakeAccel(2)
+    accel.num_processes = 4
+    accel.state.deepspeed_plugin = _FakePlugin({"train_micro_batch_size_per_gpu": "auto",
+                                                "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+                                                "gradient_clipping": "auto", "zero_optimization": {"stage": 2}})
+    stage0 = SimpleNamespace(batch_size=8, grad_accum=1, max_grad_norm=1.0)
+    stage1 = SimpleNamespace(batch_size=2, grad_accum=4, max_grad_norm=0.0)
+    distributed.configure_stage(accel, stage0)
+    cfg = accel.state.deepspeed_plugin.deepspeed_config
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"],
+            cfg["gradient_clipping"]) == (8, 1, 32, 1.0)
+    distributed.configure_stage(accel, stage1)  # from the launched "auto"s again, not from stage 0's numbers
+    cfg = accel.state.deepspeed_plugin.deepspeed_config
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"],
+            cfg["gradient_clipping"]) == (2, 4, 32, 0.0)
+    assert accel.state.deepspeed_plugin.hf_ds_config.config is cfg and accel.gradient_accumulation_steps == 4
+
+    fixed = _FakeAccel(2)
+    fixed.num_processes = 1
+    fixed.state.deepspeed_plugin = _FakePlugin({"train_micro_batch_size_per_gpu": 3})
+    with pytest.raises(LlmclError, match="train_micro_batch_size_per_gpu=3 but the recipe's stage needs 8"):
+        distributed.configure_stage(fixed, stage0)

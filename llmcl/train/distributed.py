@@ -1,9 +1,9 @@
 """What the loop needs to know about the launcher: DDP/DeepSpeed settings, per-stage DeepSpeed config, refusals.
 
 `accelerate launch` (flags or --config_file) decides the distribution: processes, DDP or DeepSpeed, the ZeRO
-stage and offload. A recipe may name an accelerate config (`train.distributed` is not a key: the launcher is
-the one place), and llmcl fills the DeepSpeed config's "auto" values from the stage's train settings before
-every stage, because stages may differ in batch size or gradient accumulation.
+stage and offload (a recipe's `distributed.accelerate_config` only chooses the launch when nothing launched
+llmcl; see llmcl.launch). llmcl fills the DeepSpeed config's "auto" values from the stage's train settings
+before every stage, because stages may differ in batch size or gradient accumulation.
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ def configure_stage(accelerator: Any, cfg: Any) -> None:
     for key, value in values.items():
         if config.get(key, "auto") == "auto":
             config[key] = value
-        elif config[key] != value and key != "gradient_clipping":
+        elif config[key] != value:
             raise LlmclError(f"the DeepSpeed config sets {key}={config[key]} but the recipe's stage needs {value} "
-                             f"(train.batch_size/grad_accum); set it to \"auto\" in the DeepSpeed JSON")
+                             "(from train.batch_size, grad_accum, max_grad_norm); set it to \"auto\" in the DeepSpeed JSON")
     plugin.hf_ds_config.config = config
     plugin.deepspeed_config = config
     accelerator.gradient_accumulation_steps = cfg.grad_accum

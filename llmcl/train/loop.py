@@ -59,9 +59,14 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
 
     `hooks` (optional) gets on_start(accelerator, ledger) before training and on_stage_end(i, accelerator, ledger)
     after each stage is saved: that is where evaluation plugs in, without the loop knowing about it."""
+    with StopSignals() as stop:  # first thing: a SIGTERM during set-up or the base evaluation is not lost
+        return _run(recipe, Path(run_dir), only_stage, display, hooks, stop)
+
+
+def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display | None, hooks: Any,
+         stop: StopSignals) -> RunResult:
     from accelerate import Accelerator
 
-    run_dir = Path(run_dir)
     accelerator = Accelerator(
         mixed_precision=mixed_precision(recipe.train.precision),
         log_with=list(recipe.logging.trackers) or None,
@@ -99,6 +104,12 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
     if done:
         display.message(f"{run_dir}: stages {', '.join(map(str, done))} already done")
 
+    # what the launch cannot do is refused now, not after earlier stages have trained
+    distributed.check_method(accelerator, methods.get(recipe.method.name))
+    for j in range(n):
+        distributed.check_stage(accelerator, recipe.stage_train(j), f"stages.{j}.train" if recipe.stages[j].train
+                                else "train")
+
     # 2) train the stages in order
     tokenizer = load_tokenizer(recipe.model)
     metrics = MetricsLog(run_dir, accelerator, trackers=list(recipe.logging.trackers),
@@ -107,19 +118,19 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
     if accelerator.is_main_process:
         stopped_marker.unlink(missing_ok=True)
     try:
-        with StopSignals() as stop:
-            for i in todo:
-                if (sig := stop.agreed(accelerator)) is not None:  # e.g. during the last stage's evaluation
-                    raise Stopped(f"{sig}: stopped before stage {i} ({recipe.stages[i].name}); stages "
-                                  f"{', '.join(map(str, ledger.done_stages())) or 'none'} are done — rerun the "
-                                  "same command to continue")
-                _train_stage(recipe, i, run_dir, ledger, accelerator, tokenizer, metrics, display, stop)
-                result.trained.append(i)
-                if hooks is not None:
-                    hooks.on_stage_end(i, accelerator, ledger)
+        for i in todo:
+            if (sig := stop.agreed(accelerator)) is not None:  # e.g. during set-up or the last stage's evaluation
+                raise Stopped(f"{sig}: stopped before stage {i} ({recipe.stages[i].name}); stages "
+                              f"{', '.join(map(str, ledger.done_stages())) or 'none'} are done — rerun the "
+                              "same command to continue")
+            _train_stage(recipe, i, run_dir, ledger, accelerator, tokenizer, metrics, display, stop)
+            result.trained.append(i)
+            if hooks is not None:
+                hooks.on_stage_end(i, accelerator, ledger)
     except Stopped as exc:  # leave a marker a batch script can test (launchers may not pass exit status 75 on)
         if accelerator.is_main_process:
-            ckpt.write_json(stopped_marker, {"reason": str(exc), "at": ckpt.now()})
+            ckpt.write_json(stopped_marker, {"reason": str(exc), "step_checkpoint": exc.step_checkpoint,
+                                             "at": ckpt.now()})
         raise
     finally:
         metrics.close()
@@ -189,8 +200,6 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
         else:
             model = load_stage_model(run_dir, origin, recipe.model, recipe.seed, trainable=True)
     method = methods.create(recipe.method)
-    distributed.check_method(accelerator, method)
-    distributed.check_stage(accelerator, cfg, f"stages.{i}.train" if stage.train else "train")
     if prev_dir is not None:
         method.load_state_dict(ckpt.load_tree(prev_dir, "method_state"))
     info = StageInfo(index=i, name=stage.name, num_stages=n, max_steps=total, seed=recipe.seed + i, origin=origin,
@@ -314,7 +323,8 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
             # SIGTERM/SIGUSR1 (SLURM preemption or time limit): checkpoint this step and leave; a rerun resumes
             if distributed.deepspeed_plugin(accelerator) is not None:  # no step checkpoints under DeepSpeed yet
                 raise Stopped(f"{sig}: stopped at step {done_steps}/{total} of stage {i} ({stage.name}); under "
-                              "DeepSpeed the stage restarts from its beginning — rerun the same command")
+                              "DeepSpeed the stage restarts from its beginning — rerun the same command",
+                              step_checkpoint=False)
             if not saved:
                 _save_step(run_dir, i, done_steps, accelerator, model, named, optimizer, method, tokens_done,
                            wall_before + time.perf_counter() - t_stage)
@@ -324,8 +334,7 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
     # 6) end of stage: the method's hook, the stage checkpoint (atomic), then the ledger
     unwrapped = method.end_stage(accelerator.unwrap_model(model), info)
     wall = wall_before + time.perf_counter() - t_stage
-    # ZeRO-3 shards every parameter across ranks: gather one full state dict (all ranks take part)
-    full_state = accelerator.get_state_dict(model) if distributed.zero_stage(accelerator) == 3 else None
+    full_state = _full_state_dict(accelerator, model, named)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         def write(tmp: Path) -> None:
@@ -359,6 +368,30 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
     del model, optimizer, unwrapped
 
 
+def _full_state_dict(accelerator: Any, model: Any, named: list) -> dict[str, torch.Tensor] | None:
+    """Under DeepSpeed, the state dict to save (all ranks take part); None = save the module as it is.
+
+    ZeRO-3 shards every parameter across ranks, so it is gathered into one full state dict. With bf16/fp16
+    DeepSpeed keeps the module itself in half precision: the trained parameters are taken from the fp32 master
+    weights instead, so a stage checkpoint is what a DDP run would save."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    half = accelerator.mixed_precision in ("bf16", "fp16")
+    if distributed.zero_stage(accelerator) != 3 and not half:
+        return None
+    state = accelerator.get_state_dict(model)
+    if half:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for pname, p in named:
+            full = safe_get_full_fp32_param(p)  # collective under ZeRO-3
+            if state is not None and full is not None and pname in state:
+                state[pname] = full.detach().cpu()
+    return state
+
+
 def _write_model(out: Path, name: str, method: Any, model: Any, tokenizer: Any, info: StageInfo, optimizer: Any,
                  named: list, keep_optimizer: bool, prefix: str | None = None,
                  state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -375,11 +408,12 @@ def _write_model(out: Path, name: str, method: Any, model: Any, tokenizer: Any, 
 def _save_branch(run_dir: Path, name: str, accelerator: Any, model: Any, method: Any, optimizer: Any, named: list,
                  tokenizer: Any, info: StageInfo, keep_optimizer: bool) -> None:
     """Infinite schedule: save the weights just before the anneal; the next stage continues from them."""
+    full_state = _full_state_dict(accelerator, model, named)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         def write(tmp: Path) -> None:
             manifest = _write_model(tmp, name, method, accelerator.unwrap_model(model), tokenizer, info, optimizer,
-                                    named, keep_optimizer, prefix=f"{name}/continue")
+                                    named, keep_optimizer, prefix=f"{name}/continue", state_dict=full_state)
             ckpt.write_json(tmp / "manifest.json", manifest)
 
         ckpt.write_dir(run_dir / f"{name}.continue", write)

@@ -19,7 +19,12 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Stopped(Exception):
-    """Training stopped on a signal after saving what a rerun needs to resume."""
+    """Training stopped on a signal after saving what a rerun needs to resume (a step checkpoint, or the
+    stage boundary: `step_checkpoint` says which)."""
+
+    def __init__(self, message: str, *, step_checkpoint: bool = True):
+        super().__init__(message)
+        self.step_checkpoint = step_checkpoint
 
 
 class StopSignals:

@@ -46,7 +46,7 @@ while IFS=$'\t' read -r kind index name state; do
     fi
     DEP=()
     [[ -n "$PREV" ]] && DEP=(--dependency="afterok:$PREV")
-    PREV=$(sbatch --parsable "${SBATCH_ARGS[@]}" "${DEP[@]}" --job-name="llmcl-$index-$name" \
+    PREV=$(sbatch --parsable --job-name="llmcl-$index-$name" "${SBATCH_ARGS[@]}" "${DEP[@]}" \
         "$TRAIN_SBATCH" "$RECIPE" --stage "$index" "${ARGS[@]}")
     PREV=${PREV%%;*}
     echo "$PREV stage $index $name"
@@ -55,6 +55,6 @@ done <<< "$STATUS"
 DEP=()
 [[ -n "$PREV" ]] && DEP=(--dependency="afterok:$PREV")
 # the eval job: rows that the stage jobs did not score (eval.after_each_stage: false), then the report
-EVAL_JOB=$(sbatch --parsable "${EVAL_ARGS[@]}" "${DEP[@]}" --job-name=llmcl-report --ntasks=1 \
-    --output="slurm-%x-%j.out" --wrap "$(printf '%q ' "$PY" -m llmcl eval "$RUN_DIR" --missing) && $(printf '%q ' "$PY" -m llmcl report "$RUN_DIR")")
+EVAL_JOB=$(sbatch --parsable --output="slurm-%x-%j.out" --job-name=llmcl-report --ntasks=1 "${EVAL_ARGS[@]}" "${DEP[@]}" \
+    --wrap "$(printf '%q ' "$PY" -m llmcl eval "$RUN_DIR" --missing) && $(printf '%q ' "$PY" -m llmcl report "$RUN_DIR")")
 echo "${EVAL_JOB%%;*} eval+report"

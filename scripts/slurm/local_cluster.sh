@@ -13,14 +13,21 @@ CONF_DIR=/etc/slurm
 NODE=$(hostname -s)
 CPUS=$(nproc)
 
-stop() {
+OURS="# written by llmcl scripts/slurm/local_cluster.sh"
+# Never touch a real cluster's configuration: only a slurm.conf this script wrote (or none) is replaced.
+if [[ -f "$CONF_DIR/slurm.conf" ]] && ! grep -qF "$OURS" "$CONF_DIR/slurm.conf"; then
+    if [[ "${1:-}" != "stop" ]] && sinfo -h >/dev/null 2>&1; then
+        echo "local SLURM cluster ready: using the SLURM already configured here ($CONF_DIR/slurm.conf)"
+        exit 0
+    fi
+    echo "local_cluster.sh: $CONF_DIR/slurm.conf exists and was not written by this script; leaving it alone" >&2
+    exit 2
+fi
+
+if [[ "${1:-}" == "stop" ]]; then
     pkill -x slurmd 2>/dev/null || true
     pkill -x slurmctld 2>/dev/null || true
     pkill -x munged 2>/dev/null || true
-}
-
-if [[ "${1:-}" == "stop" ]]; then
-    stop
     exit 0
 fi
 
@@ -50,7 +57,7 @@ fi
 mkdir -p "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
 MEM_MB=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 cat > "$CONF_DIR/slurm.conf" <<CONF
-# written by llmcl scripts/slurm/local_cluster.sh: a one-node test cluster
+$OURS: a one-node test cluster
 ClusterName=llmcl-local
 SlurmctldHost=$NODE
 AuthType=auth/munge
