@@ -7,8 +7,8 @@ keeps every update of W orthogonal to them:
   1) after backward, the gradient is projected onto the complement:  G <- (I - U_k U_k^T) G (I - V_k V_k^T)
   2) after the optimizer step, the applied update dW = W_after - W_before is corrected the same way, because
      Adam's per-coordinate scaling and weight decay leak into the protected directions:
-     W <- W_after - [U_k D_A + D_B V_k^T - U_k (D_A V_k) V_k^T],  D_A = U_k^T dW,  D_B = dW V_k
-     (U_k^T W and W V_k are taken just before the step; only U_k and V_k persist between steps).
+     W <- W_before + (I - U_k U_k^T) dW (I - V_k V_k^T)
+     (W_before is copied into a buffer reused every step: one fp32 copy of the target matrices, no data).
 After (2), U_k^T W and W V_k do not change over the stage (up to float rounding).
 
 k per matrix = round(r x min(m, n)), with the preserved ratio r chosen per decoder layer:
@@ -120,7 +120,8 @@ class OSFT(Method):
         self.records: list[dict[str, Any]] = []
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # param name -> (U_k, V_k)
         self.params: dict[str, torch.nn.Parameter] = {}
-        self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._before: dict[str, torch.Tensor] = {}  # param name -> W before the step (buffer reused every step)
+        self._pending: set[str] = set()
 
     # -- which fraction each layer preserves ---------------------------------------------------------
     def ratios(self, model: torch.nn.Module, layers: list[torch.nn.Module], stage: StageInfo) -> tuple[list[float], list[float] | None]:
@@ -153,7 +154,7 @@ class OSFT(Method):
         ratios, importance = self.ratios(model, layers, stage)
         for p in model.parameters():
             p.requires_grad_(self.config.train_other)
-        self.bases, self.params = {}, {}
+        self.bases, self.params, self._before, self._pending = {}, {}, {}, set()
         ks: dict[str, int] = {}
         t0 = time.perf_counter()
         per_layer = [a + f for a, f in zip(arch.matrices(model, mapping, "attention"), arch.matrices(model, mapping, "ffn"))]
@@ -188,27 +189,32 @@ class OSFT(Method):
         return x - (x @ v) @ v.T
 
     def after_backward(self, model: torch.nn.Module) -> None:
-        self._before = {}
+        # 1) the gradient, projected onto the complement (Adam's moments only ever see allowed directions)
+        # 2) a copy of the weights before the step, in a buffer kept across steps (one fp32 copy of the target
+        #    matrices): the applied update is then projected exactly, 4kmn flops a matrix instead of the 12kmn
+        #    that tracking U^T W and W V around the step takes
         with torch.no_grad():
             for name, (u, v) in self.bases.items():
                 w = self.params[name]
                 if w.grad is not None:
                     g = self._project(w.grad.float(), u, v)
                     w.grad.copy_(g.to(w.grad.dtype))
-                wf = w.detach().float()
-                self._before[name] = (u.T @ wf, wf @ v)
+                buf = self._before.get(name)
+                if buf is None or buf.shape != w.shape:
+                    buf = self._before[name] = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+                buf.copy_(w.detach())
+                self._pending.add(name)
 
     def after_step(self, model: torch.nn.Module) -> None:
+        # Adam's per-coordinate scaling and weight decay move W outside the complement: keep only P(W_after -
+        # W_before), i.e. subtract the update's part along U_k / V_k
         with torch.no_grad():
-            for name, (a_before, b_before) in self._before.items():
+            for name in self._pending:
                 u, v = self.bases[name]
-                w = self.params[name]
-                wf = w.detach().float()
-                d_a = u.T @ wf - a_before  # k x n: the update's component along U_k
-                d_b = wf @ v - b_before  # m x k: along V_k
-                correction = u @ d_a + d_b @ v.T - u @ ((d_a @ v) @ v.T)
-                w.sub_(correction.to(w.dtype))
-        self._before = {}
+                w, before = self.params[name], self._before[name]
+                delta = w.detach().float() - before
+                w.sub_((delta - self._project(delta, u, v)).to(w.dtype))
+        self._pending = set()
 
     def state_dict(self) -> dict[str, Any]:
         return {"records": self.records}

@@ -4,7 +4,7 @@ Every method trains the same packed 4 x 128-token blocks for the same steps thro
 its own process (so the peak resident memory is that method's alone), interleaved over repeats so machine
 noise hits all alike. Full-parameter methods are compared with seqft, adapter methods with lora.
 
-    python scripts/bench/methods.py                                # SmolLM2-135M: seqft hft osft lora
+    python scripts/bench/methods.py                                # SmolLM2-135M: every method
     python scripts/bench/methods.py --methods seqft hft --model builtin:tiny --steps 8 --repeats 1
 
 Prints per method: median step seconds, peak RSS, AdamW state (8 bytes per trainable parameter), the
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 BASE_OF = {"seqft": "seqft", "hft": "seqft", "osft": "seqft", "lora": "lora", "ilora": "lora", "mora": "lora"}
 
 
-def worker(method: str, model: str, steps: int, out: Path) -> None:
+def worker(method: str, model: str, steps: int, out: Path, batch: int = 4, seq_len: int = 128) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -44,34 +44,43 @@ def worker(method: str, model: str, steps: int, out: Path) -> None:
         corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = recipe_mod.from_dict({
         "name": f"bench-{method}", "model": {"path": model}, "method": {"name": method},
-        "train": {"lr": 1e-4, "max_steps": steps, "batch_size": 4, "seq_len": 128, "warmup": 0,
+        "train": {"lr": 1e-4, "max_steps": steps, "batch_size": batch, "seq_len": seq_len, "warmup": 0,
                   "schedule": "constant"},
         "eval": {"after_each_stage": False},
-        "stages": [{"data": {"path": str(corpus), "format": "text"}}],
+        # MoRA's bank grows by r experts a stage: three stages measure the step time with 1x, 2x, 3x r experts
+        "stages": [{"name": f"s{k}", "data": {"path": str(corpus), "format": "text"}}
+                   for k in range(3 if method == "mora" else 1)],
     })
     run_dir = Path(tempfile.mkdtemp(dir=out))
     run(r, run_dir, display=Display(enabled=False))
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    ends = [m["elapsed_s"] for m in metrics]
-    step_times = [b - a for a, b in zip(ends, ends[1:])][2:]  # the first steps warm up
+
+    def median_step(stage: int) -> float:
+        ends = [m["elapsed_s"] for m in metrics if m["stage"] == stage]
+        return statistics.median([b - a for a, b in zip(ends, ends[1:])][2:])  # the first steps warm up
+
+    by_stage = [median_step(k) for k in range(len(r.stages))]
     ledger = json.loads((run_dir / "ledger.json").read_text())["stages"][0]
     state = json.loads(next(run_dir.glob("stage-00-*/method_state.json")).read_text())
     svd = sum(rec.get("svd_seconds", 0) for rec in state.get("records", []))
-    print(json.dumps({"method": method, "step_s": statistics.median(step_times), "peak_rss": peak_rss_bytes(),
-                      "trainable": ledger["trainable_params"], "total": ledger["total_params"], "svd_s": svd}))
+    print(json.dumps({"method": method, "step_s": by_stage[0], "step_s_by_stage": by_stage,
+                      "peak_rss": peak_rss_bytes(), "trainable": ledger["trainable_params"],
+                      "total": ledger["total_params"], "svd_s": svd}))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["seqft", "hft", "osft", "lora"])
+    p.add_argument("--methods", nargs="+", default=["seqft", "hft", "osft", "lora", "ilora", "mora"])
     p.add_argument("--model", default="builtin:smollm2-135m")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.worker, args.model, args.steps, args.out)
+        worker(args.worker, args.model, args.steps, args.out, args.batch, args.seq_len)
         return
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     with tempfile.TemporaryDirectory() as d:
@@ -79,7 +88,7 @@ def main() -> None:
             order = args.methods[rep % len(args.methods):] + args.methods[:rep % len(args.methods)]
             for m in order:
                 cmd = [sys.executable, __file__, "--worker", m, "--model", args.model, "--steps", str(args.steps),
-                       "--out", d]
+                       "--out", d, "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
                 out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
                 if out.returncode != 0:
                     sys.exit(f"{m} failed:\n{out.stderr[-3000:]}")
@@ -87,7 +96,8 @@ def main() -> None:
                 print(f"  repeat {rep + 1} {m}: {results[m][-1]['step_s']:.3f} s/step", flush=True)
     med = {m: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "peak_rss", "trainable", "svd_s")}
            for m, rs in results.items()}
-    print(f"\n{args.model}, batch 4 x 128 tokens, {args.steps} steps, {args.repeats} repeats (medians)")
+    print(f"\n{args.model}, batch {args.batch} x {args.seq_len} tokens, {args.steps} steps, {args.repeats} repeats "
+          "(medians)")
     print(f"{'method':8} {'base':6} {'s/step':>7} {'x base':>7} {'peak RSS':>9} {'x base':>7} {'AdamW state':>12} "
           f"{'x base':>7} {'SVD s':>6}")
     for m, v in med.items():
@@ -95,6 +105,11 @@ def main() -> None:
         ratio = (lambda k: f"{v[k] / b[k]:7.2f}") if b else (lambda k: "      —")
         print(f"{m:8} {BASE_OF.get(m, m):6} {v['step_s']:7.3f} {ratio('step_s')} {v['peak_rss'] / 2**20:7.0f}Mi "
               f"{ratio('peak_rss')} {8 * v['trainable'] / 2**20:10.1f}Mi {ratio('trainable')} {v['svd_s']:6.1f}")
+    if "mora" in results and "lora" in med:
+        growth = [statistics.median(r["step_s_by_stage"][k] for r in results["mora"]) for k in range(3)]
+        print("mora step time as its bank grows (r new experts a stage; x lora of rank r): "
+              + ", ".join(f"{(k + 1)}r experts {g:.3f}s ({g / med['lora']['step_s']:.2f}x)"
+                          for k, g in enumerate(growth)))
 
 
 if __name__ == "__main__":
