@@ -114,65 +114,72 @@ def _train_cmd(recipe, run_dir):
     return [sys.executable, "-m", "llmcl", "train", str(recipe), "--run-dir", str(run_dir)]
 
 
+def _interrupted_run(tmp_path, save_every, ready, sig, after=None):
+    """A clean run, and the same recipe in a real process that gets `sig` once ready(run_dir) is true; then
+    after(run_dir, proc, stderr) looks at what it left, and the same command reruns to the end, which must
+    give the clean run's weights and losses bit for bit."""
+    recipe = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 40, "batch_size": 4, "seq_len": 48,
+                                                      "save_every": save_every, "warmup": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    clean, hit = tmp_path / "clean", tmp_path / "interrupted"
+    subprocess.run(_train_cmd(recipe, clean), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_train_cmd(recipe, hit), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ready(hit):
+        assert proc.poll() is None, "the run finished before the signal; make the stage longer"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert json.loads((hit / "ledger.json").read_text())["stages"][1]["status"] == "running"
+    if after is not None:
+        after(hit, proc, err)
+    subprocess.run(_train_cmd(recipe, hit), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+    assert _equal(_final_weights(clean), _final_weights(hit))
+    assert [m["loss"] for m in _metrics(clean)] == [m["loss"] for m in _metrics(hit)]
+    return hit
+
+
+def _step_checkpoint_at(run_dir, stage, step):
+    try:
+        s = json.loads((run_dir / "step-checkpoint" / "state.json").read_text())
+        return s["stage"] == stage and s["step"] >= step
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return False
+
+
 def test_sigkill_mid_stage_then_restart_is_bitwise_equal(tmp_path):
     """A real process killed with SIGKILL between step checkpoints, restarted with the same command."""
-    recipe = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 40, "batch_size": 4, "seq_len": 48,
-                                                      "save_every": 3, "warmup": 2})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    subprocess.run(_train_cmd(recipe, clean), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(_train_cmd(recipe, killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    state = killed / "step-checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            s = json.loads(state.read_text())
-            if s["stage"] == 1 and s["step"] >= 6:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        assert proc.poll() is None, "the run finished before it could be killed; make the stage longer"
-        time.sleep(0.02)
-    time.sleep(0.15)  # land somewhere between checkpoints
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert json.loads((killed / "ledger.json").read_text())["stages"][1]["status"] == "running"
+    def ready(run_dir):
+        if _step_checkpoint_at(run_dir, 1, 6):
+            time.sleep(0.15)  # land somewhere between checkpoints
+            return True
+        return False
 
-    subprocess.run(_train_cmd(recipe, killed), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
-    assert _equal(_final_weights(clean), _final_weights(killed))
-    assert [m["loss"] for m in _metrics(clean)] == [m["loss"] for m in _metrics(killed)]
+    def after(run_dir, proc, err):
+        assert proc.returncode == -signal.SIGKILL
+
+    _interrupted_run(tmp_path, 3, ready, signal.SIGKILL, after)
 
 
 def test_sigterm_mid_stage_saves_a_checkpoint_and_the_rerun_is_bitwise_equal(tmp_path):
     """SLURM preemption: SIGTERM to a running `llmcl train` with no periodic checkpoints at all."""
-    recipe = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 40, "batch_size": 4, "seq_len": 48,
-                                                      "save_every": 0, "warmup": 2})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
-    subprocess.run(_train_cmd(recipe, clean), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(_train_cmd(recipe, stopped), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        rows = _metrics(stopped) if (stopped / "metrics.jsonl").exists() else []
-        if any(r["stage"] == 1 and r["step"] >= 5 for r in rows):
-            break
-        assert proc.poll() is None, "the run finished before the signal; make the stage longer"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, err  # stopped, resumable: not success, not an error
-    assert "stopped: SIGTERM: stopped after step" in err and "Traceback" not in err
-    state = json.loads((stopped / "step-checkpoint" / "state.json").read_text())
-    assert state["stage"] == 1 and 5 <= state["step"] < 40
-    assert json.loads((stopped / "ledger.json").read_text())["stages"][1]["status"] == "running"
+    def ready(run_dir):
+        rows = _metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+        return any(r["stage"] == 1 and r["step"] >= 5 for r in rows)
 
-    subprocess.run(_train_cmd(recipe, stopped), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
-    assert _equal(_final_weights(clean), _final_weights(stopped))
-    assert [m["loss"] for m in _metrics(clean)] == [m["loss"] for m in _metrics(stopped)]
+    def after(run_dir, proc, err):
+        assert proc.returncode == 75, err  # stopped, resumable: not success, not an error
+        assert "stopped: SIGTERM: stopped after step" in err and "Traceback" not in err
+        state = json.loads((run_dir / "step-checkpoint" / "state.json").read_text())
+        assert state["stage"] == 1 and 5 <= state["step"] < 40
+        assert "SIGTERM" in json.loads((run_dir / "stopped.json").read_text())["reason"]
+
+    hit = _interrupted_run(tmp_path, 0, ready, signal.SIGTERM, after)
+    assert not (hit / "stopped.json").exists()  # the rerun removed the marker
+    assert [m["stage"] for m in _metrics(hit)].count(1) == 40  # every step of stage 2 logged once
 
 
 def test_a_signal_during_a_save_lets_the_save_finish_then_stops(tmp_path, monkeypatch):
