@@ -142,16 +142,28 @@ def test_shipped_recipes_exist():
     assert {"quickstart", "quickstart_lora"} <= names
 
 
+def _uses_shared_data(path: Path) -> bool:
+    """Whether the recipe (or one it inherits from) reads ../shared/data."""
+    text = path.read_text()
+    parent = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("inherit:")), None)
+    return "../shared/data" in text or (parent is not None and _uses_shared_data(path.parent / parent))
+
+
+def _with_shared_data(path: Path, tmp_path: Path, monkeypatch) -> None:
+    """Recipes read ../shared/data relative to the working directory: give them one wherever the data lives."""
+    if not _uses_shared_data(path):
+        return
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not available here")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
+    monkeypatch.chdir(tmp_path / "repo")
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_every_shipped_recipe_validates_and_says_how_to_run_it(path: Path, tmp_path, monkeypatch):
-    # recipes read ../shared/data relative to the working directory: give them one wherever the data lives
-    if "../shared/data" in path.read_text():
-        if not SHARED_DATA.is_dir():
-            pytest.skip("../shared/data is not available here")
-        (tmp_path / "repo").mkdir()
-        (tmp_path / "shared").mkdir()
-        (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
-        monkeypatch.chdir(tmp_path / "repo")
+    _with_shared_data(path, tmp_path, monkeypatch)
     r = recipe.load(path)
     checks.check(r)
     head = path.read_text().splitlines()[:4]
@@ -187,13 +199,7 @@ def test_every_shipped_recipe_trains_two_steps_on_the_tiny_model(path: Path, tmp
     """Runnable, not just valid: each shipped recipe, its model swapped for builtin:tiny, 2 steps a stage."""
     from conftest import run_cli
 
-    if "../shared/data" in path.read_text():
-        if not SHARED_DATA.is_dir():
-            pytest.skip("../shared/data is not available here")
-        (tmp_path / "repo").mkdir()
-        (tmp_path / "shared").mkdir()
-        (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
-        monkeypatch.chdir(tmp_path / "repo")
+    _with_shared_data(path, tmp_path, monkeypatch)
     r = recipe.load(path)
     overrides = ["model.path=builtin:tiny", "train.max_steps=2", "train.max_tokens=null", "train.save_every=0",
                  "eval.after_each_stage=false"]
