@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from llmcl.errors import LlmclError
+from llmcl.train.signals import RESUMABLE_EXIT, Stopped
 
 
 class _Group(click.Group):
@@ -23,11 +24,7 @@ class _Group(click.Group):
         except LlmclError as exc:
             click.echo("error: " + " ".join(str(exc).split()), err=True)
             ctx.exit(2)
-        except Exception as exc:
-            from llmcl.train.signals import RESUMABLE_EXIT, Stopped
-
-            if not isinstance(exc, Stopped):
-                raise
+        except Stopped as exc:
             click.echo("stopped: " + str(exc), err=True)
             ctx.exit(RESUMABLE_EXIT)
 

@@ -100,3 +100,25 @@ def configure_stage(accelerator: Any, cfg: Any) -> None:
     plugin.hf_ds_config.config = config
     plugin.deepspeed_config = config
     accelerator.gradient_accumulation_steps = cfg.grad_accum
+
+
+def full_state_dict(accelerator: Any, model: Any, named: list) -> dict[str, Any] | None:
+    """Under DeepSpeed, the state dict to save (all ranks take part); None = save the module as it is.
+
+    ZeRO-3 shards every parameter across ranks, so it is gathered into one full state dict. With bf16/fp16
+    DeepSpeed keeps the module itself in half precision: the trained parameters are taken from the fp32 master
+    weights instead, so a stage checkpoint is what a DDP run would save."""
+    if deepspeed_plugin(accelerator) is None:
+        return None
+    half = accelerator.mixed_precision in ("bf16", "fp16")
+    if zero_stage(accelerator) != 3 and not half:
+        return None
+    state = accelerator.get_state_dict(model)
+    if half:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for pname, p in named:
+            full = safe_get_full_fp32_param(p)  # collective under ZeRO-3
+            if state is not None and full is not None and pname in state:
+                state[pname] = full.detach().cpu()
+    return state

@@ -334,7 +334,7 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
     # 6) end of stage: the method's hook, the stage checkpoint (atomic), then the ledger
     unwrapped = method.end_stage(accelerator.unwrap_model(model), info)
     wall = wall_before + time.perf_counter() - t_stage
-    full_state = _full_state_dict(accelerator, model, named)
+    full_state = distributed.full_state_dict(accelerator, model, named)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         def write(tmp: Path) -> None:
@@ -368,30 +368,6 @@ def _train_stage(recipe: Recipe, i: int, run_dir: Path, ledger: ckpt.Ledger, acc
     del model, optimizer, unwrapped
 
 
-def _full_state_dict(accelerator: Any, model: Any, named: list) -> dict[str, torch.Tensor] | None:
-    """Under DeepSpeed, the state dict to save (all ranks take part); None = save the module as it is.
-
-    ZeRO-3 shards every parameter across ranks, so it is gathered into one full state dict. With bf16/fp16
-    DeepSpeed keeps the module itself in half precision: the trained parameters are taken from the fp32 master
-    weights instead, so a stage checkpoint is what a DDP run would save."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    half = accelerator.mixed_precision in ("bf16", "fp16")
-    if distributed.zero_stage(accelerator) != 3 and not half:
-        return None
-    state = accelerator.get_state_dict(model)
-    if half:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        for pname, p in named:
-            full = safe_get_full_fp32_param(p)  # collective under ZeRO-3
-            if state is not None and full is not None and pname in state:
-                state[pname] = full.detach().cpu()
-    return state
-
-
 def _write_model(out: Path, name: str, method: Any, model: Any, tokenizer: Any, info: StageInfo, optimizer: Any,
                  named: list, keep_optimizer: bool, prefix: str | None = None,
                  state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -408,7 +384,7 @@ def _write_model(out: Path, name: str, method: Any, model: Any, tokenizer: Any, 
 def _save_branch(run_dir: Path, name: str, accelerator: Any, model: Any, method: Any, optimizer: Any, named: list,
                  tokenizer: Any, info: StageInfo, keep_optimizer: bool) -> None:
     """Infinite schedule: save the weights just before the anneal; the next stage continues from them."""
-    full_state = _full_state_dict(accelerator, model, named)
+    full_state = distributed.full_state_dict(accelerator, model, named)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         def write(tmp: Path) -> None:
