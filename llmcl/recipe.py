@@ -267,6 +267,9 @@ class EvalConfig:
     """lm-eval batch size, or 'auto' (GPU)."""
     max_new_tokens: int = 32
     """Upper bound on generated tokens for generation stage tasks."""
+    max_prompt_tokens: int | None = None
+    """Leave out stage test items whose prompt is longer than this many tokens (null = keep all), e.g. the
+    train.seq_len the stages train at; applied before the seeded shuffle and eval.limit."""
     num_fewshot: int | None = None
     """Few-shot examples for every task (null = each task's default)."""
 
@@ -275,6 +278,8 @@ class EvalConfig:
         require(self.tasks_limit in (None, "same") or (isinstance(self.tasks_limit, int) and self.tasks_limit > 0),
                 key("tasks_limit"), self.tasks_limit, "a positive integer, null or 'same'")
         require(self.max_new_tokens > 0, key("max_new_tokens"), self.max_new_tokens, "a positive integer")
+        require(self.max_prompt_tokens is None or (isinstance(self.max_prompt_tokens, int) and self.max_prompt_tokens > 0),
+                key("max_prompt_tokens"), self.max_prompt_tokens, "a positive integer or null")
         require(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0),
                 key("batch_size"), self.batch_size, "a positive integer or 'auto'")
         for i, p in enumerate(self.include_path):

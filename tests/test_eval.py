@@ -264,3 +264,34 @@ def test_general_tasks_only_on_base_and_last_stage_when_asked(run_dir, tmp_path)
     assert full["general_delta"]["llmcl_arc_easy"] is not None
     delta = rows["stage-02"]["tasks"]["llmcl_arc_easy"]["value"] - rows["base"]["tasks"]["llmcl_arc_easy"]["value"]
     assert ends["general_delta"]["llmcl_arc_easy"] == pytest.approx(delta)
+
+
+def test_max_prompt_tokens_leaves_out_longer_test_prompts_and_names_the_key(tmp_path):
+    from llmcl import recipe as recipe_mod
+    from llmcl.errors import LlmclError
+    from llmcl.eval.tasks import write_stage_tasks
+
+    (tmp_path / "cls").mkdir()
+    rows = [{"sentence": " ".join(WORDS[: 1 + i % len(WORDS)]), "label": "positive"} for i in range(12)]
+    for split in ("train", "test"):
+        (tmp_path / "cls" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(ModelConfig(path="builtin:tiny"))
+    stage = {"name": "sentiment", "data": {"path": str(tmp_path / "cls"), "prompt_template": "Review: {sentence}\nSentiment:",
+                                           "completion_template": " {label}"}}
+    lengths = [len(tok(f"Review: {json.loads(x)['sentence']}\nSentiment:", add_special_tokens=False)["input_ids"])
+               for x in (tmp_path / "cls" / "test.jsonl").read_text().splitlines()]
+    cap = sorted(lengths)[len(lengths) // 2]
+    kept = []
+    for value in (None, cap):
+        r = recipe_mod.load(write_recipe(tmp_path / "r.yaml", stages=[stage], eval={"max_prompt_tokens": value}))
+        (task,) = write_stage_tasks(r, tmp_path / f"run{value}", tok)
+        rows = [json.loads(x) for x in (tmp_path / f"run{value}" / "eval" / "tasks" / "sentiment.jsonl").read_text().splitlines()]
+        assert task.n == len(rows)
+        kept.append(rows)
+    assert len(kept[0]) == len(lengths) and len(kept[1]) == sum(n <= cap for n in lengths) < len(lengths)
+    assert all(len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) <= cap for r in kept[1])
+    r = recipe_mod.load(write_recipe(tmp_path / "r.yaml", stages=[stage], eval={"max_prompt_tokens": 1}))
+    with pytest.raises(LlmclError, match="eval.max_prompt_tokens"):
+        write_stage_tasks(r, tmp_path / "run1", tok)
+    with pytest.raises(LlmclError, match="eval.max_prompt_tokens"):
+        recipe_mod.load(write_recipe(tmp_path / "r.yaml", stages=[stage], eval={"max_prompt_tokens": 0}))

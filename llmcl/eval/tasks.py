@@ -116,6 +116,12 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any) -> list[StageT
         if not records:
             continue
         kind, rows = render_test_records(stage, i, records, tokenizer)
+        cap = recipe.eval.max_prompt_tokens
+        if cap is not None and kind != "perplexity":
+            rows = [r for r in rows if len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) <= cap]
+            if not rows:
+                raise LlmclError(f"recipe key 'eval.max_prompt_tokens': no test prompt of stage {stage.name!r} is "
+                                 f"within {cap} tokens")
         # a seeded shuffle: eval.limit (lm-eval takes the first N) then scores a random subset, not the head
         random.Random(f"llmcl-eval-order:{recipe.seed}:{i}").shuffle(rows)
         task = stage_task_name(stage.name)

@@ -34,8 +34,12 @@ class MoRAConfig(MethodConfig):
     """Softmax temperature of the gate weights."""
     threshold: float = 0.0
     """Inference only: drop selected experts whose normalised |activation| is below this (0 = keep all)."""
-    scale: float = 1.0
-    """Multiplier of the experts' summed output."""
+    scale: float = 4.0
+    """Multiplier of the experts' gated output. The gate weights sum to one and tau makes them nearly one-hot,
+    so each token gets about one rank-1 update per layer: with scale 1, at a LoRA learning rate, MoRA learned
+    several times slower than a LoRA of the same total rank (loss 3.9 vs 2.7 after 24 steps of the built-in
+    vocab stage, SmolLM2-135M, lr 1e-3); scale 4 learned as fast (2.3). Fixed for a run: the frozen experts
+    were trained with it."""
     target_modules: str | list[str] = "all-linear"
     """Linear layers to adapt: 'all-linear' (not the LM head) or module-name suffixes."""
     prune_below: float = 0.0
