@@ -12,19 +12,25 @@ each task as generation of its label scored by exact match, with every method at
   mora           self-activated rank-1 experts (16 new experts per stage)
   multitask      the upper bound: one stage that mixes all four tasks (same total samples), scored on all four
 
-Every run has the same samples per step and the same steps per stage (multitask: 4x the steps of one stage in
-one stage), so every method sees the same number of training samples. General ability is scored on local
-lm-eval tasks built from ../shared/data/eval (arc_easy, piqa, winogrande) for the base model and the last stage.
+Every method is a shipped recipe (recipes/benchmarks/cl_standard*.yaml, listed in METHODS), so
+`llmcl train recipes/benchmarks/cl_standard_<method>.yaml` reproduces one row. Every run has the same samples
+per step and the same steps per stage (multitask: 4x the steps of one stage in one stage), so every method sees
+the same training samples. The CPU size (the recipes'): 10 steps x 8 samples per task at lr 2e-4 (full
+fine-tuning) / 1e-3 (adapters), 30 test items per task whose prompt fits the 192-token training length, general
+ability on 50 items each of local lm-eval tasks built from ../shared/data/eval (arc_easy, piqa, winogrande) for
+the base model and the last stage. The base model's row is the same for every method: scored once, shared.
 
-    python scripts/bench/cl_compare.py                 # CPU size (see --help for the numbers), ~90 min on 2 cores
-    python scripts/bench/cl_compare.py --full          # the papers' sizes: 1000 samples/task, 1 epoch, full test
+    python scripts/bench/cl_compare.py                 # CPU size: about 70 minutes on 2 cores
+    python scripts/bench/cl_compare.py --full          # the papers' sizes: 1000 samples/task once, 512 tokens,
+                                                       # whole test splits (a GPU job)
     python scripts/bench/cl_compare.py --seeds 3       # mean +- std over seeds 0, 1, 2
     python scripts/bench/cl_compare.py --methods seqft lora --model builtin:tiny --steps 2 --limit 4   # smoke
 
 Each method runs as `python -m llmcl train` in its own process (its peak resident memory is its own), into
 <out>/<method>-s<seed>/; finished runs are skipped, so an interrupted comparison continues where it stopped.
-Prints the table (AA, BWT, FWT, general-ability delta, wall time, peak RSS) and writes <out>/summary.md and
-<out>/summary.json; `llmcl report <out>/*` gives the per-run matrices and heatmaps.
+Prints the table (AA, BWT, FWT, general-ability delta, wall time, peak RSS) and writes <out>/summary.md (the
+table and every run's accuracy matrix), <out>/summary.json and <out>/heatmaps.png; `llmcl report <out>/<run>`
+gives one run's full report.
 """
 
 from __future__ import annotations
@@ -43,56 +49,61 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-BASE_RECIPE = REPO / "recipes" / "benchmarks" / "cl_standard.yaml"
-GENERAL = ["llmcl_arc_easy", "llmcl_piqa", "llmcl_winogrande"]
-FULL_LR, ADAPTER_LR = 2e-4, 1e-3
-METHODS: dict[str, dict] = {
-    "seqft": {"method": {"name": "seqft"}, "train": {"lr": FULL_LR}},
-    "seqft+replay": {"method": {"name": "seqft"}, "train": {"lr": FULL_LR}, "replay": {"ratio": 0.2}},
-    "hft": {"method": {"name": "hft"}, "train": {"lr": FULL_LR}},
-    "osft": {"method": {"name": "osft"}, "train": {"lr": FULL_LR}},
-    "lora": {"method": {"name": "lora", "r": 16}, "train": {"lr": ADAPTER_LR}},
-    "ilora": {"method": {"name": "ilora", "r": 16}, "train": {"lr": ADAPTER_LR}, "half_batch": True},
-    "mora": {"method": {"name": "mora", "r": 16}, "train": {"lr": ADAPTER_LR}},
-    "multitask": {"method": {"name": "seqft"}, "train": {"lr": FULL_LR}, "multitask": True},
+sys.path.insert(0, str(REPO))
+from llmcl.recipe import read_yaml  # noqa: E402  (inherit: resolved as llmcl resolves it)
+
+BENCH = REPO / "recipes" / "benchmarks"
+# every method is a shipped recipe: `llmcl train recipes/benchmarks/<file>` reproduces its row of the table
+METHODS: dict[str, str] = {
+    "seqft": "cl_standard.yaml",
+    "seqft+replay": "cl_standard_replay.yaml",
+    "hft": "cl_standard_hft.yaml",
+    "osft": "cl_standard_osft.yaml",
+    "lora": "cl_standard_lora.yaml",
+    "ilora": "cl_standard_ilora.yaml",
+    "mora": "cl_standard_mora.yaml",
+    "multitask": "cl_standard.yaml",  # made one stage over all four tasks below
 }
 
 
 def recipe_for(name: str, args: argparse.Namespace, seed: int, tasks_dir: Path | None) -> dict:
-    """The recipe of one method: cl_standard.yaml at this comparison's size, with the method's settings."""
-    spec = METHODS[name]
-    base = yaml.safe_load(BASE_RECIPE.read_text())
-    base.pop("inherit", None)
-    r = copy.deepcopy(base)
+    """The recipe of one method: its shipped recipe, at this comparison's size where an option changes it."""
+    r = read_yaml(BENCH / METHODS[name])
     r["name"] = f"cl_compare_{name.replace('+', '_')}"
     r["seed"] = seed
     r["model"] = {"path": args.model}
-    r["method"] = copy.deepcopy(spec["method"])
-    r["train"].update(spec["train"], max_steps=args.steps, batch_size=args.batch, save_every=0)
-    if args.full:  # O-LoRA's input length (512 source tokens)
-        r["train"]["seq_len"] = 512
-    if spec.get("half_batch"):  # I-LoRA adds an equal replay batch to each step: same samples per step
-        r["train"]["batch_size"] = max(1, r["train"]["batch_size"] // 2)
-        r["method"]["replay_batch"] = r["train"]["batch_size"]
-    if "replay" in spec:
-        r["replay"] = spec["replay"]
+    train, ev = r["train"], r.setdefault("eval", {})
+    train["save_every"] = 0  # no step checkpoints: they would be timed
+    if args.steps is not None:
+        train["max_steps"] = args.steps
+    if args.batch is not None:  # I-LoRA's step is its batch plus an equal replay batch: the same samples a step
+        train["batch_size"] = max(1, args.batch // 2) if r["method"]["name"] == "ilora" else args.batch
+        if r["method"]["name"] == "ilora":
+            r["method"]["replay_batch"] = train["batch_size"]
+    if args.full:  # the papers' sizes: O-LoRA's 512 input tokens, 1000 samples per task once, whole test splits
+        train["seq_len"] = 512
+        ev["max_prompt_tokens"] = 512 - 8
+        per_step = train["batch_size"] + r["method"].get("replay_batch", 0)
+        train["max_steps"] = -(-args.train_samples // per_step)
+        ev["limit"] = ev["tasks_limit"] = None
     for st in r["stages"]:
         st["data"]["max_train_samples"] = args.train_samples
-    r["eval"] = {"limit": args.limit, "tasks": list(args.general), "tasks_limit": args.general_limit,
-                 "tasks_every_stage": False, "max_new_tokens": 8,
-                 "max_prompt_tokens": r["train"]["seq_len"] - 8}
-    if spec.get("multitask"):
+    if args.limit is not None:
+        ev["limit"] = args.limit
+    if args.general_limit is not None:
+        ev["tasks_limit"] = args.general_limit
+    if args.general is not None:
+        ev["tasks"] = list(args.general)
+    if name == "multitask":
         stages = r["stages"]
-        last = copy.deepcopy(stages[-1])
-        r["stages"] = [{"name": "multitask", "data": last["data"]}]
-        share = 1 - 1 / len(stages)
-        r["replay"] = {"ratio": share, "previous_stages": False,
+        r["stages"] = [{"name": "multitask", "data": copy.deepcopy(stages[-1]["data"])}]
+        r["replay"] = {"ratio": 1 - 1 / len(stages), "previous_stages": False,
                        "datasets": [dict(st["data"], weight=1.0) for st in stages[:-1]]}
-        r["train"]["max_steps"] = len(stages) * args.steps
+        train["max_steps"] = len(stages) * train["max_steps"]
         # scored on every task's test split: the stage tasks that the seqft run wrote
-        r["eval"].update(stage_tasks=False, include_path=[str(tasks_dir)],
-                         tasks=[f"llmcl_stage_{st['name']}" for st in stages] + list(args.general),
-                         tasks_every_stage=True)
+        ev.update(stage_tasks=False, include_path=[str(tasks_dir)],
+                  tasks=[f"llmcl_stage_{st['name']}" for st in stages] + list(ev.get("tasks", [])),
+                  tasks_every_stage=True)
     return r
 
 
@@ -173,16 +184,80 @@ def table(results: list[dict]) -> list[str]:
     return lines
 
 
+def matrices(out: Path, results: list[dict]) -> list[str]:
+    """Each run's accuracy matrix (rows: base, then after each stage; columns: the four tasks) as markdown."""
+    lines = []
+    for r in results:
+        run_dir = out / f"{r['method'].replace('+', '_')}-s{r['seed']}"
+        m = json.loads((run_dir / "report" / "matrix.json").read_text())
+        cols = [k for k, c in enumerate(m["columns"]) if c["kind"] == "stage"]
+        if r["method"] == "multitask":  # one stage: its row and the base row
+            row = json.loads((run_dir / "eval" / "stage-00.json").read_text())["tasks"]
+            base = json.loads((run_dir / "eval" / "base.json").read_text())["tasks"]
+            names = [t for t in row if t.startswith("llmcl_stage_")]
+            lines += [f"**multitask** (seed {r['seed']})", "", "| after \\ task | " + " | ".join(
+                n.removeprefix("llmcl_stage_") for n in names) + " |", "|---" * (len(names) + 1) + "|",
+                "| base | " + " | ".join(f"{base[n]['value']:.2f}" for n in names) + " |",
+                "| all four at once | " + " | ".join(f"{row[n]['value']:.2f}" for n in names) + " |", ""]
+            continue
+        lines += [f"**{r['method']}** (seed {r['seed']})", "",
+                  "| after \\ task | " + " | ".join(m["columns"][k]["label"] for k in cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]
+        for name, values in zip(m["rows"], m["R"]):
+            lines.append(f"| {name} | " + " | ".join("—" if values[k] is None else f"{values[k]:.2f}" for k in cols)
+                         + " |")
+        lines.append("")
+    return lines
+
+
+def heatmaps(out: Path, results: list[dict]) -> Path | None:
+    """One figure with every sequential run's accuracy matrix (seed 0), side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return None
+    runs = [r for r in results if r["seed"] == 0 and r["method"] != "multitask"]
+    if not runs:
+        return None
+    ncol = min(4, len(runs))
+    nrow = -(-len(runs) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol, 3.0 * nrow), squeeze=False)
+    for ax in axes.flat[len(runs):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, runs):
+        m = json.loads((out / f"{r['method'].replace('+', '_')}-s0" / "report" / "matrix.json").read_text())
+        cols = [k for k, c in enumerate(m["columns"]) if c["kind"] == "stage"]
+        values = np.array([[np.nan if row[k] is None else row[k] for k in cols] for row in m["R"]], dtype=float)
+        ax.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(cols)), [m["columns"][k]["label"] for k in cols], fontsize=7)
+        ax.set_yticks(range(len(m["rows"])), m["rows"], fontsize=7)
+        for i in range(values.shape[0]):
+            for k in range(values.shape[1]):
+                if np.isfinite(values[i, k]):
+                    ax.text(k, i, f"{values[i, k]:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(f"{r['method']}: AA {r['AA']:.2f}, BWT {r['BWT']:+.2f}", fontsize=9)
+    fig.tight_layout()
+    path = out / "heatmaps.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--model", default="builtin:smollm2-135m")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per stage (CPU size; default 12)")
-    p.add_argument("--batch", type=int, default=8, help="samples per step (default 8)")
+    p.add_argument("--steps", type=int, help="optimizer steps per stage (default: the recipes' 10)")
+    p.add_argument("--batch", type=int, help="samples per step (default: the recipes' 8)")
     p.add_argument("--train-samples", type=int, default=1000, help="training samples read per task (default 1000)")
-    p.add_argument("--limit", type=int, default=30, help="test samples per task (default 30; --full: all)")
-    p.add_argument("--general", nargs="*", default=GENERAL, help="general-ability lm-eval tasks")
-    p.add_argument("--general-limit", type=int, default=50, help="samples per general task (default 50)")
+    p.add_argument("--limit", type=int, help="test samples per task (default: the recipes' 30; --full: all)")
+    p.add_argument("--general", nargs="*", help="general-ability lm-eval tasks (default: the recipes' arc_easy, "
+                                                "piqa, winogrande from ../shared/data/eval)")
+    p.add_argument("--general-limit", type=int, help="samples per general task (default: the recipes' 50)")
     p.add_argument("--seeds", type=int, default=1, help="run seeds 0..N-1 and report mean ± std")
     p.add_argument("--full", action="store_true", help="the papers' sizes: 1000 samples per task for one epoch, "
                                                       "the whole test split (a GPU job)")
@@ -193,9 +268,6 @@ def main() -> None:
     if "multitask" in methods and "seqft" not in methods:
         methods.insert(0, "seqft")  # multitask is scored on the stage tasks the seqft run writes
     methods.sort(key=lambda m: m != "seqft")
-    if args.full:  # the papers' sizes: 1000 samples per task for one epoch, whole test splits
-        args.steps = -(-args.train_samples // args.batch)
-        args.limit = args.general_limit = None
     results = []
     for seed in range(args.seeds):
         for name in methods:
@@ -204,14 +276,22 @@ def main() -> None:
             r = results[-1]
             print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: AA {_cell([r['AA']])} BWT "
                   f"{_cell([r['BWT']], signed=True)} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    size = (f"{args.steps} steps x {args.batch} samples per task" + (" (--full: one epoch)" if args.full else "")
-            + f", {args.limit or 'all'} test samples per task, {args.general_limit or 'all'} per general task")
+    ref = recipe_for("seqft", args, 0, None)
+    t, e = ref["train"], ref["eval"]
+    size = (f"{t['max_steps']} steps x {t['batch_size']} samples per task at seq_len {t['seq_len']}"
+            + (" (--full: one epoch)" if args.full else "")
+            + f", {e.get('limit') or 'all'} test samples per task (prompts <= {e.get('max_prompt_tokens')} tokens), "
+            f"{e.get('tasks_limit') or 'all'} per general task")
     header = [f"{args.model}, dbpedia -> amazon -> yahoo -> agnews, {size}, "
-              f"general: {', '.join(args.general) or 'none'}, seeds: {args.seeds}"]
+              f"general: {', '.join(e.get('tasks', [])) or 'none'}, seeds: {args.seeds}"]
     lines = header + [""] + table(results) + [
         "", "\\* `llmcl train` from start to end, the evaluation after every stage included; the base model's row is "
         "scored once (in the seqft run) and shared, and left out of every wall time."]
     print("\n" + "\n".join(lines))
+    lines += ["", "Accuracy matrices (exact match; rows: the model after each stage):", ""] + matrices(args.out, results)
+    figure = heatmaps(args.out, results)
+    if figure:
+        print(f"heatmaps: {figure}")
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     (args.out / "summary.json").write_text(json.dumps(results, indent=1))
 

@@ -1,0 +1,85 @@
+"""scripts/bench/cl_compare.py builds every method's run from the shipped recipes at one budget: the same data,
+the same samples per step and steps per stage, the same evaluation; the multitask bound sees the same samples."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA
+from llmcl import checks
+from llmcl import recipe as recipe_mod
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("cl_compare", REPO / "scripts" / "bench" / "cl_compare.py")
+cl_compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cl_compare)
+
+
+def _args(**kw):
+    base = dict(model="builtin:smollm2-135m", steps=None, batch=None, train_samples=1000, limit=None, general=None,
+                general_limit=None, full=False, out=Path("/nonexistent"))
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _recipes(args, tmp_path):
+    return {m: cl_compare.recipe_for(m, args, 0, tmp_path / "tasks") for m in cl_compare.METHODS}
+
+
+def _samples_per_step(r):
+    return r["train"]["batch_size"] + (r["method"].get("replay_batch") or 0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"steps": 3, "batch": 6, "limit": 5}, {"full": True}], ids=["cpu", "options", "full"])
+def test_every_method_gets_the_same_budget_data_and_evaluation(kw, tmp_path):
+    rs = _recipes(_args(**kw), tmp_path)
+    seq = {m: r for m, r in rs.items() if m != "multitask"}
+    ref = seq["seqft"]
+    steps = ref["train"]["max_steps"]
+    assert {m: _samples_per_step(r) for m, r in rs.items()} == {m: _samples_per_step(ref) for m in rs}
+    assert {m: r["train"]["max_steps"] for m, r in seq.items()} == {m: steps for m in seq}
+    assert rs["multitask"]["train"]["max_steps"] == len(ref["stages"]) * steps
+    for m, r in seq.items():
+        assert r["stages"] == ref["stages"], m
+        assert r["eval"] == ref["eval"], m
+        assert r["train"]["seq_len"] == ref["train"]["seq_len"], m
+    assert rs["ilora"]["method"]["replay_batch"] == rs["ilora"]["train"]["batch_size"]
+    assert rs["seqft+replay"]["replay"]["ratio"] == 0.2 and "replay" not in ref
+    names = {m: r["method"]["name"] for m, r in rs.items()}
+    assert names == {"seqft": "seqft", "seqft+replay": "seqft", "hft": "hft", "osft": "osft", "lora": "lora",
+                     "ilora": "ilora", "mora": "mora", "multitask": "seqft"}
+    # multitask: one stage over the last task, mixed evenly with the other three; scored on all four
+    mt = rs["multitask"]
+    assert [s["data"] for s in mt["stages"]] == [ref["stages"][-1]["data"]]
+    assert mt["replay"]["ratio"] == pytest.approx(1 - 1 / len(ref["stages"]))
+    assert [{k: v for k, v in d.items() if k != "weight"} for d in mt["replay"]["datasets"]] == \
+        [s["data"] for s in ref["stages"][:-1]]
+    assert mt["eval"]["tasks"][:4] == [f"llmcl_stage_{s['name']}" for s in ref["stages"]]
+    if kw.get("full"):
+        assert ref["train"]["seq_len"] == 512 and ref["eval"]["limit"] is None
+        assert steps * _samples_per_step(ref) >= 1000 > (steps - 1) * _samples_per_step(ref)
+    if "steps" in kw:
+        assert steps == 3 and _samples_per_step(ref) == 6 and ref["eval"]["limit"] == 5
+
+
+def test_the_cpu_size_is_the_shipped_recipes_and_they_validate(tmp_path, monkeypatch):
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not available here")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
+    monkeypatch.chdir(tmp_path / "repo")
+    for m, r in _recipes(_args(), tmp_path).items():
+        if m == "multitask":
+            r["eval"]["include_path"] = []  # the seqft run writes them
+            r["eval"]["tasks"] = [t for t in r["eval"]["tasks"] if not t.startswith("llmcl_stage_")]
+        parsed = recipe_mod.from_dict(r)
+        checks.check(parsed)
+        shipped = recipe_mod.load(REPO / "recipes" / "benchmarks" / cl_compare.METHODS[m])
+        if m != "multitask":  # `llmcl train` of the shipped recipe is the run of the table (but for save_every)
+            assert (parsed.train.max_steps, parsed.train.batch_size, parsed.train.lr, parsed.eval.limit) == \
+                (shipped.train.max_steps, shipped.train.batch_size, shipped.train.lr, shipped.eval.limit), m
+            assert parsed.method == shipped.method, m
