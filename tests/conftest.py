@@ -29,6 +29,16 @@ def _shared_data() -> Path:
 SHARED_DATA = _shared_data()
 
 
+def chdir_beside_shared_data(tmp_path: Path, monkeypatch) -> None:
+    """Recipes read ../shared/data relative to the working directory: give them one wherever the data lives."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not available here")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
+    monkeypatch.chdir(tmp_path / "repo")
+
+
 def write_recipe(path: Path, **changes) -> Path:
     """A 2-stage recipe on builtin:tiny that trains in about a second per stage."""
     recipe = {

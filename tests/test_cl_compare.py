@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import chdir_beside_shared_data
 from llmcl import checks
 from llmcl import recipe as recipe_mod
 
@@ -66,12 +66,7 @@ def test_every_method_gets_the_same_budget_data_and_evaluation(kw, tmp_path):
 
 
 def test_the_cpu_size_is_the_shipped_recipes_and_they_validate(tmp_path, monkeypatch):
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not available here")
-    (tmp_path / "repo").mkdir()
-    (tmp_path / "shared").mkdir()
-    (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
-    monkeypatch.chdir(tmp_path / "repo")
+    chdir_beside_shared_data(tmp_path, monkeypatch)
     for m, r in _recipes(_args(), tmp_path).items():
         if m == "multitask":
             r["eval"]["include_path"] = []  # the seqft run writes them

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED_DATA, write_recipe
+from conftest import REPO, chdir_beside_shared_data, write_recipe
 from llmcl import catalog, checks, methods, recipe
 from llmcl.config import field_docs
 from llmcl.errors import LlmclError, RecipeError
@@ -150,15 +150,8 @@ def _uses_shared_data(path: Path) -> bool:
 
 
 def _with_shared_data(path: Path, tmp_path: Path, monkeypatch) -> None:
-    """Recipes read ../shared/data relative to the working directory: give them one wherever the data lives."""
-    if not _uses_shared_data(path):
-        return
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not available here")
-    (tmp_path / "repo").mkdir()
-    (tmp_path / "shared").mkdir()
-    (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
-    monkeypatch.chdir(tmp_path / "repo")
+    if _uses_shared_data(path):
+        chdir_beside_shared_data(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
