@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,8 @@ def _samples_per_step(r):
     return r["train"]["batch_size"] + (r["method"].get("replay_batch") or 0)
 
 
-@pytest.mark.parametrize("kw", [{}, {"steps": 3, "batch": 6, "limit": 5}, {"full": True}], ids=["cpu", "options", "full"])
+@pytest.mark.parametrize("kw", [{}, {"steps": 3, "batch": 6, "limit": 5}, {"batch": 7}, {"full": True}],
+                         ids=["cpu", "options", "odd-batch", "full"])
 def test_every_method_gets_the_same_budget_data_and_evaluation(kw, tmp_path):
     rs = _recipes(_args(**kw), tmp_path)
     seq = {m: r for m, r in rs.items() if m != "multitask"}
@@ -46,7 +48,7 @@ def test_every_method_gets_the_same_budget_data_and_evaluation(kw, tmp_path):
         assert r["stages"] == ref["stages"], m
         assert r["eval"] == ref["eval"], m
         assert r["train"]["seq_len"] == ref["train"]["seq_len"], m
-    assert rs["ilora"]["method"]["replay_batch"] == rs["ilora"]["train"]["batch_size"]
+    assert rs["ilora"]["train"]["batch_size"] - rs["ilora"]["method"]["replay_batch"] in (0, 1)  # half and half
     assert rs["seqft+replay"]["replay"]["ratio"] == 0.2 and "replay" not in ref
     names = {m: r["method"]["name"] for m, r in rs.items()}
     assert names == {"seqft": "seqft", "seqft+replay": "seqft", "hft": "hft", "osft": "osft", "lora": "lora",
@@ -78,3 +80,34 @@ def test_the_cpu_size_is_the_shipped_recipes_and_they_validate(tmp_path, monkeyp
             assert (parsed.train.max_steps, parsed.train.batch_size, parsed.train.lr, parsed.eval.limit) == \
                 (shipped.train.max_steps, shipped.train.batch_size, shipped.train.lr, shipped.eval.limit), m
             assert parsed.method == shipped.method, m
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
+    r = cl_compare.recipe_for("lora", _args(), 0, tmp_path / "tasks")
+    run_dir = tmp_path / "lora-s0"
+    run_dir.mkdir()
+    assert cl_compare._settings_changed(run_dir, r) is None  # nothing run yet
+    (run_dir / "recipe.yaml").write_text(recipe_mod.dump(recipe_mod.from_dict(r)))
+    assert cl_compare._settings_changed(run_dir, r) is None
+    assert cl_compare._settings_changed(run_dir, cl_compare.recipe_for("lora", _args(limit=100), 0, tmp_path)) == \
+        "eval.limit"
+    assert cl_compare._settings_changed(run_dir, cl_compare.recipe_for("lora", _args(steps=3), 0, tmp_path)) == \
+        "train.max_steps"
+
+
+def test_the_base_row_is_shared_only_when_scored_with_the_same_limits_and_tasks(tmp_path):
+    r = cl_compare.recipe_for("mora", _args(), 0, tmp_path / "tasks")
+    ev = r["eval"]
+    tasks = [f"llmcl_stage_{st['name']}" for st in r["stages"]] + ev["tasks"]
+    base = tmp_path / "base.json"
+    assert not cl_compare._shareable_base(base, r)  # no base row yet
+    row = {"limit": ev["limit"], "tasks_limit": ev["tasks_limit"], "tasks": {t: {} for t in tasks}}
+    base.write_text(json.dumps(row))
+    assert cl_compare._shareable_base(base, r)
+    base.write_text(json.dumps({**row, "limit": ev["limit"] + 1}))
+    assert not cl_compare._shareable_base(base, r)
+    base.write_text(json.dumps({**row, "tasks": {t: {} for t in tasks[1:]}}))
+    assert not cl_compare._shareable_base(base, r)
+    mt = cl_compare.recipe_for("multitask", _args(), 0, tmp_path / "tasks")  # names the stage tasks in eval.tasks
+    base.write_text(json.dumps(row))
+    assert cl_compare._shareable_base(base, mt)

@@ -266,6 +266,24 @@ def test_general_tasks_only_on_base_and_last_stage_when_asked(run_dir, tmp_path)
     assert ends["general_delta"]["llmcl_arc_easy"] == pytest.approx(delta)
 
 
+@pytest.mark.skipif(not HAS_EVAL_DATA, reason="needs ../shared/data/eval")
+def test_another_runs_stage_tasks_get_the_stage_limit_not_tasks_limit(run_dir, tmp_path):
+    """A run scored on stage tasks it includes by name (cl_compare's multitask bound) uses eval.limit for them."""
+    import shutil
+
+    other = tmp_path / "borrowing"
+    shutil.copytree(run_dir, other)
+    data = yaml.safe_load((other / "recipe.yaml").read_text())
+    data["eval"].update(stage_tasks=False, include_path=[str(run_dir / "eval" / "tasks")], limit=5, tasks_limit=3,
+                        tasks=["llmcl_stage_sentiment", "llmcl_arc_easy"])
+    (other / "recipe.yaml").write_text(yaml.safe_dump(data))
+    shutil.rmtree(other / "eval")
+    res = run_cli("eval", str(other), "--stage", "base")
+    assert res.exit_code == 0, res.output
+    tasks = _rows(other)["base"]["tasks"]
+    assert (tasks["llmcl_stage_sentiment"]["n"], tasks["llmcl_arc_easy"]["n"]) == (5, 3)
+
+
 def test_max_prompt_tokens_leaves_out_longer_test_prompts_and_names_the_key(tmp_path):
     from llmcl import recipe as recipe_mod
     from llmcl.errors import LlmclError
@@ -293,5 +311,6 @@ def test_max_prompt_tokens_leaves_out_longer_test_prompts_and_names_the_key(tmp_
     r = recipe_mod.load(write_recipe(tmp_path / "r.yaml", stages=[stage], eval={"max_prompt_tokens": 1}))
     with pytest.raises(LlmclError, match="eval.max_prompt_tokens"):
         write_stage_tasks(r, tmp_path / "run1", tok)
-    with pytest.raises(LlmclError, match="eval.max_prompt_tokens"):
-        recipe_mod.load(write_recipe(tmp_path / "r.yaml", stages=[stage], eval={"max_prompt_tokens": 0}))
+    for bad in (0, True):
+        with pytest.raises(LlmclError, match="eval.max_prompt_tokens"):
+            recipe_mod.load(write_recipe(tmp_path / "r.yaml", stages=[stage], eval={"max_prompt_tokens": bad}))

@@ -14,15 +14,16 @@ each task as generation of its label scored by exact match, with every method at
 
 Every method is a shipped recipe (recipes/benchmarks/cl_standard*.yaml, listed in METHODS), so
 `llmcl train recipes/benchmarks/cl_standard_<method>.yaml` reproduces one row. Every run has the same samples
-per step and the same steps per stage (multitask: 4x the steps of one stage in one stage), so every method sees
-the same training samples. The CPU size (the recipes'): 10 steps x 8 samples per task at lr 2e-4 (full
+per step and the same steps per stage (multitask: 4x the steps of one stage in one stage), so every method trains
+on the same number of samples; with replay part of them are replayed (seqft+replay: 20% from the second stage
+on; I-LoRA: half of every step, from its reservoir). The CPU size (the recipes'): 10 steps x 8 samples per task at lr 2e-4 (full
 fine-tuning) / 1e-3 (adapters), 30 test items per task whose prompt fits the 192-token training length, general
 ability on 50 items each of local lm-eval tasks built from ../shared/data/eval (arc_easy, piqa, winogrande) for
 the base model and the last stage. The base model's row is the same for every method: scored once, shared.
 
     python scripts/bench/cl_compare.py                 # CPU size: about 70 minutes on 2 cores
     python scripts/bench/cl_compare.py --full          # the papers' sizes: 1000 samples/task once, 512 tokens,
-                                                       # whole test splits (a GPU job)
+                                                       # whole test splits (prompts <= 504 tokens; a GPU job)
     python scripts/bench/cl_compare.py --seeds 3       # mean +- std over seeds 0, 1, 2
     python scripts/bench/cl_compare.py --methods seqft lora --model builtin:tiny --steps 2 --limit 4   # smoke
 
@@ -50,7 +51,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from llmcl.recipe import read_yaml  # noqa: E402  (inherit: resolved as llmcl resolves it)
+from llmcl import recipe as recipe_mod  # noqa: E402
+from llmcl.recipe import first_difference, read_yaml  # noqa: E402  (inherit: resolved as llmcl resolves it)
 
 BENCH = REPO / "recipes" / "benchmarks"
 # every method is a shipped recipe: `llmcl train recipes/benchmarks/<file>` reproduces its row of the table
@@ -71,16 +73,18 @@ def recipe_for(name: str, args: argparse.Namespace, seed: int, tasks_dir: Path |
     r = read_yaml(BENCH / METHODS[name])
     r["name"] = f"cl_compare_{name.replace('+', '_')}"
     r["seed"] = seed
-    r["model"] = {"path": args.model}
+    r["model"] = {**r.get("model", {}), "path": args.model}
     train, ev = r["train"], r.setdefault("eval", {})
     train["save_every"] = 0  # no step checkpoints: they would be timed
     if args.steps is not None:
         train["max_steps"] = args.steps
-    if args.batch is not None:  # I-LoRA's step is its batch plus an equal replay batch: the same samples a step
-        train["batch_size"] = max(1, args.batch // 2) if r["method"]["name"] == "ilora" else args.batch
+    if args.batch is not None:  # I-LoRA's step is its batch plus a replay batch: the same samples a step
         if r["method"]["name"] == "ilora":
-            r["method"]["replay_batch"] = train["batch_size"]
-    if args.full:  # the papers' sizes: O-LoRA's 512 input tokens, 1000 samples per task once, whole test splits
+            train["batch_size"] = -(-args.batch // 2)
+            r["method"]["replay_batch"] = args.batch - train["batch_size"]
+        else:
+            train["batch_size"] = args.batch
+    if args.full:  # the papers' sizes: O-LoRA's 512 input tokens, 1000 samples a task (replayed ones included)
         train["seq_len"] = 512
         ev["max_prompt_tokens"] = 512 - 8
         per_step = train["batch_size"] + r["method"].get("replay_batch", 0)
@@ -107,34 +111,63 @@ def recipe_for(name: str, args: argparse.Namespace, seed: int, tasks_dir: Path |
     return r
 
 
+def _settings_changed(run_dir: Path, recipe: dict) -> str | None:
+    """The first recipe key where a finished run differs from what this invocation would run, or None."""
+    stored_path = run_dir / "recipe.yaml"
+    if not stored_path.exists():
+        return None
+    stored = yaml.safe_load(stored_path.read_text())
+    wanted = recipe_mod.from_dict(copy.deepcopy(recipe)).to_dict()
+    for d in (stored, wanted):
+        d.pop("description", None)
+    return first_difference(stored, wanted)
+
+
+def _shareable_base(shared_base: Path, recipe: dict) -> bool:
+    """Whether seqft's base row was scored with this run's limits and has every task this run scores."""
+    if not shared_base.exists():
+        return False
+    row, ev = json.loads(shared_base.read_text()), recipe["eval"]
+    stage_tasks = [f"llmcl_stage_{st['name']}" for st in recipe["stages"]] if ev.get("stage_tasks", True) else []
+    needed = set(stage_tasks) | set(ev.get("tasks", []))
+    return (row.get("limit"), row.get("tasks_limit")) == (ev.get("limit"), ev.get("tasks_limit")) and \
+        needed <= set(row["tasks"])
+
+
 def run_one(name: str, args: argparse.Namespace, seed: int) -> dict:
     run_dir = args.out / f"{name.replace('+', '_')}-s{seed}"
     tasks_dir = args.out / f"seqft-s{seed}" / "eval" / "tasks"
     recipe = recipe_for(name, args, seed, tasks_dir)
+    changed = _settings_changed(run_dir, recipe)
+    if changed is not None:
+        sys.exit(f"{run_dir} was run with other settings (first difference at '{changed}'); use the same options, "
+                 "another --out, or delete that run")
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe_path = run_dir.parent / f"{run_dir.name}.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     stats_path = run_dir / "bench.json"
     if not stats_path.exists():
+        own_base = run_dir / "eval" / "base.json"
         shared_base = args.out / f"seqft-s{seed}" / "eval" / "base.json"
-        copied = name != "seqft" and shared_base.exists()
-        if copied and not (run_dir / "eval" / "base.json").exists():
+        if name != "seqft" and not own_base.exists() and _shareable_base(shared_base, recipe):
             # the base model's row is the same for every method (same model, tasks and limits): score it once
-            (run_dir / "eval").mkdir(exist_ok=True)
-            shutil.copyfile(shared_base, run_dir / "eval" / "base.json")
+            own_base.parent.mkdir(exist_ok=True)
+            shutil.copyfile(shared_base, own_base)
+        scored_here = not own_base.exists()
+        resumed = (run_dir / "ledger.json").exists()  # an interrupted run: its wall time covers only the rest
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
         t0 = time.perf_counter()
-        log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-        proc = subprocess.Popen([sys.executable, "-m", "llmcl", "train", str(recipe_path), "--run-dir", str(run_dir)],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            sys.exit(f"{name} (seed {seed}) failed with exit {proc.returncode}; see {log.name}")
+        with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "llmcl", "train", str(recipe_path), "--run-dir",
+                                     str(run_dir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            sys.exit(f"{name} (seed {seed}) failed with exit {code}; see {log.name}")
         wall = time.perf_counter() - t0
-        if not copied:  # the base row was scored in this run: leave it out, so every method's wall time compares
-            wall -= json.loads((run_dir / "eval" / "base.json").read_text()).get("seconds", 0.0)
-        stats = {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024}
+        if scored_here:  # the base row was scored in this run: leave it out, so every method's wall time compares
+            wall -= json.loads(own_base.read_text()).get("seconds", 0.0)
+        stats = {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "resumed": resumed}
         stats_path.write_text(json.dumps(stats))
     stats = json.loads(stats_path.read_text())
     rep = subprocess.run([sys.executable, "-m", "llmcl", "report", str(run_dir)], cwd=REPO, capture_output=True,
@@ -180,7 +213,9 @@ def table(results: list[dict]) -> list[str]:
         col = lambda k: [r[k] for r in rs]  # noqa: E731
         lines.append(f"| {name} | {_cell(col('AA'))} | {_cell(col('BWT'), signed=True)} | "
                      f"{_cell(col('FWT'), signed=True)} | {_cell(col('general_delta'), signed=True)} | "
-                     f"{_cell(col('train_s'), 0)} | {_cell(col('wall_s'), 0)} | {_cell(col('peak_rss_mib'), 0)} |")
+                     f"{_cell(col('train_s'), 0)} | {_cell(col('wall_s'), 0)}"
+                     f"{' (resumed: last part only)' if any(r.get('resumed') for r in rs) else ''} | "
+                     f"{_cell(col('peak_rss_mib'), 0)} |")
     return lines
 
 
@@ -258,11 +293,15 @@ def main() -> None:
     p.add_argument("--general", nargs="*", help="general-ability lm-eval tasks (default: the recipes' arc_easy, "
                                                 "piqa, winogrande from ../shared/data/eval)")
     p.add_argument("--general-limit", type=int, help="samples per general task (default: the recipes' 50)")
-    p.add_argument("--seeds", type=int, default=1, help="run seeds 0..N-1 and report mean ± std")
-    p.add_argument("--full", action="store_true", help="the papers' sizes: 1000 samples per task for one epoch, "
-                                                      "the whole test split (a GPU job)")
+    p.add_argument("--seeds", type=int, default=1, help="run seeds 0..N-1 and report mean ± std (a seed sets the "
+                                                       "initialisation, the training samples and order, and the "
+                                                       "test subset scored)")
+    p.add_argument("--full", action="store_true", help="the papers' sizes: 1000 samples per task (replayed ones included), "
+                                                      "512 tokens, the whole test split (a GPU job)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "cl_compare")
     args = p.parse_args()
+    if args.batch is not None and args.batch < 2:
+        p.error("--batch must be at least 2 (I-LoRA's step is half current, half replayed samples)")
     args.out = args.out.resolve()
     methods = list(args.methods)
     if "multitask" in methods and "seqft" not in methods:
