@@ -82,7 +82,8 @@ def test_the_cpu_size_is_the_shipped_recipes_and_they_validate(tmp_path, monkeyp
             assert parsed.method == shipped.method, m
 
 
-def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
+def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path, monkeypatch):
+    chdir_beside_shared_data(tmp_path, monkeypatch)  # the recipes' data paths are validated
     r = cl_compare.recipe_for("lora", _args(), 0, tmp_path / "tasks")
     run_dir = tmp_path / "lora-s0"
     run_dir.mkdir()
