@@ -91,8 +91,7 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
     general_limit = e.limit if e.tasks_limit == "same" else e.tasks_limit
     groups: dict[int | None, list[str]] = {}  # lm-eval takes one limit per call
     for name in names:  # stage tasks (this run's, or another run's by name) get eval.limit, the rest tasks_limit
-        stage_like = name in by_name or name.startswith(STAGE_PREFIX)
-        groups.setdefault(e.limit if stage_like else general_limit, []).append(name)
+        groups.setdefault(e.limit if name.startswith(STAGE_PREFIX) else general_limit, []).append(name)
     results = {}
     for limit, group in groups.items():
         results.update(harness.evaluate(

@@ -118,7 +118,8 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any) -> list[StageT
         kind, rows = render_test_records(stage, i, records, tokenizer)
         cap = recipe.eval.max_prompt_tokens
         if cap is not None and kind != "perplexity":
-            rows = [r for r in rows if len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) <= cap]
+            lengths = map(len, tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"])
+            rows = [r for r, n in zip(rows, lengths) if n <= cap]
             if not rows:
                 raise LlmclError(f"recipe key 'eval.max_prompt_tokens': no test prompt of stage {stage.name!r} is "
                                  f"within {cap} tokens")

@@ -52,6 +52,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from llmcl import recipe as recipe_mod  # noqa: E402
+from llmcl.eval.tasks import STAGE_PREFIX, stage_task_name  # noqa: E402
 from llmcl.recipe import first_difference, read_yaml  # noqa: E402  (inherit: resolved as llmcl resolves it)
 
 BENCH = REPO / "recipes" / "benchmarks"
@@ -66,6 +67,10 @@ METHODS: dict[str, str] = {
     "mora": "cl_standard_mora.yaml",
     "multitask": "cl_standard.yaml",  # made one stage over all four tasks below
 }
+
+
+def run_dir_of(out: Path, method: str, seed: int) -> Path:
+    return out / f"{method.replace('+', '_')}-s{seed}"
 
 
 def recipe_for(name: str, args: argparse.Namespace, seed: int, tasks_dir: Path | None) -> dict:
@@ -106,7 +111,7 @@ def recipe_for(name: str, args: argparse.Namespace, seed: int, tasks_dir: Path |
         train["max_steps"] = len(stages) * train["max_steps"]
         # scored on every task's test split: the stage tasks that the seqft run wrote
         ev.update(stage_tasks=False, include_path=[str(tasks_dir)],
-                  tasks=[f"llmcl_stage_{st['name']}" for st in stages] + list(ev.get("tasks", [])),
+                  tasks=[stage_task_name(st["name"]) for st in stages] + list(ev.get("tasks", [])),
                   tasks_every_stage=True)
     return r
 
@@ -128,15 +133,15 @@ def _shareable_base(shared_base: Path, recipe: dict) -> bool:
     if not shared_base.exists():
         return False
     row, ev = json.loads(shared_base.read_text()), recipe["eval"]
-    stage_tasks = [f"llmcl_stage_{st['name']}" for st in recipe["stages"]] if ev.get("stage_tasks", True) else []
+    stage_tasks = [stage_task_name(st["name"]) for st in recipe["stages"]] if ev.get("stage_tasks", True) else []
     needed = set(stage_tasks) | set(ev.get("tasks", []))
     return (row.get("limit"), row.get("tasks_limit")) == (ev.get("limit"), ev.get("tasks_limit")) and \
         needed <= set(row["tasks"])
 
 
 def run_one(name: str, args: argparse.Namespace, seed: int) -> dict:
-    run_dir = args.out / f"{name.replace('+', '_')}-s{seed}"
-    tasks_dir = args.out / f"seqft-s{seed}" / "eval" / "tasks"
+    run_dir = run_dir_of(args.out, name, seed)
+    tasks_dir = run_dir_of(args.out, "seqft", seed) / "eval" / "tasks"
     recipe = recipe_for(name, args, seed, tasks_dir)
     changed = _settings_changed(run_dir, recipe)
     if changed is not None:
@@ -148,7 +153,7 @@ def run_one(name: str, args: argparse.Namespace, seed: int) -> dict:
     stats_path = run_dir / "bench.json"
     if not stats_path.exists():
         own_base = run_dir / "eval" / "base.json"
-        shared_base = args.out / f"seqft-s{seed}" / "eval" / "base.json"
+        shared_base = run_dir_of(args.out, "seqft", seed) / "eval" / "base.json"
         if name != "seqft" and not own_base.exists() and _shareable_base(shared_base, recipe):
             # the base model's row is the same for every method (same model, tasks and limits): score it once
             own_base.parent.mkdir(exist_ok=True)
@@ -186,13 +191,18 @@ def _scores(name: str, matrix: dict, run_dir: Path) -> dict:
     if name != "multitask":
         return {k: m.get(k) for k in ("AA", "BWT", "FWT", "general_delta")}
     # multitask: one row after the single stage; its accuracy on each task's split, no sequence -> no BWT/FWT
-    row = json.loads((run_dir / "eval" / "stage-00.json").read_text())["tasks"]
-    base = json.loads((run_dir / "eval" / "base.json").read_text())["tasks"]
-    stage = [t for t in row if t.startswith("llmcl_stage_")]
-    general = [t for t in row if not t.startswith("llmcl_stage_")]
+    row, base, stage = _multitask_rows(run_dir)
+    general = [t for t in row if t not in stage]
     aa = statistics.mean(row[t]["value"] for t in stage)
     gd = statistics.mean(row[t]["value"] - base[t]["value"] for t in general) if general else None
     return {"AA": aa, "BWT": None, "FWT": None, "general_delta": gd}
+
+
+def _multitask_rows(run_dir: Path) -> tuple[dict, dict, list[str]]:
+    """The multitask run's row after its one stage, the base row, and the stage tasks among their columns."""
+    row = json.loads((run_dir / "eval" / "stage-00.json").read_text())["tasks"]
+    base = json.loads((run_dir / "eval" / "base.json").read_text())["tasks"]
+    return row, base, [t for t in row if t.startswith(STAGE_PREFIX)]
 
 
 def _cell(values: list, digits: int = 3, signed: bool = False) -> str:
@@ -223,15 +233,13 @@ def matrices(out: Path, results: list[dict]) -> list[str]:
     """Each run's accuracy matrix (rows: base, then after each stage; columns: the four tasks) as markdown."""
     lines = []
     for r in results:
-        run_dir = out / f"{r['method'].replace('+', '_')}-s{r['seed']}"
+        run_dir = run_dir_of(out, r["method"], r["seed"])
         m = json.loads((run_dir / "report" / "matrix.json").read_text())
         cols = [k for k, c in enumerate(m["columns"]) if c["kind"] == "stage"]
         if r["method"] == "multitask":  # one stage: its row and the base row
-            row = json.loads((run_dir / "eval" / "stage-00.json").read_text())["tasks"]
-            base = json.loads((run_dir / "eval" / "base.json").read_text())["tasks"]
-            names = [t for t in row if t.startswith("llmcl_stage_")]
+            row, base, names = _multitask_rows(run_dir)
             lines += [f"**multitask** (seed {r['seed']})", "", "| after \\ task | " + " | ".join(
-                n.removeprefix("llmcl_stage_") for n in names) + " |", "|---" * (len(names) + 1) + "|",
+                n.removeprefix(STAGE_PREFIX) for n in names) + " |", "|---" * (len(names) + 1) + "|",
                 "| base | " + " | ".join(f"{base[n]['value']:.2f}" for n in names) + " |",
                 "| all four at once | " + " | ".join(f"{row[n]['value']:.2f}" for n in names) + " |", ""]
             continue
@@ -264,7 +272,7 @@ def heatmaps(out: Path, results: list[dict]) -> Path | None:
     for ax in axes.flat[len(runs):]:
         ax.axis("off")
     for ax, r in zip(axes.flat, runs):
-        m = json.loads((out / f"{r['method'].replace('+', '_')}-s0" / "report" / "matrix.json").read_text())
+        m = json.loads((run_dir_of(out, r["method"], 0) / "report" / "matrix.json").read_text())
         cols = [k for k, c in enumerate(m["columns"]) if c["kind"] == "stage"]
         values = np.array([[np.nan if row[k] is None else row[k] for k in cols] for row in m["R"]], dtype=float)
         ax.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
