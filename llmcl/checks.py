@@ -1,8 +1,10 @@
-"""Checks beyond the recipe's types that still load no model: data records fit their format, trackers exist."""
+"""Checks beyond the recipe's types that still load no model: data records fit their format, trackers exist,
+every stage's schedule fits its steps."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from llmcl.data.formatting import check_record
 from llmcl.data.sources import peek
@@ -31,6 +33,9 @@ def check(recipe: Recipe) -> None:
     from llmcl.eval.tasks import check_task_names
 
     check_task_names(recipe)
+    from llmcl.train.plan import plan_stages
+
+    plan_stages(recipe, world=int(os.environ.get("WORLD_SIZE") or recipe.distributed.num_processes or 1))
 
 
 def _check_choices(stage, index: int, fmt: str, seed: int) -> None:

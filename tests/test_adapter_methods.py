@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from conftest import run_cli, write_recipe
 from llmcl import methods
 from llmcl.layers.mora import MoRALinear
-from llmcl.methods.base import StageInfo
-from llmcl.models import load_base_model, load_stage_model
+from llmcl.methods.base import StageInfo, StepInputs
+from llmcl.models import load_base_model
+from llmcl.rundir import artifacts
 from llmcl.recipe import ModelConfig
 
 TINY = ModelConfig(path="builtin:tiny")
@@ -97,7 +98,7 @@ def test_padding_changes_nothing(monkeypatch):
         batch = _batch(rows, pad_extra=extra)
         n_items = sum(len(r) - 1 for r in rows)
         outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
-        losses.append(method.loss(model, batch, outputs))
+        losses.append(method.loss(StepInputs(batch, outputs, model, scale=1)))
         assert method.step_metrics()["consistency"] > 0
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
 
@@ -210,8 +211,8 @@ def test_mora_stages_grow_the_bank_and_never_touch_frozen_experts(tmp_path):
     manifest = json.loads((run / "stage-02-vocab" / "manifest.json").read_text())
     assert manifest["kind"] == "mora"
     x = torch.tensor([[1, 2, 3, 4, 5]])
-    a = load_stage_model(run, manifest, TINY, 0, trainable=False)(x).logits
-    b = load_stage_model(run, manifest, TINY, 0, trainable=False)(x).logits
+    a = artifacts.load(run, manifest, TINY, 0, trainable=False)(x).logits
+    b = artifacts.load(run, manifest, TINY, 0, trainable=False)(x).logits
     assert torch.equal(a, b) and not torch.allclose(a, load_base_model(TINY, 0)(x).logits)
 
 

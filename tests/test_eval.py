@@ -12,7 +12,8 @@ import yaml
 from conftest import SHARED_DATA, run_cli, write_recipe
 from llmcl.eval import metrics as M
 from llmcl.eval.harness import preserved_rng
-from llmcl.models import load_stage_model, load_tokenizer
+from llmcl.models import load_tokenizer
+from llmcl.rundir import artifacts
 from llmcl.recipe import ModelConfig
 
 HAS_EVAL_DATA = (SHARED_DATA / "eval" / "arc_easy" / "arc_easy.jsonl").exists()
@@ -52,11 +53,9 @@ def run_dir(tmp_path_factory):
     )
     res = run_cli("train", str(recipe), "--run-dir", str(d / "run"))
     assert res.exit_code == 0, res.output
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from llmcl.train.distributed import reset_accelerate
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()  # the module-scoped run must not leave its accelerator to the tests
     return d / "run"
 
 
@@ -106,7 +105,7 @@ def test_multiple_choice_accuracy_matches_an_independent_computation(run_dir):
     ledger = json.loads((run_dir / "ledger.json").read_text())
     manifest = json.loads((run_dir / ledger["stages"][1]["checkpoint"] / "manifest.json").read_text())
     cfg = ModelConfig(path="builtin:tiny")
-    model = load_stage_model(run_dir, manifest, cfg, 0, trainable=False).eval()
+    model = artifacts.load(run_dir, manifest, cfg, 0, trainable=False).eval()
     tok = load_tokenizer(cfg)
     docs = [json.loads(x) for x in (run_dir / "eval" / "tasks" / "sentiment.jsonl").read_text().splitlines()][:6]
     correct = 0
@@ -235,8 +234,26 @@ def test_evaluation_leaves_the_training_rng_untouched():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def test_metrics_module_and_report_agree_on_partial_runs():
-    assert M.summary([[0.5]], [0.1]) == {"AA": 0.5, "BWT": None, "FWT": None, "forgetting": None}
+def test_metrics_module_and_report_agree_on_partial_runs(run_dir, tmp_path):
+    """A run with only its first stage done: the report's summary is what the metrics module gives for the
+    1-stage matrix (AA = the one score, no transfer or forgetting yet)."""
+    import shutil
+
+    from llmcl.eval import report as report_mod
+
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial)
+    ledger = json.loads((partial / "ledger.json").read_text())
+    for entry in ledger["stages"][1:]:
+        entry["status"] = "pending"
+    (partial / "ledger.json").write_text(json.dumps(ledger))
+    for row in ("stage-01", "stage-02"):
+        (partial / "eval" / f"{row}.json").unlink()
+    rep = report_mod.collect(partial)
+    rows = _rows(partial)
+    facts = [rows[r]["tasks"]["llmcl_stage_facts"]["value"] for r in ("stage-00", "base")]
+    assert rep.summary == pytest.approx(M.summary([[facts[0]]], [facts[1]]))
+    assert rep.summary["AA"] == pytest.approx(facts[0]) and rep.summary["BWT"] is None
 
 
 @pytest.mark.skipif(not HAS_EVAL_DATA, reason="needs ../shared/data/eval")

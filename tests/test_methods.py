@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from conftest import run_cli, write_recipe
 from llmcl import methods
 from llmcl.methods.base import StageInfo
-from llmcl.models import count_parameters, load_base_model, load_stage_model
+from llmcl.models import count_parameters, load_base_model
+from llmcl.rundir import artifacts
 from llmcl.recipe import ModelConfig
 
 TINY = ModelConfig(path="builtin:tiny")
@@ -96,21 +97,9 @@ def test_lora_merge_folds_each_adapter_into_the_base(tmp_path):
     delta0 = scale * a0[f"{prefix}.lora_B.weight"] @ a0[f"{prefix}.lora_A.weight"]
     base_w = load_base_model(TINY, 0).state_dict()["model.layers.0.self_attn.q_proj.weight"]
 
-    model = load_stage_model(run_dir, m1, TINY, 0, trainable=False)
+    model = artifacts.load(run_dir, m1, TINY, 0, trainable=False)
     merged_w = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     torch.testing.assert_close(merged_w, base_w + delta0, rtol=0, atol=1e-6)
     # the stage-1 adapter started fresh: it is not stage 0's adapter trained further
     a1 = _adapter(run_dir, "stage-01-reverse")
     assert not torch.allclose(a1[f"{prefix}.lora_A.weight"], a0[f"{prefix}.lora_A.weight"])
-
-
-def test_stage_model_loader_reproduces_training_outputs(tmp_path):
-    """The manifest loader (what eval uses) rebuilds exactly the saved model for both kinds."""
-    for between in ("continue", "merge"):
-        run_dir = _lora_run(tmp_path, between)
-        m1 = json.loads((run_dir / "stage-01-reverse" / "manifest.json").read_text())
-        x = torch.tensor([[1, 2, 3, 4, 5, 6]])
-        a = load_stage_model(run_dir, m1, TINY, 0, trainable=False)(x).logits
-        b = load_stage_model(run_dir, m1, TINY, 0, trainable=False)(x).logits
-        base = load_base_model(TINY, 0).eval()(x).logits
-        assert torch.equal(a, b) and not torch.allclose(a, base)

@@ -12,7 +12,7 @@ from conftest import REPO, chdir_beside_shared_data, write_recipe
 from llmcl import catalog, checks, methods, recipe
 from llmcl.config import field_docs
 from llmcl.errors import LlmclError, RecipeError
-from llmcl.methods.lora import LoraMethodConfig
+from llmcl.methods.lora import LoRAConfig
 
 
 def test_load_types_and_defaults(tiny_recipe):
@@ -31,7 +31,7 @@ def test_overrides_are_yaml_scalars_on_dotted_keys(tiny_recipe):
                                   "train.warmup=0.25"])
     assert r.train.lr == pytest.approx(3e-5)  # YAML 1.1 reads 3e-5 as a string; it is coerced
     assert r.train.max_steps == 20
-    assert isinstance(r.method, LoraMethodConfig) and r.method.r == 4 and r.method.alpha == 16.0
+    assert isinstance(r.method, LoRAConfig) and r.method.r == 4 and r.method.alpha == 16.0
     assert r.stages[1].data.path == "builtin:vocab" and r.stages[1].name == "vocab"
     assert r.logging.trackers == ["tensorboard"]
     assert r.train.warmup == 0.25 and isinstance(r.train.warmup, float)
@@ -218,7 +218,7 @@ def test_inherit_merges_a_recipe_over_another(tmp_path):
     (tmp_path / "orphan.yaml").write_text("inherit: nowhere.yaml\n")
     with pytest.raises(RecipeError, match="recipe key 'inherit'"):
         recipe.load(tmp_path / "orphan.yaml")
-    assert parent.exists()
+    assert recipe.load(parent).method.train_embeddings is False  # inheriting from it left the parent as it was
 
 
 def test_the_key_reference_covers_every_recipe_key():

@@ -86,9 +86,9 @@ def test_crash_while_saving_a_stage_never_marks_it_done(tmp_path, monkeypatch):
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     assert run_cli("train", str(recipe), "--run-dir", str(clean)).exit_code == 0
 
-    from llmcl.train import checkpoint
+    from llmcl.rundir import artifacts
 
-    real_save_tree = checkpoint.save_tree
+    real_save_tree = artifacts.save_tree
     calls = {"n": 0}
 
     def failing_save_tree(tree, directory, stem):
@@ -98,7 +98,7 @@ def test_crash_while_saving_a_stage_never_marks_it_done(tmp_path, monkeypatch):
         return real_save_tree(tree, directory, stem)
 
     with monkeypatch.context() as m:
-        m.setattr(checkpoint, "save_tree", failing_save_tree)
+        m.setattr(artifacts, "save_tree", failing_save_tree)
         with pytest.raises(Crash):
             run_cli("train", str(recipe), "--run-dir", str(crashed))
     ledger = json.loads((crashed / "ledger.json").read_text())
@@ -184,13 +184,13 @@ def test_sigterm_mid_stage_saves_a_checkpoint_and_the_rerun_is_bitwise_equal(tmp
 
 def test_a_signal_during_a_save_lets_the_save_finish_then_stops(tmp_path, monkeypatch):
     """SIGUSR1 (SLURM's time-limit warning) arriving while a step checkpoint is being written."""
-    from llmcl.train import checkpoint
+    from llmcl.train import steps
 
     recipe = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 5, "batch_size": 4, "seq_len": 48,
                                                       "save_every": 2, "warmup": 0})
     clean, stopped = tmp_path / "clean", tmp_path / "stopped"
     assert run_cli("train", str(recipe), "--run-dir", str(clean)).exit_code == 0
-    original = checkpoint.save_step
+    original = steps.save_step
 
     def save_step_signalled(run_dir, **kw):
         if kw["stage"] == 1:
@@ -198,7 +198,7 @@ def test_a_signal_during_a_save_lets_the_save_finish_then_stops(tmp_path, monkey
         original(run_dir, **kw)
 
     with monkeypatch.context() as m:
-        m.setattr(checkpoint, "save_step", save_step_signalled)
+        m.setattr(steps, "save_step", save_step_signalled)
         res = run_cli("train", str(recipe), "--run-dir", str(stopped))
     assert res.exit_code == 75 and "SIGUSR1: stopped after step 2/5 of stage 1" in res.stderr
     assert json.loads((stopped / "step-checkpoint" / "state.json").read_text())["step"] == 2

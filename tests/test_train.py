@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, run_cli, write_recipe
 from llmcl.models import load_base_model
+from llmcl import recipe
 from llmcl.recipe import ModelConfig
 from llmcl.schedules import Schedule, lr_at
 
@@ -229,9 +230,16 @@ def test_progress_display_on_a_terminal_shows_stage_loss_lr_throughput_eta():
     assert quiet.getvalue().count("\n") == 1  # one line per stage event, no live bar
 
 
-def test_mixed_precision_is_fp32_on_cpu():
-    from llmcl.train.loop import mixed_precision
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+def test_train_precision_decides_the_dtype_of_the_forward_pass(precision, tiny_recipe, tmp_path):
+    """What the loop's autocast does to a matmul: fp32 on a CPU for auto and fp32, bf16 when asked."""
+    from llmcl.train.distributed import make_accelerator
 
-    assert mixed_precision("auto") == ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-                                       else "no")
-    assert mixed_precision("fp32") == "no" and mixed_precision("bf16") == "bf16"
+    r = recipe.load(tiny_recipe, [f"train.precision={precision}"])
+    accelerator = make_accelerator(r, tmp_path, fresh=True)
+    a = torch.randn(4, 4)
+    with accelerator.autocast():
+        out = a @ a
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    expected = torch.bfloat16 if precision == "bf16" or (precision == "auto" and gpu_bf16) else torch.float32
+    assert out.dtype == expected

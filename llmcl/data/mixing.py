@@ -43,18 +43,21 @@ def build_pool(cfg: Any, tokenizer: Any, seq_len: int, seed: int, cache_dir: Pat
     return ListPool(examples), stats
 
 
-def replay_sources(recipe: Any, index: int, tokenizer: Any, seq_len: int, cache_dir: Path) -> list[Source]:
-    """The replay pools of stage `index` with their weights (empty when the stage replays nothing)."""
+def replay_plan(recipe: Any, index: int) -> list[tuple[str, Any, float]]:
+    """(name, data config, weight) of every replay source of stage `index`; empty when it replays nothing.
+    A pure function of the recipe."""
     replay = recipe.stage_replay(index)
     if replay.ratio <= 0:
         return []
-    sources: list[Source] = []
+    planned: list[tuple[str, Any, float]] = []
     if replay.previous_stages and index > 0 and replay.previous_weight > 0:
         share = replay.previous_weight / index
-        for k in range(index):
-            pool, _ = build_pool(recipe.stages[k].data, tokenizer, seq_len, recipe.seed, cache_dir)
-            sources.append(Source(f"stage:{recipe.stages[k].name}", pool, share))
-    for d in replay.datasets:
-        pool, _ = build_pool(d, tokenizer, seq_len, recipe.seed, cache_dir)
-        sources.append(Source(d.path, pool, d.weight))
-    return sources
+        planned += [(f"stage:{recipe.stages[k].name}", recipe.stages[k].data, share) for k in range(index)]
+    planned += [(d.path, d, d.weight) for d in replay.datasets]
+    return planned
+
+
+def replay_sources(recipe: Any, index: int, tokenizer: Any, seq_len: int, cache_dir: Path) -> list[Source]:
+    """The replay pools of stage `index` with their weights (empty when the stage replays nothing)."""
+    return [Source(name, build_pool(data, tokenizer, seq_len, recipe.seed, cache_dir)[0], weight)
+            for name, data, weight in replay_plan(recipe, index)]

@@ -55,7 +55,7 @@ def heatmap(report: Any, path: Path) -> Path:
 
 def loss_curve(run_dir: Path, stage_names: list[str], path: Path) -> Path | None:
     """Loss and lr against the global step, a dashed line at every stage boundary."""
-    from llmcl.train.metrics import read
+    from llmcl.rundir.metrics import read
 
     records = read(run_dir)
     if not records:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from llmcl.errors import LlmclError
 from llmcl.eval import metrics as M
 from llmcl.eval.scoring import BASE, load_run_recipe, read_row
-from llmcl.train.checkpoint import Ledger, write_json
+from llmcl.rundir import REPORT, Ledger, write_json
 
 
 @dataclass
@@ -173,7 +173,7 @@ def markdown(report: RunReport) -> str:
 
 
 def write(report: RunReport) -> list[Path]:
-    out = report.run_dir / "report"
+    out = report.run_dir / REPORT
     out.mkdir(exist_ok=True)
     write_json(out / "matrix.json", report.to_dict())
     (out / "report.md").write_text(markdown(report))
@@ -243,4 +243,4 @@ def current_row_text(report: RunReport) -> str:
 
 
 def read_matrix(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "report" / "matrix.json").read_text())
+    return json.loads((Path(run_dir) / REPORT / "matrix.json").read_text())

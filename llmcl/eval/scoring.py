@@ -20,7 +20,7 @@ from llmcl.errors import LlmclError
 from llmcl.eval import harness
 from llmcl.eval.tasks import STAGE_PREFIX, data_dir, include_paths, needs_harness_index, write_stage_tasks
 from llmcl.recipe import Recipe, from_dict
-from llmcl.train.checkpoint import Ledger, now, write_json
+from llmcl.rundir import EVAL, RECIPE, Ledger, artifacts, now, write_json
 
 BASE = "base"
 
@@ -30,7 +30,7 @@ def row_name(row: str | int) -> str:
 
 
 def row_file(run_dir: Path, row: str | int) -> Path:
-    return run_dir / "eval" / f"{row_name(row)}.json"
+    return run_dir / EVAL / f"{row_name(row)}.json"
 
 
 def read_row(run_dir: Path, row: str | int) -> dict[str, Any] | None:
@@ -39,16 +39,16 @@ def read_row(run_dir: Path, row: str | int) -> dict[str, Any] | None:
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:
-    path = run_dir / "recipe.yaml"
+    path = run_dir / RECIPE
     if not path.exists():
-        raise LlmclError(f"{run_dir} is not an llmcl run directory (no recipe.yaml)")
+        raise LlmclError(f"{run_dir} is not an llmcl run directory (no {RECIPE})")
     return from_dict(yaml.safe_load(path.read_text()))
 
 
 def _load_model(run_dir: Path, recipe: Recipe, row: str | int):
     import torch
 
-    from llmcl.models import load_base_model, load_stage_model
+    from llmcl.models import load_base_model
 
     if row == BASE:
         model = load_base_model(recipe.model, recipe.seed)
@@ -56,7 +56,7 @@ def _load_model(run_dir: Path, recipe: Recipe, row: str | int):
         ledger = Ledger.read(run_dir)
         if not ledger.is_done(int(row)):
             raise LlmclError(f"stage {row} of {run_dir} is not done; nothing to evaluate")
-        model = load_stage_model(run_dir, ledger.manifest(int(row)), recipe.model, recipe.seed, trainable=False)
+        model = artifacts.load(run_dir, ledger.manifest(int(row)), recipe.model, recipe.seed, trainable=False)
         if hasattr(model, "merge_and_unload"):  # a PEFT model: score the merged weights
             model = model.merge_and_unload()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,6 +20,7 @@ import yaml
 from llmcl.data.formatting import detect_format, render
 from llmcl.data.sources import load_records
 from llmcl.errors import LlmclError, RecipeError, did_you_mean
+from llmcl.rundir import EVAL
 
 LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 STAGE_PREFIX = "llmcl_stage_"
@@ -108,7 +109,7 @@ def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer
 
 def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any) -> list[StageTask]:
     """Write one lm-eval task per stage with test data into run_dir/eval/tasks; return what was written."""
-    out_dir = run_dir / "eval" / "tasks"
+    out_dir = run_dir / EVAL / "tasks"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i, stage in enumerate(recipe.stages):
@@ -149,8 +150,8 @@ def data_dir(recipe: Any) -> str | None:
 
 def include_paths(recipe: Any, run_dir: Path | None = None) -> list[str]:
     paths = [str(LOCAL_TASKS_DIR)] + [str(Path(p).expanduser().resolve()) for p in recipe.eval.include_path]
-    if run_dir is not None and (run_dir / "eval" / "tasks").is_dir():
-        paths.insert(0, str(run_dir / "eval" / "tasks"))
+    if run_dir is not None and (run_dir / EVAL / "tasks").is_dir():
+        paths.insert(0, str(run_dir / EVAL / "tasks"))
     return paths
 
 

@@ -1,6 +1,6 @@
 """MoRA layers: a frozen linear layer plus a growing bank of rank-1 experts, self-activated, no router
 (Lu et al. 2025, "Little By Little: Continual Learning via Self-Activated Sparse Mixture-of-Rank Adaptive
-Learning"). Model code shared by the `mora` method and the checkpoint loader (which never imports a method).
+Learning"). Model code shared by the `mora` method and the artifact loader (which never imports a method).
 
 For an input x and experts (a_i, b_i), i = 1..n (the frozen bank, then the stage's new experts):
   z_i = a_i . x                      every expert's activation
@@ -17,7 +17,7 @@ as they are (no rescaling), so freezing never changes an output. Adding experts 
 competition over the whole bank at once (their b is zero, but they take gate weight), which is how MoRA lets a
 new stage route some tokens to new experts without a router.
 
-Files (what `save` writes, `load_into` reads): mora_config.json {targets, top_k, tau, threshold, scale} and
+The "mora" artifact kind (what `save_artifact` writes, the registered loader reads): mora_config.json {targets, top_k, tau, threshold, scale} and
 mora_model.safetensors {"<module>.bank_a": n x in, "<module>.bank_b": out x n}.
 """
 
@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from llmcl.rundir import artifacts
 
 
 class MoRALinear(nn.Module):
@@ -138,14 +140,17 @@ def layers(model: nn.Module) -> dict[str, MoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, MoRALinear)}
 
 
-def save(model: nn.Module, out_dir: Path, config: dict[str, Any]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def save_artifact(model: nn.Module, out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Write the expert banks into out_dir/mora; returns the stage manifest."""
+    directory = out_dir / "mora"
+    directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, m in layers(model).items():
         tensors[f"{name}.bank_a"] = m.bank_a.detach().cpu().contiguous()
         tensors[f"{name}.bank_b"] = m.bank_b.detach().cpu().contiguous()
-    save_file(tensors, str(out_dir / "mora_model.safetensors"))
-    (out_dir / "mora_config.json").write_text(json.dumps({**config, "targets": sorted(layers(model))}, indent=2))
+    save_file(tensors, str(directory / "mora_model.safetensors"))
+    (directory / "mora_config.json").write_text(json.dumps({**config, "targets": sorted(layers(model))}, indent=2))
+    return {"kind": "mora", "path": "mora", "merged": []}
 
 
 def load_into(model: nn.Module, directory: Path) -> nn.Module:
@@ -158,3 +163,10 @@ def load_into(model: nn.Module, directory: Path) -> nn.Module:
         m.bank_a = nn.Parameter(tensors[f"{name}.bank_a"].to(w.dtype).to(w.device), requires_grad=False)
         m.bank_b = nn.Parameter(tensors[f"{name}.bank_b"].to(w.dtype).to(w.device), requires_grad=False)
     return model
+
+
+@artifacts.loader("mora")
+def _load_artifact(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, trainable: bool) -> nn.Module:
+    from llmcl.models import load_base_model
+
+    return load_into(load_base_model(model_cfg, seed), run_dir / manifest["path"])

@@ -1,19 +1,20 @@
 """The method interface: the seam between the training loop and a continual-learning method.
 
-The loop calls a method at fixed points and never knows which one runs:
+The loop calls a method at fixed points, always in this order, and never knows which one runs:
 
     model = method.prepare(model, stage)          # freeze, wrap, add adapters, take SVDs
+    method.load_state_dict(state)                 # the previous stage's state, then (resuming) the step's
     params = method.trainable_parameters(model)   # what the optimizer gets
-    loop:  loss = method.loss(model, batch, outputs)
-           backward; method.after_backward(model); optimizer step; method.after_step(model)
+    every micro-batch:  loss = method.loss(StepInputs(...))      # the loop ran the forward pass
+    every step:         backward; method.after_backward(model); optimizer step; method.after_step(model)
     model = method.end_stage(model, stage)        # merge, freeze experts, snapshot
-    manifest = method.save(model, out_dir)        # the stage's model artifact (full weights or adapter)
-    method.state_dict() / load_state_dict()       # everything else needed to resume exactly
+    manifest = method.save(model, out_dir, stage) # the stage's model artifact (llmcl.rundir.artifacts)
+    method.state_dict()                           # everything else needed to continue exactly
 
-Each stage starts from the previous stage's saved artifact (loaded by `llmcl.models.load_stage_model`,
-which reads the manifest and never imports a method), so a fresh process, a `--stage N` job and an
-uninterrupted run all take the same path. A method that changes tensors the optimizer does not own
-(an EMA copy, a slow learner) must return them from `state_dict` so step checkpoints restore them.
+Each stage starts from the previous stage's saved artifact (loaded by llmcl.rundir.artifacts, which never
+imports a method), so a fresh process, a `--stage N` job and an uninterrupted run take the same path.
+A method that changes tensors the optimizer does not own (an EMA copy, a slow learner) returns them from
+`state_dict` so that step checkpoints restore them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
+from llmcl.config import KeyFn, require
+from llmcl.rundir import artifacts
+
 
 @dataclass
 class MethodConfig:
@@ -32,6 +36,41 @@ class MethodConfig:
 
     name: str = "seqft"
     """Registered method name: seqft, lora, hft, osft, ilora or mora; its own options are listed below."""
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    """Fields shared by the methods that add trainable modules to chosen linear layers of a frozen model."""
+
+    r: int = 8
+    """Adapter rank (mora: new rank-1 experts per adapted layer and stage)."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules to adapt: 'all-linear' (not the LM head) or a list of module-name suffixes such as [q_proj, v_proj]."""
+
+    def check(self, key: KeyFn) -> None:
+        require(self.r > 0, key("r"), self.r, "a positive integer")
+
+
+@dataclass
+class LoraStyleConfig(AdapterConfig):
+    """Fields of the methods built on PEFT LoRA adapters."""
+
+    alpha: float = 16.0
+    """Scaling numerator: the update is (alpha / r) * B A (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+
+    def check(self, key: KeyFn) -> None:
+        super().check(key)
+        require(self.alpha > 0, key("alpha"), self.alpha, "a number > 0")
+        require(0 <= self.dropout < 1, key("dropout"), self.dropout, "a number in [0, 1)")
+
+    def peft_config(self, **extra: Any):
+        """PEFT's LoraConfig for these fields."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, task_type="CAUSAL_LM", **extra)
 
 
 @dataclass
@@ -52,38 +91,62 @@ class StageInfo:
     """Manifest of the model this stage starts from: {"kind": "base"} or the previous stage's manifest."""
     batches: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
     """Calibration batches of the stage's training data, in training order (for SVDs, statistics)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (a method's extra loss terms are divided by it)."""
     rank: int = 0
     """This process's rank (per-rank randomness, e.g. replay buffers)."""
     world_size: int = 1
     """Number of processes."""
 
 
+@dataclass
+class StepInputs:
+    """What `Method.loss` gets for one micro-batch."""
+
+    batch: dict[str, torch.Tensor]
+    """The micro-batch on the training device: input_ids, attention_mask, labels."""
+    outputs: Any
+    """The loop's forward pass on `batch` (through the distributed wrapper). outputs.loss is already this
+    micro-batch's share of the step's mean over every trained token of every micro-batch and rank."""
+    model: torch.nn.Module
+    """The model without its distributed wrapper (to switch adapters, read modules)."""
+    scale: int
+    """The loop multiplies the returned loss by `scale` (= grad_accum x processes) before backward, undoing
+    Accelerate's division by grad_accum and DDP's average over ranks. An extra term that is a mean over this
+    micro-batch (a regulariser, a replay loss) is divided by `scale` to enter the step as a mean over
+    micro-batches and ranks."""
+
+    def forward(self, **inputs: Any) -> Any:
+        """Another forward pass of the model in this step (same parameters, same autocast; its gradients join the
+        step's single backward, so it is safe under DDP)."""
+        return self.model(**inputs)
+
+
+def merge_stage_records(loaded: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-stage records from a loaded state, with what prepare() recorded for the current stage on top."""
+    mine = {r["stage"] for r in current}
+    return sorted([r for r in loaded if r["stage"] not in mine] + list(current), key=lambda r: r["stage"])
+
+
 class Method:
     """Base class: full fine-tuning behaviour. Subclasses override what they change."""
 
     name: ClassVar[str] = "base"
+    """Set by @methods.register from config_class's `name` default."""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    adapter: ClassVar[bool] = False
-    """True when the trained parameters are an adapter over a frozen base (saved as a PEFT adapter)."""
-    zero_stages: ClassVar[tuple[int, ...]] = (1, 2, 3)
-    """DeepSpeed ZeRO stages the method works under; others are refused before training with a clear message."""
-    zero_note: ClassVar[str] = ""
-    """Why some ZeRO stages are not supported (shown in the refusal)."""
+    zero_refused: ClassVar[dict[int, str]] = {}
+    """DeepSpeed ZeRO stages the method does not work under, each with the reason (refused before training)."""
 
     def __init__(self, config: MethodConfig):
         self.config = config
 
-    # -- the interface -------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
+        """Make the model this stage trains (called before load_state_dict)."""
         return model
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
-        return outputs.loss
+    def loss(self, step: StepInputs) -> torch.Tensor:
+        return step.outputs.loss
 
     def after_backward(self, model: torch.nn.Module) -> None:
         pass
@@ -96,18 +159,16 @@ class Method:
 
     def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo,
              state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        """Write the stage's model artifact into out_dir; return its manifest (see llmcl.models).
-
-        "path" is relative to out_dir; "merged" entries are relative to the run directory. `state_dict` is the
-        consolidated full state dict when the model's parameters are sharded (DeepSpeed ZeRO-3); else None."""
-        model.save_pretrained(out_dir / "model", state_dict=state_dict, safe_serialization=True)
-        return {"kind": "full", "path": "model"}
+        """Write the stage's model artifact into out_dir with a writer of llmcl.rundir.artifacts; return its
+        manifest. `state_dict` is the consolidated full state dict when the model's parameters are sharded
+        (DeepSpeed ZeRO-3); else None."""
+        return artifacts.save_full(model, out_dir, state_dict)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore what state_dict() returned (called after prepare; {} when there is nothing to restore)."""
 
     def step_metrics(self) -> dict[str, float]:
         """Method-specific numbers for metrics.jsonl (last step's values), e.g. a regulariser's size."""
@@ -116,8 +177,3 @@ class Method:
     def describe_stage(self) -> str:
         """One line about what prepare() did this stage (printed at the stage start); empty = nothing to say."""
         return ""
-
-    # -- helpers -------------------------------------------------------------------------------
-    def describe(self) -> str:
-        fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
-        return ", ".join(f"{k}={v}" for k, v in fields.items())

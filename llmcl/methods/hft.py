@@ -26,7 +26,7 @@ import torch
 from llmcl import methods
 from llmcl.config import KeyFn, require
 from llmcl.methods import arch
-from llmcl.methods.base import Method, MethodConfig, StageInfo
+from llmcl.methods.base import Method, MethodConfig, StageInfo, merge_stage_records
 
 CATEGORIES = ("attention", "ffn", "norms")
 
@@ -62,7 +62,6 @@ def _spread(rng: random.Random, per_layer: list[list[str]], ratio: float) -> lis
 
 @methods.register
 class HFT(Method):
-    name = "hft"
     config_class = HFTConfig
 
     def __init__(self, config: HFTConfig):
@@ -108,4 +107,4 @@ class HFT(Method):
         return {"masks": self.masks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.masks = list(state.get("masks", []))
+        self.masks = merge_stage_records(state.get("masks", []), self.masks)

@@ -30,25 +30,18 @@ from llmcl import methods
 from llmcl.config import KeyFn, require
 from llmcl.data.batching import collate
 from llmcl.data.formatting import Example
-from llmcl.methods.base import Method, MethodConfig, StageInfo
+from llmcl.methods.base import LoraStyleConfig, Method, StageInfo, StepInputs
+from llmcl.rundir import artifacts
 
 SLOW, FAST = "default", "fast"
 
 
 @dataclass
-class ILoraConfig(MethodConfig):
-    """Interpolation-based dual LoRA with experience replay."""
+class ILoRAConfig(LoraStyleConfig):
+    """Interpolation-based dual LoRA with experience replay (r, alpha, dropout, target_modules: both learners)."""
 
     name: str = "ilora"
     """Always 'ilora'."""
-    r: int = 8
-    """Rank of both adapters."""
-    alpha: float = 16.0
-    """LoRA scaling numerator (alpha / r)."""
-    dropout: float = 0.0
-    """Dropout on the adapter input."""
-    target_modules: str | list[str] = "all-linear"
-    """Modules to adapt: 'all-linear' or a list of module-name suffixes."""
     ema: float = 0.99
     """lambda: how much of the slow learner is kept at each interpolation (after the warm-up)."""
     buffer_size: int = 500
@@ -61,7 +54,7 @@ class ILoraConfig(MethodConfig):
     """Which learner a stage saves and evaluates."""
 
     def check(self, key: KeyFn) -> None:
-        require(self.r > 0, key("r"), self.r, "a positive integer")
+        super().check(key)
         require(0 <= self.ema < 1, key("ema"), self.ema, "a number in [0, 1)")
         require(self.buffer_size > 0, key("buffer_size"), self.buffer_size, "a positive integer")
         require(self.replay_batch is None or self.replay_batch > 0, key("replay_batch"), self.replay_batch,
@@ -79,31 +72,24 @@ def masked_hidden_mse(fast: tuple[torch.Tensor, ...], slow: tuple[torch.Tensor, 
 
 @methods.register
 class ILora(Method):
-    name = "ilora"
-    config_class = ILoraConfig
-    adapter = True
-    zero_stages = (1, 2)
-    zero_note = ("its slow learner is interpolated outside the forward pass, where ZeRO-3 keeps parameters "
-                 "partitioned; use ZeRO-2 or DDP")
+    config_class = ILoRAConfig
+    zero_refused = {3: "the slow learner is interpolated outside the forward pass, which ZeRO-3 partitions; use ZeRO-2"}
 
-    def __init__(self, config: ILoraConfig):
+    def __init__(self, config: ILoRAConfig):
         super().__init__(config)
         self.steps = 0  # optimizer steps over the whole run (for lam_k)
         self.seen = 0  # samples offered to the reservoir
         self.buffer: list[Example] = []
         self.fast: dict[str, torch.nn.Parameter] = {}
         self.slow: dict[str, torch.nn.Parameter] = {}
-        self._pending: dict[str, torch.Tensor] = {}
-        self.grad_accum, self.rank, self.seed, self.world = 1, 0, 0, 1
+        self.rank, self.seed = 0, 0
         self._metrics: dict[str, float] = {}
 
     # -- set-up ---------------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import PeftModel, get_peft_model
 
-        cfg = self.config
-        lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-                          task_type="CAUSAL_LM")
+        lora = self.config.peft_config()
         if not isinstance(model, PeftModel):
             model = get_peft_model(model, lora, adapter_name=SLOW)
         if FAST not in model.peft_config:
@@ -113,17 +99,13 @@ class ILora(Method):
         self.fast = {n: p for n, p in params.items() if f".{FAST}." in n}
         self.slow = {n.replace(f".{FAST}.", f".{SLOW}."): params[n.replace(f".{FAST}.", f".{SLOW}.")]
                      for n in self.fast}
-        with torch.no_grad():
-            if self._pending:  # the learners as an earlier stage (or a step checkpoint) left them
-                for n, p in {**self.fast, **self.slow}.items():
-                    p.copy_(self._pending[n])
-                self._pending = {}
-            elif stage.index == 0:  # both learners start from the same initialisation
+        if stage.index == 0:  # both learners start from the same initialisation (later: load_state_dict)
+            with torch.no_grad():
                 for n, p in self.fast.items():
                     self.slow[n.replace(f".{FAST}.", f".{SLOW}.")].copy_(p)
         for p in self.slow.values():
             p.requires_grad_(False)
-        self.grad_accum, self.rank, self.seed, self.world = stage.grad_accum, stage.rank, stage.seed, stage.world_size
+        self.rank, self.seed = stage.rank, stage.seed
         return model
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -153,29 +135,27 @@ class ILora(Method):
         return {k: v.to(device) for k, v in collate(picks, pad_id=0).items()}
 
     # -- the loss -------------------------------------------------------------------------------------
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
-        peft = getattr(model, "module", model)  # replay passes bypass DDP's forward hooks
+    def loss(self, step: StepInputs) -> torch.Tensor:
+        batch = step.batch
         replay = self._replay_batch(self.config.replay_batch or batch["input_ids"].shape[0], batch["input_ids"].device)
         self._offer(batch)
         if replay is None:
-            return outputs.loss
-        fast_out = peft(**replay, output_hidden_states=True, use_cache=False)
+            return step.outputs.loss
+        fast_out = step.forward(**replay, output_hidden_states=True, use_cache=False)
         with torch.no_grad():
-            peft.set_adapter(SLOW, inference_mode=True)
+            step.model.set_adapter(SLOW, inference_mode=True)
             try:
-                slow_out = peft(input_ids=replay["input_ids"], attention_mask=replay["attention_mask"],
-                                output_hidden_states=True, use_cache=False)
+                slow_out = step.forward(input_ids=replay["input_ids"], attention_mask=replay["attention_mask"],
+                                        output_hidden_states=True, use_cache=False)
             finally:
-                peft.set_adapter(FAST)
+                step.model.set_adapter(FAST)
                 for p in self.slow.values():
                     p.requires_grad_(False)
         consistency = masked_hidden_mse(fast_out.hidden_states, slow_out.hidden_states, replay["attention_mask"])
         self._metrics = {"consistency": float(consistency.detach()), "replay_ce": float(fast_out.loss.detach())}
-        extra = fast_out.loss + self.config.consistency * consistency
-        # outputs.loss is already this micro-batch's share of the step's token mean over every rank; the replay
-        # terms are means over this rank's replay batch: scale them so the step averages them over micro-batches
-        # and ranks (the loop multiplies every loss by grad_accum * world before DDP averages the gradients)
-        return outputs.loss + extra / (self.grad_accum * self.world)
+        # the replay terms are means over this micro-batch's replay samples: StepInputs.scale makes them a mean
+        # over the step's micro-batches and ranks, like outputs.loss
+        return step.outputs.loss + (fast_out.loss + self.config.consistency * consistency) / step.scale
 
     def step_metrics(self) -> dict[str, float]:
         return dict(self._metrics)
@@ -195,10 +175,7 @@ class ILora(Method):
     # -- saving -------------------------------------------------------------------------------------------
     def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo,
              state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        learner = SLOW if self.config.evaluate == "slow" else FAST
-        model.save_pretrained(out_dir / "adapter", selected_adapters=[learner], safe_serialization=True)
-        path = "adapter" if learner == SLOW else f"adapter/{FAST}"
-        return {"kind": "peft", "path": path, "merged": []}
+        return artifacts.save_peft(model, out_dir, [], adapter=SLOW if self.config.evaluate == "slow" else FAST)
 
     def state_dict(self) -> dict[str, Any]:
         flat_ids = [t for e in self.buffer for t in e.input_ids]
@@ -221,11 +198,7 @@ class ILora(Method):
         for n in lengths:
             self.buffer.append(Example(ids[pos:pos + n], labels[pos:pos + n]))
             pos += n
-        learners = state["learners"]
-        if self.fast:  # already prepared (resuming a step checkpoint): apply now
-            with torch.no_grad():
-                for n, p in {**self.fast, **self.slow}.items():
-                    p.copy_(learners[n])
-        else:
-            self._pending = dict(learners)
+        with torch.no_grad():  # the learners as the previous stage (or the step checkpoint) left them
+            for n, p in {**self.fast, **self.slow}.items():
+                p.copy_(state["learners"][n])
 

@@ -17,17 +17,15 @@ import torch
 from llmcl import methods
 from llmcl.config import KeyFn, require
 from llmcl.layers import mora as mora_layers
-from llmcl.methods.base import Method, MethodConfig, StageInfo
+from llmcl.methods.base import AdapterConfig, Method, StageInfo, merge_stage_records
 
 
 @dataclass
-class MoRAConfig(MethodConfig):
-    """Self-activated sparse mixture of rank-1 experts, growing stage by stage."""
+class MoRAConfig(AdapterConfig):
+    """Self-activated sparse mixture of rank-1 experts, growing stage by stage (r: new experts per layer and stage)."""
 
     name: str = "mora"
     """Always 'mora'."""
-    r: int = 8
-    """New rank-1 experts per adapted layer and stage."""
     top_k: int = 4
     """Experts active per token (over the whole bank)."""
     tau: float = 0.03
@@ -40,13 +38,11 @@ class MoRAConfig(MethodConfig):
     several times slower than a LoRA of the same total rank (loss 3.9 vs 2.7 after 24 steps of the built-in
     vocab stage, SmolLM2-135M, lr 1e-3); scale 4 learned as fast (2.3). Fixed for a run: the frozen experts
     were trained with it."""
-    target_modules: str | list[str] = "all-linear"
-    """Linear layers to adapt: 'all-linear' (not the LM head) or module-name suffixes."""
     prune_below: float = 0.0
     """At a stage's end, prune its experts selected for fewer than this fraction of tokens (0 = keep all)."""
 
     def check(self, key: KeyFn) -> None:
-        require(self.r > 0, key("r"), self.r, "a positive integer")
+        super().check(key)
         require(self.top_k > 0, key("top_k"), self.top_k, "a positive integer")
         require(self.tau > 0, key("tau"), self.tau, "a number > 0")
         require(0 <= self.threshold < 1, key("threshold"), self.threshold, "a number in [0, 1)")
@@ -55,16 +51,15 @@ class MoRAConfig(MethodConfig):
 
 @methods.register
 class MoRA(Method):
-    name = "mora"
     config_class = MoRAConfig
-    adapter = True
-    zero_stages = (1, 2)
-    zero_note = ("it grows and freezes expert banks by concatenating parameters between stages and prunes by "
-                 "statistics gathered in forward, which ZeRO-3 partitions; use ZeRO-2 or DDP")
+    zero_refused = {3: "it grows and freezes expert banks by concatenating parameters between stages and prunes by "
+                       "statistics gathered in forward, which ZeRO-3 partitions; use ZeRO-2 or DDP"}
 
     def __init__(self, config: MoRAConfig):
         super().__init__(config)
         self.records: list[dict[str, Any]] = []
+        self.layers: dict[str, mora_layers.MoRALinear] = {}
+        self.stage = -1  # the stage prepare() set up
 
     def _layer_config(self) -> dict[str, Any]:
         c = self.config
@@ -76,7 +71,8 @@ class MoRA(Method):
             p.requires_grad_(False)
         mora_layers.inject(model, c.target_modules, c.top_k, c.tau, c.threshold, c.scale)
         generator = torch.Generator().manual_seed(stage.seed)
-        for name, layer in sorted(mora_layers.layers(model).items()):
+        self.layers, self.stage = mora_layers.layers(model), stage.index
+        for name, layer in sorted(self.layers.items()):
             layer.add_experts(c.r, generator)
             layer.new_a.requires_grad_(True)
             layer.new_b.requires_grad_(True)
@@ -104,11 +100,22 @@ class MoRA(Method):
 
     def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo,
              state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        mora_layers.save(model, out_dir / "mora", self._layer_config())
-        return {"kind": "mora", "path": "mora", "merged": []}
+        return mora_layers.save_artifact(model, out_dir, self._layer_config())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"records": self.records}
+        # during a stage, the expert-selection counts so far: pruning and the activation record use them
+        counts = {name: {"counts": layer.counts.clone(), "tokens": layer.tokens}
+                  for name, layer in self.layers.items() if layer.track}
+        if not counts:  # between stages (end_stage consumed them)
+            return {"records": self.records}
+        return {"records": self.records, "selection": {"stage": self.stage, "layers": counts}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.records = list(state.get("records", []))
+        self.records = merge_stage_records(state.get("records", []), self.records)
+        selection = state.get("selection", {})
+        if selection.get("stage") != self.stage:  # counts of another stage (its end, or a branch before it)
+            return
+        for name, saved in selection["layers"].items():  # resuming this stage: the counts it had
+            layer = self.layers[name]
+            layer.counts.copy_(saved["counts"])
+            layer.tokens = int(saved["tokens"])

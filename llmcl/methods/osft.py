@@ -35,7 +35,7 @@ import torch
 from llmcl import methods
 from llmcl.config import KeyFn, require
 from llmcl.methods import arch
-from llmcl.methods.base import Method, MethodConfig, StageInfo
+from llmcl.methods.base import Method, MethodConfig, StageInfo, merge_stage_records
 
 
 @dataclass
@@ -109,11 +109,10 @@ def layer_similarity(model: torch.nn.Module, layers: list[torch.nn.Module], batc
 
 @methods.register
 class OSFT(Method):
-    name = "osft"
     config_class = OSFTConfig
-    zero_stages = ()
-    zero_note = ("it takes an SVD of every full weight matrix and edits gradients between backward and the "
-                 "optimizer step, which DeepSpeed fuses and shards; use DDP (accelerate launch without DeepSpeed)")
+    zero_refused = dict.fromkeys((1, 2, 3), (
+        "it takes an SVD of every full weight matrix and edits gradients between backward and the optimizer step, "
+        "which DeepSpeed fuses and shards; use DDP (accelerate launch without DeepSpeed)"))
 
     def __init__(self, config: OSFTConfig):
         super().__init__(config)
@@ -220,4 +219,4 @@ class OSFT(Method):
         return {"records": self.records}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.records = list(state.get("records", []))
+        self.records = merge_stage_records(state.get("records", []), self.records)

@@ -22,7 +22,6 @@ class SeqFTConfig(MethodConfig):
 
 @methods.register
 class SeqFT(Method):
-    name = "seqft"
     config_class = SeqFTConfig
 
     def prepare(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:

@@ -15,6 +15,45 @@ from typing import Any
 from llmcl.errors import LlmclError
 
 
+def mixed_precision(precision: str) -> str:
+    """Accelerate's mixed_precision for the recipe's train.precision (auto = bf16 where the GPU supports it)."""
+    import torch
+
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def make_accelerator(recipe: Any, run_dir: Any, *, fresh: bool = False) -> Any:
+    """The Accelerator a run trains with, from the recipe's precision, trackers and timeout and the launcher's
+    environment. `fresh` first forgets Accelerate's process-wide state, so that one process can train several
+    recipes one after another (tests, benchmarks)."""
+    from accelerate import Accelerator
+
+    if fresh:
+        import torch.distributed as dist
+
+        reset_accelerate(keep_processes=dist.is_available() and dist.is_initialized())
+    return Accelerator(
+        mixed_precision=mixed_precision(recipe.train.precision),
+        log_with=list(recipe.logging.trackers) or None,
+        project_dir=str(run_dir),
+        kwargs_handlers=accelerator_kwargs(recipe.distributed.timeout_minutes),
+        cpu=cpu_processes(),
+    )
+
+
+def reset_accelerate(*, keep_processes: bool = False) -> None:
+    """Forget Accelerate's process-wide singletons (the launch settings stay in the environment);
+    `keep_processes` keeps the process group of a launched job."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=not keep_processes)
+    GradientState._reset_state()
+    if not keep_processes:
+        PartialState._reset_state()
+
+
 def accelerator_kwargs(timeout_minutes: float) -> list[Any]:
     """Process-group settings: a collective timeout long enough for rank 0 to evaluate between stages."""
     from accelerate.utils import InitProcessGroupKwargs
@@ -56,11 +95,22 @@ def offloads(accelerator: Any) -> bool:
                for k in ("offload_optimizer", "offload_param"))
 
 
+def describe(accelerator: Any) -> str:
+    """How this run is distributed, for the ledger: no, multi_cpu, multi_gpu, deepspeed-zero2, ..."""
+    stage = zero_stage(accelerator)
+    return str(accelerator.distributed_type).split(".")[-1].lower() + (f"-zero{stage}" if stage else "")
+
+
+def step_checkpoints(accelerator: Any) -> bool:
+    """Whether a stage can be checkpointed between steps under this launch (not under DeepSpeed yet)."""
+    return deepspeed_plugin(accelerator) is None
+
+
 def check_method(accelerator: Any, method: Any) -> None:
     """Refuse a DeepSpeed ZeRO stage the method cannot work under, before any training."""
     stage = zero_stage(accelerator)
-    if stage is not None and stage not in method.zero_stages:
-        raise LlmclError(f"method {method.name!r} does not support DeepSpeed ZeRO-{stage}: {method.zero_note}")
+    if stage in method.zero_refused:
+        raise LlmclError(f"method {method.name!r} does not support DeepSpeed ZeRO-{stage}: {method.zero_refused[stage]}")
 
 
 def check_stage(accelerator: Any, cfg: Any, key: str) -> None:

@@ -1,4 +1,4 @@
-"""metrics.jsonl (always) and Accelerate's own trackers (TensorBoard, W&B) when the recipe asks.
+"""metrics.jsonl (always, through llmcl.rundir.metrics) and Accelerate's own trackers (TensorBoard, W&B) when the recipe asks.
 
 One JSON object per logged optimizer step: stage, stage_name, step (1-based within the stage),
 global_step (across stages: the step axis of the trackers), loss, lr, grad_norm, tokens, tokens_per_s.
@@ -6,9 +6,10 @@ global_step (across stages: the step axis of the trackers), loss, lr, grad_norm,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from llmcl.rundir import metrics as metrics_file
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -30,7 +31,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 class MetricsLog:
     def __init__(self, run_dir: Path, accelerator: Any, *, trackers: list[str], project: str, config: dict[str, Any]):
-        self.path = run_dir / "metrics.jsonl"
+        self.run_dir = run_dir
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.trackers = bool(trackers)
@@ -39,23 +40,12 @@ class MetricsLog:
 
     def truncate(self, stage: int, after_step: int) -> None:
         """Drop lines a resumed stage will write again (logged after its last checkpoint)."""
-        if not self.main or not self.path.exists():
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if rec.get("stage", -1) < stage or (rec.get("stage") == stage and rec.get("step", 0) <= after_step):
-                keep.append(line)
-        tmp = self.path.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        tmp.replace(self.path)
+        if self.main:
+            metrics_file.truncate(self.run_dir, stage, after_step)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.main:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            metrics_file.append(self.run_dir, record)
         if self.trackers:
             values = {f"train/{k}": v for k, v in record.items()
                       if isinstance(v, (int, float)) and k not in ("stage", "step", "global_step")}
@@ -66,9 +56,3 @@ class MetricsLog:
         if self.trackers:
             self.accelerator.end_training()
 
-
-def read(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

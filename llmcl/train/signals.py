@@ -14,7 +14,6 @@ import threading
 from typing import Any
 
 RESUMABLE_EXIT = 75  # EX_TEMPFAIL: the work is not done, rerun the same command to continue
-STOPPED_FILE = "stopped.json"  # written into the run dir when a signal stopped training (removed by the next run)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

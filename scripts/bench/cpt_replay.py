@@ -32,18 +32,11 @@ import yaml  # noqa: E402
 
 from llmcl import recipe as recipe_mod  # noqa: E402
 from llmcl.eval.hooks import EvalHooks  # noqa: E402
+from llmcl.train.distributed import make_accelerator  # noqa: E402
 from llmcl.train.loop import run  # noqa: E402
 from llmcl.train.progress import Display  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def base_recipe(args) -> dict:
@@ -58,10 +51,10 @@ def base_recipe(args) -> dict:
 
 
 def train(data: dict, run_dir: Path, stage: int) -> None:
-    _reset_accelerate()
     r = recipe_mod.from_dict(data)
     display = Display()
-    run(r, run_dir, only_stage=stage, display=display, hooks=EvalHooks(r, run_dir, display))
+    run(r, run_dir, only_stage=stage, display=display, hooks=EvalHooks(r, run_dir, display),
+        accelerator=make_accelerator(r, run_dir, fresh=True))
 
 
 def perplexities(run_dir: Path, row: str) -> dict[str, dict[str, float]]:

@@ -33,16 +33,9 @@ from llmcl.data import builtin  # noqa: E402
 from llmcl.data.formatting import pack  # noqa: E402
 from llmcl.models import load_base_model, load_tokenizer  # noqa: E402
 from llmcl.recipe import ModelConfig  # noqa: E402
+from llmcl.train.distributed import reset_accelerate  # noqa: E402
 
 LR = 1e-4
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def corpus(tmp: Path) -> Path:
@@ -62,10 +55,10 @@ def steady_rate(step_times: list[float], tokens_per_step: int, warmup: int) -> f
 
 
 def run_llmcl(model_path: str, data: Path, args, tmp: Path, rep: int) -> float:
+    from llmcl.train.distributed import make_accelerator
     from llmcl.train.loop import run
     from llmcl.train.progress import Display
 
-    _reset_accelerate()
     r = recipe_mod.from_dict({
         "name": "bench", "seed": 0, "model": {"path": model_path}, "method": {"name": "seqft"},
         "train": {"lr": LR, "max_steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len,
@@ -73,7 +66,7 @@ def run_llmcl(model_path: str, data: Path, args, tmp: Path, rep: int) -> float:
         "stages": [{"data": {"path": str(data), "format": "text"}}],
     })
     run_dir = tmp / f"llmcl-{model_path.replace(':', '_')}-{rep}"
-    run(r, run_dir, display=Display(enabled=False))
+    run(r, run_dir, display=Display(enabled=False), accelerator=make_accelerator(r, run_dir, fresh=True))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ends = [m["elapsed_s"] for m in metrics]
     return steady_rate(ends, args.batch * args.seq_len, args.warmup)
@@ -112,7 +105,7 @@ def run_bare(model_path: str, data: Path, args) -> float:
 def run_trainer(model_path: str, data: Path, args, tmp: Path) -> float:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    _reset_accelerate()
+    reset_accelerate()  # the Trainer makes its own Accelerator
     batches = _blocks(model_path, data, args)
     rows = [{"input_ids": row, "labels": row} for b in batches for row in b.tolist()]
     torch.manual_seed(0)

@@ -20,11 +20,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def main() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     from llmcl import recipe as recipe_mod
     from llmcl.eval.hooks import EvalHooks
     from llmcl.errors import LlmclError
+    from llmcl.train.distributed import make_accelerator
     from llmcl.train.loop import run
     from llmcl.train.progress import Display
 
@@ -33,13 +32,12 @@ def main() -> None:
         recipe_path, run_dir = pair.split(":", 1)
         try:
             recipe, display = recipe_mod.load(Path(recipe_path), []), Display(enabled=False)
-            run(recipe, Path(run_dir), display=display, hooks=EvalHooks(recipe, Path(run_dir), display))
+            run(recipe, Path(run_dir), display=display, hooks=EvalHooks(recipe, Path(run_dir), display),
+                accelerator=make_accelerator(recipe, run_dir, fresh=True))
             print(f"done: {run_dir}", flush=True)
             Path(f"{run_dir}.rank{rank}.done").touch()  # each rank says it finished (stdout may be rank 0's only)
         except LlmclError as exc:
             print(f"refused: {run_dir}: {exc}", flush=True)
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""Stage artifacts: the model a finished stage saved, written and loaded by manifest kind.
+
+A stage directory's manifest.json says how to rebuild its model without knowing which method wrote it:
+  {"kind": "full", "path": "stage-00-a/model"}                       a complete HF model directory
+  {"kind": "peft", "path": "stage-01-b/adapter", "merged": [...]}    a PEFT adapter over the recipe's base
+                                                                     model, after merging `merged` adapters
+  {"kind": "mora", "path": "stage-02-c/mora"}                        MoRA expert banks (llmcl.layers.mora)
+plus "stage", "method", "base_model", "seed" and, when an infinite schedule branched before its anneal,
+"continue" (the branch's own manifest). Paths are relative to the run directory.
+
+Each kind has a writer (a method's `save` calls it; it returns the manifest with "path" relative to the
+directory it wrote into) and a loader registered with `@loader(kind)` next to the writer: "full" and "peft"
+here, layer types of llmcl.layers in their own modules. `write_stage` lays out the stage directory atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from llmcl.errors import LlmclError
+from llmcl.rundir.atomic import save_tree, write_dir, write_json
+from llmcl.rundir.layout import (CONTINUE, MANIFEST, METHOD_STATE, OPTIMIZER, STAGE_INFO, branch_dir_name,
+                                 stage_dir_name)
+
+Loader = Callable[..., Any]
+LOADERS: dict[str, Loader] = {}
+
+
+def loader(kind: str) -> Callable[[Loader], Loader]:
+    """Register fn(run_dir, manifest, model_cfg, seed, trainable) -> model as the loader of `kind`."""
+
+    def register(fn: Loader) -> Loader:
+        if kind in LOADERS and LOADERS[kind] is not fn:
+            raise ValueError(f"artifact kind {kind!r} already has a loader ({LOADERS[kind].__module__})")
+        LOADERS[kind] = fn
+        return fn
+
+    return register
+
+
+def load(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, *, trainable: bool):
+    """Rebuild the model a finished stage saved, from its manifest (no method code involved)."""
+    import llmcl.layers  # noqa: F401  (registers the loaders of llmcl's own layer types)
+
+    kind = manifest["kind"]
+    if kind not in LOADERS:
+        raise LlmclError(f"unknown checkpoint kind {kind!r} in {run_dir}; was it written by a newer llmcl?")
+    model = LOADERS[kind](run_dir, manifest, model_cfg, seed, trainable)
+    if not trainable:
+        model.eval()
+    return model
+
+
+# -- full models -------------------------------------------------------------------------------------
+
+def save_full(model: Any, out_dir: Path, state_dict: dict | None = None) -> dict[str, Any]:
+    model.save_pretrained(out_dir / "model", state_dict=state_dict, safe_serialization=True)
+    return {"kind": "full", "path": "model"}
+
+
+@loader("full")
+def _load_full(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, trainable: bool):
+    from transformers import AutoModelForCausalLM
+
+    from llmcl.models import torch_dtype
+
+    return AutoModelForCausalLM.from_pretrained(run_dir / manifest["path"], dtype=torch_dtype(model_cfg.dtype),
+                                                trust_remote_code=model_cfg.trust_remote_code)
+
+
+# -- PEFT adapters -----------------------------------------------------------------------------------
+
+def save_peft(model: Any, out_dir: Path, merged: list[str], *, adapter: str | None = None,
+              state_dict: dict | None = None) -> dict[str, Any]:
+    """The PEFT adapter (`adapter`, default: all) over the base model after the `merged` adapters."""
+    kwargs = {"selected_adapters": [adapter]} if adapter else {}
+    model.save_pretrained(out_dir / "adapter", state_dict=state_dict, safe_serialization=True, **kwargs)
+    path = "adapter" if adapter in (None, "default") else f"adapter/{adapter}"  # PEFT's layout
+    return {"kind": "peft", "path": path, "merged": merged}
+
+
+@loader("peft")
+def _load_peft(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, trainable: bool):
+    from peft import PeftModel
+
+    from llmcl.models import load_base_model
+
+    model = load_base_model(model_cfg, seed)
+    for adapter in manifest.get("merged", []):
+        model = PeftModel.from_pretrained(model, run_dir / adapter).merge_and_unload()
+    return PeftModel.from_pretrained(model, run_dir / manifest["path"], is_trainable=trainable)
+
+
+# -- the stage directory -----------------------------------------------------------------------------
+
+def write_stage(run_dir: Path, index: int, name: str, *, artifact: Callable[[Path], dict[str, Any]], tokenizer: Any,
+                method_state: dict[str, Any], save_optimizer: Callable[[Path], None] | None = None,
+                stage_info: dict[str, Any] | None = None, manifest_extra: dict[str, Any] | None = None,
+                branch: bool = False) -> str:
+    """Write stage `index` (or, with `branch`, its pre-anneal branch) atomically; returns the stage dir name.
+
+    `artifact(dir)` writes the model and returns its manifest. A branch waits beside the stage directory and
+    moves into it (as continue/) when the stage itself is written."""
+    dirname = stage_dir_name(index, name)
+    pending = run_dir / branch_dir_name(index, name)
+    prefix = f"{dirname}/{CONTINUE}" if branch else dirname
+
+    def write(tmp: Path) -> None:
+        manifest = artifact(tmp)
+        tokenizer.save_pretrained(tmp / manifest["path"])
+        save_tree(method_state, tmp, METHOD_STATE)
+        if save_optimizer is not None:
+            save_optimizer(tmp / OPTIMIZER)
+        manifest["path"] = f"{prefix}/{manifest['path']}"
+        if not branch:
+            manifest.update(manifest_extra or {})
+            if pending.exists():  # the pre-anneal weights the next stage continues from
+                os.replace(pending, tmp / CONTINUE)
+                manifest[CONTINUE] = json.loads((tmp / CONTINUE / MANIFEST).read_text())
+            write_json(tmp / STAGE_INFO, stage_info or {})
+        write_json(tmp / MANIFEST, manifest)
+
+    write_dir(pending if branch else run_dir / dirname, write)
+    return dirname
+
+
+def has_branch(run_dir: Path, index: int, name: str) -> bool:
+    return (run_dir / branch_dir_name(index, name)).exists()
+
+
+def stage_origin(ledger: Any, index: int) -> tuple[dict[str, Any], Path | None]:
+    """(manifest, directory) stage `index` starts from: the base model for stage 0; else the previous stage's
+    checkpoint, or the pre-anneal branch it saved (whose directory then holds the method state to continue)."""
+    if index == 0:
+        return {"kind": "base"}, None
+    manifest = ledger.manifest(index - 1)
+    directory = ledger.run_dir / ledger.stage(index - 1)["checkpoint"]
+    if CONTINUE in manifest:
+        return manifest[CONTINUE], directory / CONTINUE
+    return manifest, directory

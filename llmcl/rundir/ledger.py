@@ -1,0 +1,100 @@
+"""ledger.json: which stages of a run are done, where their checkpoints are, and what they cost."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from llmcl.errors import LlmclError
+from llmcl.rundir.atomic import write_json
+from llmcl.rundir.layout import LEDGER, MANIFEST, RECIPE
+
+
+class Ledger:
+    """ledger.json: the single source of truth for which stages are done."""
+
+    def __init__(self, run_dir: Path, data: dict[str, Any]):
+        self.run_dir = run_dir
+        self.data = data
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / LEDGER
+
+    @classmethod
+    def open(cls, run_dir: Path, recipe: Any, *, write: bool = True) -> "Ledger":
+        """Open the run dir's ledger, creating the run dir (recipe.yaml first) if it is new.
+
+        An existing run dir must have been made by the same recipe (logging/eval may differ)."""
+        import yaml
+
+        from llmcl.recipe import comparable, dump, first_difference
+
+        recipe_path = run_dir / RECIPE
+        resolved = recipe.to_dict()
+        if recipe_path.exists():
+            stored = yaml.safe_load(recipe_path.read_text())
+            diff = first_difference(comparable(stored), comparable(resolved))
+            if diff is not None:
+                raise LlmclError(f"run dir {run_dir} was made by a different recipe (first difference at "
+                                 f"'{diff}'); use the same recipe and overrides, or a new --run-dir")
+        elif write:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = recipe_path.with_name(RECIPE + ".tmp")
+            tmp.write_text(dump(recipe))
+            os.replace(tmp, recipe_path)
+        if (run_dir / LEDGER).exists():
+            data = json.loads((run_dir / LEDGER).read_text())
+        else:
+            data = {"version": 1, "recipe": recipe.name, "stages": [
+                {"index": i, "name": s.name, "status": "pending"} for i, s in enumerate(recipe.stages)]}
+        ledger = cls(run_dir, data)
+        if write and not ledger.path.exists():
+            ledger.save()
+        return ledger
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "Ledger":
+        path = run_dir / LEDGER
+        if not path.exists():
+            raise LlmclError(f"{run_dir} is not an llmcl run directory (no {LEDGER})")
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data.get("stages"), list):
+                raise ValueError("no 'stages' list")
+        except (ValueError, AttributeError) as exc:
+            raise LlmclError(f"{path} is not a readable llmcl ledger ({exc})") from None
+        return cls(run_dir, data)
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+    def stage(self, index: int) -> dict[str, Any]:
+        return self.data["stages"][index]
+
+    def status(self, index: int) -> str:
+        """pending, running or done ('pending' for a stage the ledger does not list)."""
+        stages = self.data["stages"]
+        return stages[index].get("status", "pending") if index < len(stages) else "pending"
+
+    def is_done(self, index: int) -> bool:
+        entry = self.stage(index)
+        return entry["status"] == "done" and (self.run_dir / entry["checkpoint"] / MANIFEST).exists()
+
+    def done_stages(self) -> list[int]:
+        return [i for i in range(len(self.data["stages"])) if self.is_done(i)]
+
+    def steps_before(self, index: int) -> int:
+        """Optimizer steps of the stages before `index` (the global step axis continues across stages)."""
+        return sum(self.stage(j).get("steps", 0) for j in range(index))
+
+    def mark(self, index: int, status: str, **fields: Any) -> None:
+        entry = self.stage(index)
+        entry.update(fields)
+        entry["status"] = status
+        self.save()
+
+    def manifest(self, index: int) -> dict[str, Any]:
+        return json.loads((self.run_dir / self.stage(index)["checkpoint"] / MANIFEST).read_text())

@@ -1,0 +1,90 @@
+"""Step checkpoints (exact resume inside a stage) and optimizer state carried by parameter name across stages.
+
+A step checkpoint holds only what is not a pure function of (seed, stage, step): the trainable parameters,
+the optimizer state, the RNG state, the method state and the progress counters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmcl.errors import LlmclError
+from llmcl.rundir.atomic import load_tree, recover_dir, remove_dir, save_tree, write_dir, write_json
+from llmcl.rundir.layout import METHOD_STATE, STEP_DIR
+
+
+def save_step(run_dir: Path, *, stage: int, step: int, params: dict[str, torch.Tensor], optimizer_state: dict,
+              method_state: dict[str, Any], progress: dict[str, Any]) -> None:
+    """Everything needed to continue stage `stage` after optimizer step `step` bit for bit."""
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        save_tree(method_state, tmp, METHOD_STATE)
+        write_json(tmp / "state.json", {"stage": stage, "step": step, **progress})
+
+    write_dir(run_dir / STEP_DIR, write)
+
+
+def load_step(run_dir: Path, stage: int) -> dict[str, Any] | None:
+    """The step checkpoint of `stage`, or None (a checkpoint of another stage is stale and ignored)."""
+    directory = recover_dir(run_dir / STEP_DIR)
+    if directory is None:
+        return None
+    state = json.loads((directory / "state.json").read_text())
+    if state["stage"] != stage:
+        return None
+    return {
+        "state": state,
+        "params": load_file(str(directory / "trainable.safetensors")),
+        # written by this run; weights_only refuses anything but tensors and plain containers
+        "optimizer": torch.load(directory / "optimizer.pt", weights_only=True),
+        "rng": load_file(str(directory / "rng.safetensors")),
+        "method_state": load_tree(directory, METHOD_STATE),
+    }
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def clear_step(run_dir: Path) -> None:
+    remove_dir(run_dir / STEP_DIR)
+
+
+def save_optimizer_by_name(optimizer: Any, named: list, path: Path) -> None:
+    """The AdamW moments of every trainable parameter, keyed by parameter name (stages may differ in which
+    parameters train, so positions would not line up)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    by_id = {id(p): n for n, p in named}
+    state = {by_id[id(p)]: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in s.items()}
+             for p, s in inner.state.items() if id(p) in by_id}
+    torch.save(state, path)
+
+
+def load_optimizer_by_name(optimizer: Any, named: list, path: Path, device: Any) -> int:
+    """Restore saved moments into the parameters with the same name and shape; returns how many were restored."""
+    if not path.exists():
+        raise LlmclError(f"train.optimizer_state=keep, but the previous stage saved no optimizer state ({path}); "
+                         "it was trained before this setting was chosen")
+    saved = torch.load(path, weights_only=True)
+    restored = 0
+    for n, p in named:
+        s = saved.get(n)
+        if s is None or s.get("exp_avg") is None or s["exp_avg"].shape != p.shape:
+            continue
+        optimizer.state[p] = {k: (v.to(device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in s.items()}
+        restored += 1
+    return restored

@@ -1,0 +1,135 @@
+"""The step loop of one stage: every optimizer step from where the stage starts (or resumes) to its end.
+
+The examples of step s are a pure function of (seed, stage, s) and the lr is a pure function of s, so a step
+checkpoint holds only the trainable parameters, the optimizer, the RNG and the method state.
+
+The loss of a step is the mean over every trained token of the step, across micro-batches and ranks: the model
+gets the step's token count (num_items_in_batch), and the loss is multiplied by `scale` = grad_accum x
+processes before backward, undoing Accelerate's division by grad_accum and DDP's average over ranks. That is
+the one place the scaling happens; `StepInputs.scale` tells a method's extra loss terms about it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmcl.data.batching import collate, fetch
+from llmcl.methods.base import StepInputs
+from llmcl.rundir import artifacts
+from llmcl.rundir.steps import save_step
+from llmcl.schedules import lr_at
+from llmcl.train import distributed
+from llmcl.train.signals import Stopped
+from llmcl.train.stage import StageContext, save_model
+
+
+def train_steps(ctx: StageContext) -> None:
+    """Run the stage's optimizer steps; a stop signal saves a step checkpoint and raises Stopped."""
+    run, cfg, method, optimizer, model = ctx.run, ctx.cfg, ctx.method, ctx.optimizer, ctx.model
+    accelerator, total = run.accelerator, ctx.plan.steps
+    device, rank = accelerator.device, accelerator.process_index
+    scale = cfg.grad_accum * accelerator.num_processes
+    unwrapped = accelerator.unwrap_model(model)
+    params = [p for _, p in ctx.named]
+    window = _Window(device)
+    t_stage = time.perf_counter()
+    model.train()
+    for step in range(ctx.start, total):
+        if step == ctx.branch_at and not artifacts.has_branch(run.run_dir, ctx.index, ctx.name):
+            save_model(ctx, unwrapped, branch=True)
+        lr = lr_at(step, ctx.plan.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        items = ctx.batches.step_items(step)
+        n_items = sum(ctx.pools[src].label_count(j) for src, j in items)  # trained tokens of the whole step
+        window.replayed += sum(1 for src, _ in items if src)
+        for micro in range(cfg.grad_accum):
+            batch = collate(fetch(ctx.pools, ctx.batches.micro_items(step, micro, rank)), run.tokenizer.pad_token_id)
+            window.tokens += int(batch["attention_mask"].sum())
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
+                    loss = method.loss(StepInputs(batch, outputs, unwrapped, scale))
+                accelerator.backward(loss * scale)
+            window.loss += loss.detach()
+        method.after_backward(model)
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step(model)
+        window.steps += 1
+
+        done = step + 1
+        ctx.wall_seconds = ctx.wall_before + time.perf_counter() - t_stage
+        if done % cfg.log_every == 0 or done == total:
+            _log(ctx, window, done, lr, grad_norm)
+        saved = False
+        if cfg.save_every and done % cfg.save_every == 0 and done < total:
+            t_save = time.perf_counter()
+            _save_step(ctx, done)
+            window.t_log += time.perf_counter() - t_save  # tokens/s measures training, not checkpoint writes
+            saved = True
+        if run.stop is not None and done < total and (sig := run.stop.agreed(accelerator)) is not None:
+            _stop(ctx, sig, done, saved)  # SIGTERM/SIGUSR1 (preemption, time limit): checkpoint and leave
+    ctx.wall_seconds = ctx.wall_before + time.perf_counter() - t_stage
+
+
+@dataclass
+class _Window:
+    """What happened since the last metrics line."""
+
+    device: Any
+    loss: torch.Tensor = field(init=False)
+    tokens: int = 0
+    replayed: int = 0
+    steps: int = 0
+    t_log: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+
+
+def _log(ctx: StageContext, w: _Window, done: int, lr: float, grad_norm: Any) -> None:
+    run = ctx.run
+    totals = run.accelerator.reduce(torch.stack([w.loss, torch.tensor(float(w.tokens), device=w.device)]), "sum")
+    now = time.perf_counter()
+    ctx.tokens_done += int(totals[1])
+    record = {
+        "stage": ctx.index, "stage_name": ctx.name, "step": done,
+        "global_step": run.ledger.steps_before(ctx.index) + done,
+        "loss": float(totals[0]) / w.steps, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+        "tokens": ctx.tokens_done, "tokens_per_s": float(totals[1]) / max(now - w.t_log, 1e-9),
+        "replay_fraction": w.replayed / (w.steps * ctx.batches.global_batch),
+        "elapsed_s": ctx.wall_seconds,
+        **{f"{run.recipe.method.name}/{k}": v for k, v in ctx.method.step_metrics().items()},
+    }
+    run.metrics.log(record)
+    run.display.update(done, record["loss"], lr, record["tokens_per_s"])
+    w.loss.zero_()
+    w.tokens, w.replayed, w.steps, w.t_log = 0, 0, 0, now
+
+
+def _save_step(ctx: StageContext, done: int) -> None:
+    accelerator = ctx.run.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_step(ctx.run.run_dir, stage=ctx.index, step=done, params={n: p for n, p in ctx.named},
+                  optimizer_state=ctx.optimizer.state_dict(), method_state=ctx.method.state_dict(),
+                  progress={"tokens": ctx.tokens_done, "wall_seconds": ctx.wall_seconds})
+    accelerator.wait_for_everyone()
+
+
+def _stop(ctx: StageContext, sig: str, done: int, saved: bool) -> None:
+    where = f"step {done}/{ctx.plan.steps} of stage {ctx.index} ({ctx.name})"
+    if not distributed.step_checkpoints(ctx.run.accelerator):
+        raise Stopped(f"{sig}: stopped at {where}; under DeepSpeed the stage restarts from its beginning — rerun "
+                      "the same command", step_checkpoint=False)
+    if not saved:
+        _save_step(ctx, done)
+    raise Stopped(f"{sig}: stopped after {where} and saved a step checkpoint in {ctx.run.run_dir} — rerun the same "
+                  "command to resume")
