@@ -73,6 +73,15 @@ def _reset_accelerate():
     reset_accelerate()
 
 
+def untimed(tree):
+    """A method state without wall-clock measurements (OSFT records its SVD seconds), which no two runs share."""
+    if isinstance(tree, dict):
+        return {k: untimed(v) for k, v in tree.items() if not k.endswith("_seconds")}
+    if isinstance(tree, list):
+        return [untimed(v) for v in tree]
+    return tree
+
+
 def run_cli(*args: str):
     from click.testing import CliRunner
 

@@ -222,3 +222,19 @@ def test_mora_prunes_rarely_selected_experts_and_logs_it(tmp_path):
     assert record["pruned"] > 0 and record["kept"] + record["pruned"] == 14 * 8
     bank = load_file(str(run / "stage-00-facts" / "mora" / "mora_model.safetensors"))
     assert sum(v.shape[0] for k, v in bank.items() if k.endswith("bank_a")) == record["kept"]
+
+
+def test_mora_pre_anneal_branch_holds_the_experts_trained_so_far(tmp_path):
+    """An infinite schedule saves the weights before its anneal for the next stage to continue from: for MoRA
+    that must include the stage's new experts, which are frozen into the bank only at the stage's end."""
+    recipe = write_recipe(tmp_path / "r.yaml", method={"name": "mora", "r": 2},
+                          train={"lr": 1e-3, "max_steps": 4, "batch_size": 4, "seq_len": 48, "warmup": 0,
+                                 "schedule": "infinite", "cooldown": 0, "anneal": 1})
+    assert run_cli("train", str(recipe), "--run-dir", str(tmp_path / "run")).exit_code == 0
+    stage0 = tmp_path / "run" / "stage-00-facts"
+    branch = load_file(str(stage0 / "continue" / "mora" / "mora_model.safetensors"))
+    final = load_file(str(stage0 / "mora" / "mora_model.safetensors"))
+    name = next(k for k in branch if k.endswith(".bank_a"))
+    assert branch[name].shape == final[name].shape == (2, final[name].shape[1])  # the stage's 2 experts
+    b = name.replace("bank_a", "bank_b")
+    assert branch[b].abs().sum() > 0 and not torch.equal(branch[b], final[b])  # trained, then one more step

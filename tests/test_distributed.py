@@ -15,7 +15,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli, write_recipe
+from conftest import untimed, REPO, run_cli, write_recipe
+from llmcl import methods as method_registry
 
 DRIVER = REPO / "tests" / "helpers" / "dist_driver.py"
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -47,8 +48,10 @@ def _recipe(tmp_path, method, per_rank_batch, stage1_accum=False):
                                "warmup": 0}, **extra)
 
 
-def _launch(config, pairs, processes, tmp_path):
+def _launch(config, pairs, processes, tmp_path, dump_ranks=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    if dump_ranks:
+        env["LLMCL_DUMP_RANKS"] = "1"
     cmd = ACCELERATE + ["--config_file", str(REPO / "recipes" / "accelerate" / f"{config}.yaml"),
                         "--num_processes", str(processes), "--main_process_port", "0", str(DRIVER),
                         *[f"{r}:{d}" for r, d in pairs]]
@@ -96,16 +99,32 @@ def _check_same_training(ref, run, loss_tol, weight_tol):
     assert [s["status"] for s in ledger["stages"]] == ["done", "done"]
 
 
+def _agreement_recipes(tmp_path):
+    """Every registered method with its default options (adaptive OSFT included), and MoRA pruning by counts."""
+    cases = [(m, {}) for m in sorted(method_registry.REGISTRY)] + [("mora", {"prune_below": 0.2})]
+    return [(write_recipe(tmp_path / f"agree-{m}-{len(o)}.yaml", method={"name": m, **o},
+                          train={"lr": 1e-3, "max_steps": STEPS, "batch_size": 2, "seq_len": 48, "warmup": 0}),
+             tmp_path / f"agree-{m}-{len(o)}") for m, o in cases]
+
+
 def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, references):
-    """2 gloo processes x 2 samples = 1 process x 4 samples: the same data, so the same losses (float tolerance)."""
+    """2 gloo processes x 2 samples = 1 process x 4 samples: the same data, so the same losses (float tolerance).
+    In the same launch, every registered method with its defaults: after every stage each rank holds bitwise the
+    same trainable weights and method state (statistics a method decides from are reduced over the ranks)."""
     variants = SUPPORTED["ddp_cpu"] + ["seqft_replay_eval"]
     pairs = [(_recipe(tmp_path, m, 2), tmp_path / f"ddp-{m}") for m in variants]
-    _launch("ddp_cpu", pairs, 2, tmp_path)
+    agreement = _agreement_recipes(tmp_path)
+    _launch("ddp_cpu", pairs + agreement, 2, tmp_path, dump_ranks=True)
+    for _, run in agreement:
+        for stage in (0, 1):
+            dumps = [json.loads((run.parent / f"{run.name}.rank{r}.stage{stage}.json").read_text()) for r in (0, 1)]
+            assert dumps[0]["params"] and dumps[0]["params"] == dumps[1]["params"], (run.name, stage)
+            assert untimed(dumps[0]["method_state"]) == untimed(dumps[1]["method_state"]), (run.name, stage)
     for _, run in pairs:  # both ranks finish every run
         assert (run.parent / f"{run.name}.rank0.done").exists() and (run.parent / f"{run.name}.rank1.done").exists()
     for m in variants:
         run = tmp_path / f"ddp-{m}"
-        if m == "ilora":  # each rank keeps its own reservoir of the samples it saw: replay differs by design
+        if m == "ilora":  # one reservoir, but each rank draws its own replay samples from it: replay differs
             a, b = _losses(references[m]), _losses(run)
             assert len(a) == len(b) and a[0] == pytest.approx(b[0], abs=1e-4)  # no replay before the first step
             assert all(abs(x - y) < 0.05 * x for x, y in zip(a, b)), (a, b)  # the replay terms weigh the same
@@ -258,3 +277,23 @@ def test_deepspeed_auto_values_are_filled_per_stage_from_the_launched_config():
     fixed.state.deepspeed_plugin = _FakePlugin({"train_micro_batch_size_per_gpu": 3})
     with pytest.raises(LlmclError, match="train_micro_batch_size_per_gpu=3 but the recipe's stage needs 8"):
         distributed.configure_stage(fixed, stage0)
+
+
+@pytest.mark.parametrize("name", sorted(method_registry.REGISTRY))
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_deepspeed_zero_stages_a_method_cannot_work_under_are_refused_before_training(name, zero):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from llmcl.errors import LlmclError
+    from llmcl.train import distributed
+
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=zero)))
+    method = method_registry.get(name)
+    if zero == 0 or zero in method.zero_refused:  # ZeRO-0 shards nothing: DDP does the same, tested
+        with pytest.raises(LlmclError, match=f"ZeRO-{zero}"):
+            distributed.check_method(accelerator, method)
+    else:
+        distributed.check_method(accelerator, method)

@@ -243,3 +243,37 @@ def test_train_precision_decides_the_dtype_of_the_forward_pass(precision, tiny_r
     gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     expected = torch.bfloat16 if precision == "bf16" or (precision == "auto" and gpu_bf16) else torch.float32
     assert out.dtype == expected
+
+
+def test_a_finished_stage_is_freed_before_it_is_evaluated_and_the_next_loads(tmp_path, monkeypatch):
+    """Nothing of a stage (weights, optimizer, method) stays in memory once it is saved: evaluation and the next
+    stage's model would otherwise need twice the memory on a GPU."""
+    import gc
+    import weakref
+
+    from llmcl.train import loop
+    from llmcl.train.progress import Display
+
+    refs = []
+    real_finish = loop.finish_stage
+
+    def finish(ctx):
+        refs.append(weakref.ref(ctx.named[0][1]))
+        real_finish(ctx)
+
+    monkeypatch.setattr(loop, "finish_stage", finish)
+
+    class Hooks:
+        alive: list[bool] = []
+
+        def on_start(self, accelerator, ledger):
+            pass
+
+        def on_stage_end(self, index, accelerator, ledger):
+            gc.collect()
+            self.alive.append(refs[-1]() is not None)
+
+    hooks = Hooks()
+    loop.run(recipe.load(write_recipe(tmp_path / "r.yaml")), tmp_path / "run", display=Display(enabled=False),
+             hooks=hooks)
+    assert hooks.alive == [False, False]

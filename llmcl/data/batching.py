@@ -118,8 +118,6 @@ class BatchPlan:
     def micro_indices(self, step: int, micro: int, rank: int) -> list[int]:
         return [j for _, j in self.micro_items(step, micro, rank)]
 
-    def steps_per_epoch(self) -> float:
-        return self.n_examples / (self.global_batch * (1 - (self.replay_ratio if self.replaying else 0.0)))
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

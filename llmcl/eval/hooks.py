@@ -61,7 +61,7 @@ class EvalHooks:
         last = rep.row_stage[-1]
         if last is None or not accelerator.trackers:
             return
-        step = sum(ledger.stage(j).get("steps", 0) for j in range(last + 1))
+        step = ledger.steps_before(last + 1)
         values = {f"eval/{c.label}": v for c, v in zip(rep.columns, rep.values[-1]) if v is not None}
         values.update({f"cl/{k}": v for k, v in rep.summary.items() if v is not None})
         accelerator.log(values, step=step)

@@ -46,7 +46,8 @@ class MoRALinear(nn.Module):
         self.new_a = nn.Parameter(torch.empty(0, base.in_features, dtype=dtype, device=device))
         self.new_b = nn.Parameter(torch.empty(base.out_features, 0, dtype=dtype, device=device))
         self.track = False
-        self.counts = torch.zeros(0)
+        # selections per expert while track is on, since the method last collected them (on the device)
+        self.counts = torch.zeros(0, dtype=torch.int64, device=device)
         self.tokens = 0
 
     @property
@@ -78,7 +79,7 @@ class MoRALinear(nn.Module):
         self.new_b = nn.Parameter(self.new_b.data[:, :0])
 
     def reset_stats(self) -> None:
-        self.counts = torch.zeros(self.n_experts)
+        self.counts = torch.zeros(self.n_experts, dtype=torch.int64, device=self.base.weight.device)
         self.tokens = 0
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +95,8 @@ class MoRALinear(nn.Module):
         w = torch.zeros_like(z).scatter(-1, idx, w_top)
         if self.track:
             with torch.no_grad():
-                self.counts += torch.bincount(idx.reshape(-1).cpu(), minlength=z.shape[-1])[: z.shape[-1]].float()
+                flat = idx.reshape(-1)  # counted on the device: no host sync in the forward pass
+                self.counts.index_add_(0, flat, torch.ones_like(flat))
                 self.tokens += idx.numel() // k
         return z, w
 
@@ -141,13 +143,14 @@ def layers(model: nn.Module) -> dict[str, MoRALinear]:
 
 
 def save_artifact(model: nn.Module, out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """Write the expert banks into out_dir/mora; returns the stage manifest."""
+    """Write every expert of every layer into out_dir/mora as its bank (the frozen bank, then a stage's new
+    experts when the stage has not ended: the pre-anneal branch of an infinite schedule); returns the manifest."""
     directory = out_dir / "mora"
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, m in layers(model).items():
-        tensors[f"{name}.bank_a"] = m.bank_a.detach().cpu().contiguous()
-        tensors[f"{name}.bank_b"] = m.bank_b.detach().cpu().contiguous()
+        tensors[f"{name}.bank_a"] = torch.cat([m.bank_a, m.new_a]).detach().cpu().contiguous()
+        tensors[f"{name}.bank_b"] = torch.cat([m.bank_b, m.new_b], 1).detach().cpu().contiguous()
     save_file(tensors, str(directory / "mora_model.safetensors"))
     (directory / "mora_config.json").write_text(json.dumps({**config, "targets": sorted(layers(model))}, indent=2))
     return {"kind": "mora", "path": "mora", "merged": []}

@@ -92,9 +92,14 @@ class StageInfo:
     batches: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
     """Calibration batches of the stage's training data, in training order (for SVDs, statistics)."""
     rank: int = 0
-    """This process's rank (per-rank randomness, e.g. replay buffers)."""
+    """This process's rank (per-rank randomness, e.g. which replay samples a rank draws)."""
     world_size: int = 1
     """Number of processes."""
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    """Sum a tensor (on the model's device) over every rank; every rank must call it at the same point. Statistics
+    a method decides from (layer importance, expert counts) go through it, so every rank decides the same."""
+    gather: Callable[[Any], list[Any]] = lambda obj: [obj]
+    """Every rank's `obj` (any picklable value), in rank order; every rank must call it at the same point."""
 
 
 @dataclass

@@ -5,8 +5,8 @@ two LoRA learners over one frozen base model.
   slow learner  PEFT adapter "default", follows the fast one by interpolation after every optimizer step:
                 theta_slow <- lam_k * theta_slow + (1 - lam_k) * theta_fast,  lam_k = min(lam, 1 - 1/(k+1))
                 (k counts optimizer steps over the whole run, so the warm-up happens once)
-  replay        a reservoir buffer over every training sample seen so far (all stages, `buffer_size`),
-                saved with the method state; each step also trains on a replay batch as large as the current one
+  replay        a reservoir buffer over every training sample seen so far (all stages, every rank: one
+                reservoir, the same on every rank; `buffer_size`), saved with the method state; each step also trains on a replay batch as large as the current one
   loss          cross-entropy on the current and the replay samples + consistency x the mean squared
                 difference between the fast and the slow learner's hidden states on the replay samples, over all
                 layers, padding masked out (the slow pass runs without gradient)
@@ -83,7 +83,8 @@ class ILora(Method):
         self.fast: dict[str, torch.nn.Parameter] = {}
         self.slow: dict[str, torch.nn.Parameter] = {}
         self.rank, self.seed = 0, 0
-        self._metrics: dict[str, float] = {}
+        self.gather: Any = lambda obj: [obj]
+        self._metrics: dict[str, torch.Tensor] = {}  # read when a metrics line is written, not every step
 
     # -- set-up ---------------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
@@ -94,6 +95,8 @@ class ILora(Method):
             model = get_peft_model(model, lora, adapter_name=SLOW)
         if FAST not in model.peft_config:
             model.add_adapter(FAST, lora)
+            # where the base model is (PEFT leaves a second adapter on the CPU when the base is on `meta`)
+            model.to(next(p for n, p in model.named_parameters() if f".{FAST}." not in n).device)
         model.set_adapter(FAST)
         params = dict(model.named_parameters())
         self.fast = {n: p for n, p in params.items() if f".{FAST}." in n}
@@ -105,7 +108,7 @@ class ILora(Method):
                     self.slow[n.replace(f".{FAST}.", f".{SLOW}.")].copy_(p)
         for p in self.slow.values():
             p.requires_grad_(False)
-        self.rank, self.seed = stage.rank, stage.seed
+        self.rank, self.seed, self.gather = stage.rank, stage.seed, stage.gather
         return model
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -113,16 +116,19 @@ class ILora(Method):
 
     # -- replay ---------------------------------------------------------------------------------------
     def _offer(self, batch: dict[str, torch.Tensor]) -> None:
-        """Reservoir sampling over every sample seen: the n-th replaces a random slot with chance size/(n+1)."""
+        """Reservoir sampling over every sample seen, by every rank (one reservoir, the same on every rank):
+        the n-th sample replaces a random slot with chance size/(n+1)."""
         size = self.config.buffer_size
         ids, labels, mask = (batch[k].detach().cpu() for k in ("input_ids", "labels", "attention_mask"))
+        mine = []
         for row in range(ids.shape[0]):
             n = int(mask[row].sum())
-            example = Example(ids[row, :n].tolist(), labels[row, :n].tolist())
+            mine.append((ids[row, :n].tolist(), labels[row, :n].tolist()))
+        for example in (Example(*e) for rows in self.gather(mine) for e in rows):  # rank 0's rows first
             if len(self.buffer) < size:
                 self.buffer.append(example)
             else:
-                j = random.Random(f"llmcl-ilora-reservoir:{self.seed}:{self.rank}:{self.seen}").randrange(self.seen + 1)
+                j = random.Random(f"llmcl-ilora-reservoir:{self.seed}:0:{self.seen}").randrange(self.seen + 1)
                 if j < size:
                     self.buffer[j] = example
             self.seen += 1
@@ -152,13 +158,13 @@ class ILora(Method):
                 for p in self.slow.values():
                     p.requires_grad_(False)
         consistency = masked_hidden_mse(fast_out.hidden_states, slow_out.hidden_states, replay["attention_mask"])
-        self._metrics = {"consistency": float(consistency.detach()), "replay_ce": float(fast_out.loss.detach())}
+        self._metrics = {"consistency": consistency.detach(), "replay_ce": fast_out.loss.detach()}
         # the replay terms are means over this micro-batch's replay samples: StepInputs.scale makes them a mean
         # over the step's micro-batches and ranks, like outputs.loss
         return step.outputs.loss + (fast_out.loss + self.config.consistency * consistency) / step.scale
 
     def step_metrics(self) -> dict[str, float]:
-        return dict(self._metrics)
+        return {k: float(v) for k, v in self._metrics.items()}
 
     # -- the slow learner ---------------------------------------------------------------------------------
     def lam(self, k: int) -> float:

@@ -60,6 +60,9 @@ class MoRA(Method):
         self.records: list[dict[str, Any]] = []
         self.layers: dict[str, mora_layers.MoRALinear] = {}
         self.stage = -1  # the stage prepare() set up
+        # per layer: how often each expert was selected this stage, over every rank, then the token count
+        self.selection: dict[str, torch.Tensor] = {}
+        self.reduce_sum: Any = lambda t: t
 
     def _layer_config(self) -> dict[str, Any]:
         c = self.config
@@ -71,19 +74,37 @@ class MoRA(Method):
             p.requires_grad_(False)
         mora_layers.inject(model, c.target_modules, c.top_k, c.tau, c.threshold, c.scale)
         generator = torch.Generator().manual_seed(stage.seed)
-        self.layers, self.stage = mora_layers.layers(model), stage.index
+        self.layers, self.stage, self.reduce_sum = mora_layers.layers(model), stage.index, stage.reduce_sum
         for name, layer in sorted(self.layers.items()):
             layer.add_experts(c.r, generator)
             layer.new_a.requires_grad_(True)
             layer.new_b.requires_grad_(True)
             layer.track = True
+        self.selection = {name: torch.zeros(layer.n_experts + 1, dtype=torch.int64, device=layer.counts.device)
+                          for name, layer in self.layers.items()}
         return model
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        """Collect the layers' selection counts of this step from every rank (one small all-reduce): every rank
+        holds the same statistics, so every rank prunes the same experts and a step checkpoint holds them all."""
+        tracked = [(name, layer) for name, layer in self.layers.items() if layer.track]
+        if not tracked:
+            return
+        step = self.reduce_sum(torch.cat([torch.cat([layer.counts, layer.counts.new_tensor([layer.tokens])])
+                                          for _, layer in tracked]))
+        offset = 0
+        for name, layer in tracked:
+            n = layer.n_experts + 1
+            self.selection[name] += step[offset:offset + n]
+            offset += n
+            layer.reset_stats()
 
     def end_stage(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
         """Record activation statistics, prune rarely selected new experts, freeze the rest into the bank."""
         pruned, kept, freq_all = 0, 0, {}
         for name, layer in mora_layers.layers(model).items():
-            freq = layer.counts / max(layer.tokens, 1)
+            counts, tokens = self.selection[name][:-1], int(self.selection[name][-1])
+            freq = counts / max(tokens, 1)
             new_freq = freq[layer.n_bank:]
             keep = (new_freq >= self.config.prune_below).nonzero().flatten() if self.config.prune_below else None
             n_new = layer.new_a.shape[0]
@@ -94,6 +115,7 @@ class MoRA(Method):
             layer.freeze(keep)
             layer.track = False
             layer.reset_stats()
+        self.selection = {}
         self.records = [r for r in self.records if r["stage"] != stage.index]
         self.records.append({"stage": stage.index, "kept": kept, "pruned": pruned, "activation_frequency": freq_all})
         return model
@@ -103,19 +125,16 @@ class MoRA(Method):
         return mora_layers.save_artifact(model, out_dir, self._layer_config())
 
     def state_dict(self) -> dict[str, Any]:
-        # during a stage, the expert-selection counts so far: pruning and the activation record use them
-        counts = {name: {"counts": layer.counts.clone(), "tokens": layer.tokens}
-                  for name, layer in self.layers.items() if layer.track}
-        if not counts:  # between stages (end_stage consumed them)
+        if not self.selection:  # between stages (end_stage consumed the counts)
             return {"records": self.records}
-        return {"records": self.records, "selection": {"stage": self.stage, "layers": counts}}
+        # during a stage, the selection counts so far: pruning and the activation record use them
+        return {"records": self.records, "selection": {"stage": self.stage,
+                                                       "counts": {n: c.clone() for n, c in self.selection.items()}}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.records = merge_stage_records(state.get("records", []), self.records)
         selection = state.get("selection", {})
         if selection.get("stage") != self.stage:  # counts of another stage (its end, or a branch before it)
             return
-        for name, saved in selection["layers"].items():  # resuming this stage: the counts it had
-            layer = self.layers[name]
-            layer.counts.copy_(saved["counts"])
-            layer.tokens = int(saved["tokens"])
+        for name, counts in selection["counts"].items():  # resuming this stage: the counts it had
+            self.selection[name].copy_(counts)

@@ -13,7 +13,8 @@ After (2), U_k^T W and W V_k do not change over the stage (up to float rounding)
 
 k per matrix = round(r x min(m, n)), with the preserved ratio r chosen per decoder layer:
   adaptive  layer importance = mean cosine similarity between the layer's input and output hidden states on
-            calibration batches of the stage's data (padding masked), min-max normalised across layers, mapped
+            calibration batches of the stage's data (padding masked; every rank's batches, so that every rank
+            protects the same directions), min-max normalised across layers, mapped
             to r = min_ratio + importance x (max_ratio - min_ratio). `importance: similarity` protects layers
             that change their input least the most (our reading of the paper); `change` uses 1 - similarity.
   uniform   r = uniform_ratio for every layer.
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -75,8 +76,10 @@ class OSFTConfig(MethodConfig):
                     self.stage_ratios, "a non-empty list of fractions in [0, 1)")
 
 
-def layer_similarity(model: torch.nn.Module, layers: list[torch.nn.Module], batches: list[dict]) -> list[float]:
-    """Mean cosine similarity between each decoder layer's input and output hidden states (non-pad tokens)."""
+def layer_similarity(model: torch.nn.Module, layers: list[torch.nn.Module], batches: list[dict],
+                     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> list[float]:
+    """Mean cosine similarity between each decoder layer's input and output hidden states (non-pad tokens), over
+    the batches of every rank (`reduce_sum` sums over ranks: every rank then protects the same directions)."""
     sums = [0.0] * len(layers)
     count = 0
     mask_holder: dict[str, torch.Tensor] = {}
@@ -104,6 +107,8 @@ def layer_similarity(model: torch.nn.Module, layers: list[torch.nn.Module], batc
         for h in handles:
             h.remove()
         model.train(was_training)
+    total = reduce_sum(torch.tensor(sums + [float(count)], dtype=torch.float64, device=device)).tolist()
+    sums, count = total[:-1], total[-1]
     return [s / max(count, 1) for s in sums]
 
 
@@ -139,7 +144,7 @@ class OSFT(Method):
                     batches.append(b)
                     if len(batches) >= cfg.calibration_batches:
                         break
-            sim = layer_similarity(model, layers, batches)
+            sim = layer_similarity(model, layers, batches, stage.reduce_sum)
             score = sim if cfg.importance == "similarity" else [1 - s for s in sim]
             lo, hi = min(score), max(score)
             importance = [(s - lo) / (hi - lo) if hi > lo else 0.5 for s in score]

@@ -1,4 +1,5 @@
-"""The names of everything in a run directory (one place, so no module spells a path of its own)."""
+"""The names of the files and directories at the top of a run directory and of a stage directory (what is
+inside eval/ and report/ is named by llmcl.eval)."""
 
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""Training: the explicit Accelerate loop, LR schedules, checkpoints and the run ledger, progress and metrics."""
+"""Training: the stage plan, the explicit Accelerate loop (build, steps, finish), the launcher's settings,
+metrics, progress and stop signals. The run directory itself belongs to llmcl.rundir."""

@@ -95,6 +95,15 @@ def offloads(accelerator: Any) -> bool:
                for k in ("offload_optimizer", "offload_param"))
 
 
+def collectives(accelerator: Any) -> dict[str, Any]:
+    """The cross-rank operations a method may use (StageInfo.reduce_sum and gather); the identity on one process."""
+    if accelerator.num_processes == 1:
+        return {}
+    from accelerate.utils import gather_object
+
+    return {"reduce_sum": lambda t: accelerator.reduce(t, "sum"), "gather": lambda obj: gather_object([obj])}
+
+
 def describe(accelerator: Any) -> str:
     """How this run is distributed, for the ledger: no, multi_cpu, multi_gpu, deepspeed-zero2, ..."""
     stage = zero_stage(accelerator)
@@ -109,6 +118,9 @@ def step_checkpoints(accelerator: Any) -> bool:
 def check_method(accelerator: Any, method: Any) -> None:
     """Refuse a DeepSpeed ZeRO stage the method cannot work under, before any training."""
     stage = zero_stage(accelerator)
+    if stage == 0:
+        raise LlmclError("DeepSpeed ZeRO-0 shards nothing and is not supported: use DDP (accelerate launch without "
+                         "DeepSpeed) or ZeRO-2/3")
     if stage in method.zero_refused:
         raise LlmclError(f"method {method.name!r} does not support DeepSpeed ZeRO-{stage}: {method.zero_refused[stage]}")
 

@@ -60,18 +60,21 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
     done = ledger.done_stages()
     result = RunResult(run_dir, already_done=done)
     todo = _stages_to_train(recipe, run_dir, only_stage, done, display)
-    if hooks is not None:
-        hooks.on_start(accelerator, ledger)
     if not todo:
+        if hooks is not None:
+            hooks.on_start(accelerator, ledger)
         return result
     if done:
         display.message(f"{run_dir}: stages {', '.join(map(str, done))} already done")
 
-    # 2) what the launch cannot do, and every stage's steps and schedule: refused now, not after earlier stages
+    # 2) what the launch cannot do, and every stage's steps and schedule: refused now, before the base model is
+    #    evaluated and before any stage trains
     distributed.check_method(accelerator, methods.get(recipe.method.name))
     for j in range(n):
         distributed.check_stage(accelerator, recipe.stage_train(j), train_key(recipe, j))
-    ctx = run_context(recipe, run_dir, accelerator, ledger, display, stop)
+    ctx = run_context(recipe, run_dir, accelerator, ledger, display, stop, upto=max(todo))
+    if hooks is not None:
+        hooks.on_start(accelerator, ledger)
 
     # 3) train the stages in order
     if accelerator.is_main_process:
@@ -85,6 +88,7 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
             stage = build_stage(ctx, i)
             train_steps(stage)
             finish_stage(stage)
+            del stage  # nothing of a finished stage stays in memory while it is evaluated and the next one loads
             result.trained.append(i)
             if hooks is not None:
                 hooks.on_stage_end(i, accelerator, ledger)
@@ -98,11 +102,14 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
 
 
 def run_context(recipe: Recipe, run_dir: Path, accelerator: Any, ledger: Ledger, display: Display,
-                stop: StopSignals | None = None) -> RunContext:
-    """What the stages of a run share: the tokenizer, every stage's plan, the metrics log."""
+                stop: StopSignals | None = None, upto: int | None = None) -> RunContext:
+    """What the stages of a run share: the tokenizer, every stage's plan, the metrics log. Stages after `upto`
+    (a `--stage N` job) are planned only where that needs no data."""
     tokenizer = load_tokenizer(recipe.model)
 
-    def pool_size(j: int) -> int:  # only stages that train for epochs need it
+    def pool_size(j: int) -> int | None:  # only stages that train for epochs need it
+        if upto is not None and j > upto:
+            return None
         with accelerator.main_process_first():
             return len(build_pool(recipe.stages[j].data, tokenizer, recipe.stage_train(j).seq_len, recipe.seed,
                                   run_dir / CACHE)[0])

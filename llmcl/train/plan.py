@@ -55,11 +55,12 @@ def needs_pool_size(recipe: Any, index: int) -> bool:
 
 
 def plan_stages(recipe: Any, world: int = 1,
-                pool_size: Callable[[int], int] | None = None) -> list[StagePlan | None]:
+                pool_size: Callable[[int], int | None] | None = None) -> list[StagePlan | None]:
     """Every stage's plan, in order; raises LlmclError (naming the recipe keys) for a schedule that does not fit.
 
     `pool_size(i)` gives stage i's training pool size, needed only by stages that train for epochs; without
-    it their plan is None (and a following stage that re-warms from their final lr starts from 0 instead)."""
+    it (or when it gives None) their plan is None (and a following stage that re-warms from their final lr
+    starts from 0 in this plan)."""
     plans: list[StagePlan | None] = []
     previous: StagePlan | None = None
     for i in range(len(recipe.stages)):

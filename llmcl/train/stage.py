@@ -128,16 +128,19 @@ def build_stage(run: RunContext, i: int) -> StageContext:
             yield collate(fetch(pools, batches.micro_items(s, 0, rank)), tokenizer.pad_token_id)
 
     # 2) model: the base model for stage 0, else what the previous stage saved (or the pre-anneal branch of an
-    #    infinite schedule); then the method, prepared and given the state the previous stage left
+    #    infinite schedule), on the training device; then the method, prepared there (its bases, masks and
+    #    banks are made on the parameters' device, its SVDs run there) and given the state the previous stage left
     origin, prev_dir = artifacts.stage_origin(run.ledger, i)
     with accelerator.main_process_first():  # rank 0 builds caches (SmolLM2 dequantization) first
         if prev_dir is None:
             model = load_base_model(recipe.model, recipe.seed)
         else:
             model = artifacts.load(run.run_dir, origin, recipe.model, recipe.seed, trainable=True)
+    model.to(device)
     method = methods.create(recipe.method)
     info = StageInfo(index=i, name=stage.name, num_stages=len(recipe.stages), max_steps=plan.steps,
-                     seed=recipe.seed + i, origin=origin, batches=calibration_batches, rank=rank, world_size=world)
+                     seed=recipe.seed + i, origin=origin, batches=calibration_batches, rank=rank, world_size=world,
+                     **distributed.collectives(accelerator))
     model = method.prepare(model, info)
     if prev_dir is not None:
         method.load_state_dict(load_tree(prev_dir, METHOD_STATE))
@@ -146,7 +149,6 @@ def build_stage(run: RunContext, i: int) -> StageContext:
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    model.to(device)
     parameters = count_parameters(model)
 
     # 3) optimizer over what the method trains: fresh moments, or the previous stage's (optimizer_state: keep)

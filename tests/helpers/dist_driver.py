@@ -6,6 +6,9 @@ does (evaluation hooks included).
 One launch per distributed configuration instead of one per (method, configuration): the launcher and the
 DeepSpeed import are the slow part. Exit 0 only when every run finishes; a refusal (LlmclError) is printed as
 "refused: <message>" and the next recipe runs.
+
+With LLMCL_DUMP_RANKS=1 every rank writes, at the end of every stage (before it is saved), a digest of its
+trainable parameters and its method state to RUN_DIR.rank<R>.stage<I>.json: ranks that drifted apart differ.
 """
 
 from __future__ import annotations
@@ -19,6 +22,39 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def _digest(value) -> object:
+    import hashlib
+
+    import torch
+
+    if torch.is_tensor(value):
+        t = value.detach().cpu().contiguous()
+        return f"{t.dtype}{list(t.shape)}:" + hashlib.sha256(t.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    if isinstance(value, dict):
+        return {str(k): _digest(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_digest(v) for v in value]
+    return value
+
+
+def _dump_ranks() -> None:
+    import json
+
+    import llmcl.train.loop as loop
+
+    finish = loop.finish_stage
+
+    def finish_stage(ctx):
+        params = {n: _digest(p) for n, p in ctx.named}
+        state = _digest(ctx.method.state_dict())
+        rank = ctx.run.accelerator.process_index
+        Path(f"{ctx.run.run_dir}.rank{rank}.stage{ctx.index}.json").write_text(
+            json.dumps({"params": params, "method_state": state}, indent=1, sort_keys=True, default=str))
+        finish(ctx)
+
+    loop.finish_stage = finish_stage
+
+
 def main() -> None:
     from llmcl import recipe as recipe_mod
     from llmcl.eval.hooks import EvalHooks
@@ -28,6 +64,8 @@ def main() -> None:
     from llmcl.train.progress import Display
 
     rank = int(os.environ.get("RANK", "0"))
+    if os.environ.get("LLMCL_DUMP_RANKS"):
+        _dump_ranks()
     for pair in sys.argv[1:]:
         recipe_path, run_dir = pair.split(":", 1)
         try:
