@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.llmcl-installed
 
-.PHONY: setup demo test test-slow test-slurm clean
+.PHONY: setup demo test test-slow test-slurm gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test-slurm: setup
 	command -v shellcheck >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null)
 	bash scripts/slurm/local_cluster.sh
 	$(BIN)/python -m pytest -q -m slurm tests/test_slurm.py
+
+# The GPU self-check of a node (about 8 minutes on one GPU; install your CUDA torch: make gpu-check TORCH=torch)
+gpu-check: setup
+	$(BIN)/llmcl doctor --json gpu-check.json
 
 clean:
 	rm -rf $(VENV) runs

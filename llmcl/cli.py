@@ -215,6 +215,24 @@ def validate(recipe_file: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"ok: {r.name}: {len(r.stages)} stages ({names}), method {r.method.name}, model {r.model.path}")
 
 
+@cli.command()
+@click.option("--cpu", is_flag=True, help="Run the checks on the CPU with builtin:tiny (tests the self-check itself).")
+@click.option("--only", default=None, help="Comma-separated checks: methods, zero2, zero3, eval, throughput (default: all).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
+def doctor(cpu: bool, only: str | None, json_path: str | None) -> None:
+    """GPU self-check of a new node: every method in bf16, ZeRO-2/3, one evaluated row, tokens/s against a bare loop
+    and the HF Trainer; one table. Without CUDA it says so and exits 0."""
+    from llmcl import doctor as doctor_mod
+
+    checks = tuple(c.strip() for c in only.split(",")) if only else doctor_mod.CHECKS
+    unknown = [c for c in checks if c not in doctor_mod.CHECKS]
+    if unknown:
+        raise LlmclError(f"--only {unknown[0]!r}: expected some of {', '.join(doctor_mod.CHECKS)}")
+    status = doctor_mod.main(cpu=cpu, only=checks, json_path=Path(json_path) if json_path else None, echo=click.echo)
+    if status:
+        sys.exit(status)
+
+
 @cli.command("recipes")
 def list_recipes() -> None:
     """List the shipped recipes with their purpose."""

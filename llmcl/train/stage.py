@@ -112,6 +112,8 @@ def build_stage(run: RunContext, i: int) -> StageContext:
     stage, cfg, plan = recipe.stages[i], recipe.stage_train(i), run.plans[i]
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     set_seed(recipe.seed + i)
+    if torch.device(device).type == "cuda":  # the ledger records the stage's peak GPU memory
+        torch.cuda.reset_peak_memory_stats(device)
 
     # 1) data: the stage's pool, the replay pools, and a deterministic step -> items plan
     cache = run.run_dir / CACHE
@@ -228,6 +230,12 @@ def save_model(ctx: StageContext, model: torch.nn.Module, *, branch: bool = Fals
     accelerator.wait_for_everyone()
 
 
+def _peak_gpu_memory(device: Any) -> dict[str, int]:
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"peak_gpu_mib": round(torch.cuda.max_memory_allocated(device) / 2**20)}
+
+
 def finish_stage(ctx: StageContext) -> None:
     """end_stage, the stage directory, then the ledger marks the stage done (the single source for resume)."""
     run, accelerator, i = ctx.run, ctx.run.accelerator, ctx.index
@@ -238,7 +246,7 @@ def finish_stage(ctx: StageContext) -> None:
                         examples=ctx.stats.examples, tokens=ctx.tokens_done, wall_seconds=round(ctx.wall_seconds, 3),
                         trainable_params=trainable, total_params=total, final_lr=ctx.plan.final_lr,
                         processes=accelerator.num_processes, distributed=distributed.describe(accelerator),
-                        finished_at=now())
+                        **_peak_gpu_memory(accelerator.device), finished_at=now())
         clear_step(run.run_dir)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:

@@ -7,6 +7,9 @@ and llmcl/Trainer (median of the per-repeat ratios, with their range).
 
     python scripts/bench/throughput.py                          # builtin:tiny and SmolLM2-135M
     python scripts/bench/throughput.py --models builtin:tiny --steps 30 --repeats 5
+    python scripts/bench/throughput.py --models builtin:llama-1b --json out.json   # on a GPU (llmcl doctor)
+
+On a GPU every loop runs there with bf16 autocast where the GPU supports it (what llmcl's precision: auto does).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from llmcl.recipe import ModelConfig  # noqa: E402
 from llmcl.train.distributed import reset_accelerate  # noqa: E402
 
 LR = 1e-4
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BF16 = DEVICE == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def corpus(tmp: Path) -> Path:
@@ -83,16 +88,30 @@ def _blocks(model_path: str, data: Path, args) -> torch.Tensor:
     return torch.tensor([[blocks[j].input_ids for j in plan.step_indices(s)] for s in range(args.steps)])
 
 
+def n_params(model_path: str) -> int:
+    """Parameters of the model (from its config, without loading weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmcl.models import llama_1b_config, resolve_path, tiny_config
+
+    config = {"builtin:tiny": tiny_config, "builtin:llama-1b": llama_1b_config}.get(model_path)
+    config = config() if config else AutoConfig.from_pretrained(resolve_path(model_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def run_bare(model_path: str, data: Path, args) -> float:
     """The fastest plain loop: forward with labels, backward, clip, fused AdamW step."""
     batches = _blocks(model_path, data, args)
     torch.manual_seed(0)
-    model = load_base_model(ModelConfig(path=model_path), 0)
+    model = load_base_model(ModelConfig(path=model_path), 0).to(DEVICE)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
     ends = []
-    for x in batches:
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
+    for x in batches.to(DEVICE):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=BF16):
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -120,7 +139,7 @@ def run_trainer(model_path: str, data: Path, args, tmp: Path) -> float:
         output_dir=str(tmp / "trainer"), per_device_train_batch_size=args.batch, max_steps=args.steps,
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
         logging_steps=args.steps, log_level="error",
-        save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
+        save_strategy="no", report_to=[], use_cpu=DEVICE == "cpu", bf16=BF16, seed=0,
         dataloader_num_workers=0, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=rows, callbacks=[Clock()])
@@ -138,6 +157,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None, help="also write the table as JSON (used by llmcl doctor)")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq_len} "
           f"tokens, {args.steps} steps ({args.warmup} warm-up), {args.repeats} interleaved repeats", flush=True)
@@ -163,6 +183,10 @@ def main() -> None:
             # ratios within a repeat share the machine's state at that moment: their median is the figure
             paired = {other: sorted(a / b for a, b in zip(rates["llmcl"], rates[other])) for other in ("bare", "trainer")}
             rows.append((model_path, med, paired))
+            del runners
+            gc.collect()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
         print()
         print(f"{'model':24} {'llmcl tok/s':>12} {'bare tok/s':>12} {'Trainer tok/s':>14} "
               f"{'llmcl/bare (range)':>22} {'llmcl/Trainer (range)':>24}")
@@ -170,6 +194,10 @@ def main() -> None:
             cells = [f"{statistics.median(r):.3f} ({r[0]:.2f}-{r[-1]:.2f})" for r in (paired["bare"], paired["trainer"])]
             print(f"{model_path:24} {med['llmcl']:12,.0f} {med['bare']:12,.0f} {med['trainer']:14,.0f} "
                   f"{cells[0]:>22} {cells[1]:>24}")
+        if args.json:
+            args.json.write_text(json.dumps([
+                {"model": m, **med, "params": n_params(m), "llmcl_over_bare": statistics.median(paired["bare"]),
+                 "llmcl_over_trainer": statistics.median(paired["trainer"])} for m, med, paired in rows], indent=1))
     sys.stdout.flush()
 
 
