@@ -138,27 +138,26 @@ def smollm2_dir() -> Path:
     return _build_atomically(cache_root() / "smollm2-135m-instruct", build)
 
 
-def tiny_config(vocab_size: int = 49152):
+def _llama_config(shape: tuple[int, int, int, int, int], tied: bool, rope_theta: float, vocab_size: int):
+    """A Llama config on SmolLM2's tokenizer: shape = (hidden, intermediate, layers, heads, KV heads)."""
     from transformers import LlamaConfig
 
+    hidden, intermediate, layers, heads, kv_heads = shape
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
     )
+
+
+def tiny_config(vocab_size: int = 49152):
+    return _llama_config((64, 256, 2, 4, 2), tied=True, rope_theta=100000.0, vocab_size=vocab_size)
 
 
 def llama_1b_config(vocab_size: int = 49152):
     """TinyLlama-1.1B's shape (22 layers, 2048 wide, grouped-query attention with 4 KV heads) on SmolLM2's vocabulary."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
+    return _llama_config((2048, 5632, 22, 32, 4), tied=False, rope_theta=10000.0, vocab_size=vocab_size)
 
 
 def resolve_path(path: str) -> str:
