@@ -30,6 +30,8 @@ class TaskResult:
     version: Any
     higher_is_better: bool
     metrics: dict[str, float]
+    processes: int = 1
+    """How many processes lm-eval split the requests over (data-parallel evaluation)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,8 +122,11 @@ def _parse(task: str, results: dict[str, Any]) -> TaskResult:
 
 def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list[str], include_defaults: bool,
              limit: int | None, batch_size: int | str, num_fewshot: int | None,
-             metadata: dict[str, Any] | None = None) -> dict[str, TaskResult]:
-    """Score `model` on lm-eval `tasks`; returns task -> TaskResult."""
+             metadata: dict[str, Any] | None = None, accelerator: Any = None) -> dict[str, TaskResult]:
+    """Score `model` on lm-eval `tasks`; returns task -> TaskResult.
+
+    With an `accelerator` of several processes (all of them calling this at once), lm-eval shards the requests
+    by rank and gathers the per-sample metrics on rank 0, which gets the results; the other ranks get {}."""
     import lm_eval
     import lm_eval.evaluator  # noqa: F401  (the modules whose progress bars are silenced)
     from lm_eval.models.huggingface import HFLM
@@ -137,6 +142,9 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list
                                   metadata=metadata or {})
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                       max_length=getattr(model.config, "max_position_embeddings", None))
+            if accelerator is not None and accelerator.num_processes > 1:  # data-parallel: lm-eval shards by rank
+                lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
+                lm.accelerator, lm._device = accelerator, accelerator.device
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                 log_samples=False, bootstrap_iters=1000, verbosity="ERROR",
@@ -144,8 +152,13 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list
     finally:
         model.train(was_training)
     if results is None:
+        if accelerator is not None and not accelerator.is_main_process:
+            return {}  # rank 0 has the gathered results
         raise LlmclError("lm-eval returned no results")
-    return {t: _parse(t, results) for t in tasks}
+    parsed = {t: _parse(t, results) for t in tasks}
+    for r in parsed.values():
+        r.processes = lm.world_size
+    return parsed
 
 
 def lm_eval_version() -> str:

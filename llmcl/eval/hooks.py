@@ -1,7 +1,8 @@
 """Evaluation during `llmcl train`: the base row before the first stage and one row after every stage.
 
-Runs on the main process only (the others wait at a barrier); rows that a crashed or interrupted run left
-unscored are scored when the run is restarted.
+Under DDP every rank scores its share of the requests (lm-eval shards them by rank) and rank 0 writes the row;
+under DeepSpeed, or with one process, rank 0 scores while the others wait at a barrier. Rows that a crashed or
+interrupted run left unscored are scored when the run is restarted.
 """
 
 from __future__ import annotations
@@ -30,28 +31,37 @@ class EvalHooks:
             self._tokenizer = load_tokenizer(self.recipe.model)
         return self._tokenizer
 
-    def _score(self, row: str | int) -> None:
+    def _score(self, row: str | int, accelerator: Any) -> None:
+        """Every rank scores its share (data-parallel), or rank 0 scores alone."""
+        from accelerate.utils import DistributedType
+
+        parallel = accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.DEEPSPEED
+        if not parallel and not accelerator.is_main_process:
+            return
         label = "base model" if row == BASE else f"stage {row} ({self.recipe.stages[int(row)].name})"
-        self.display.message(f"evaluating the {label} with lm-eval ...")
-        score_row(self.run_dir, row, recipe=self.recipe, tokenizer=self._tok())
+        self.display.message(f"evaluating the {label} with lm-eval"
+                             + (f" on {accelerator.num_processes} processes" if parallel else "") + " ...")
+        score_row(self.run_dir, row, recipe=self.recipe, tokenizer=self._tok(),
+                  accelerator=accelerator if parallel else None)
 
     def on_start(self, accelerator: Any, ledger: Any) -> None:
         """Score the base model and any finished stage whose row is missing."""
         if not self.enabled:
             return
-        if accelerator.is_main_process:
-            missing = [r for r in [BASE, *ledger.done_stages()] if not row_file(self.run_dir, r).exists()]
-            for row in missing:
-                self._score(row)
-            if missing and ledger.done_stages():
-                self._show(accelerator, ledger)
+        accelerator.wait_for_everyone()  # every rank sees the same missing rows
+        missing = [r for r in [BASE, *ledger.done_stages()] if not row_file(self.run_dir, r).exists()]
+        accelerator.wait_for_everyone()
+        for row in missing:
+            self._score(row, accelerator)
+        if accelerator.is_main_process and missing and ledger.done_stages():
+            self._show(accelerator, ledger)
         accelerator.wait_for_everyone()
 
     def on_stage_end(self, index: int, accelerator: Any, ledger: Any) -> None:
         if not self.enabled:
             return
+        self._score(index, accelerator)
         if accelerator.is_main_process:
-            self._score(index)
             self._show(accelerator, ledger)
         accelerator.wait_for_everyone()
 

@@ -45,7 +45,7 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     return from_dict(yaml.safe_load(path.read_text()))
 
 
-def _load_model(run_dir: Path, recipe: Recipe, row: str | int):
+def _load_model(run_dir: Path, recipe: Recipe, row: str | int, device: Any = None):
     import torch
 
     from llmcl.models import load_base_model
@@ -59,19 +59,28 @@ def _load_model(run_dir: Path, recipe: Recipe, row: str | int):
         model = artifacts.load(run_dir, ledger.manifest(int(row)), recipe.model, recipe.seed, trainable=False)
         if hasattr(model, "merge_and_unload"):  # a PEFT model: score the merged weights
             model = model.merge_and_unload()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
 
 
 def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, tokenizer: Any = None,
-              only: list[str] | None = None) -> dict[str, Any]:
-    """Evaluate one row on the stage tasks and eval.tasks (or only the tasks/stage names in `only`)."""
+              only: list[str] | None = None, accelerator: Any = None) -> dict[str, Any] | None:
+    """Evaluate one row on the stage tasks and eval.tasks (or only the tasks/stage names in `only`).
+
+    With an `accelerator` of several processes, every rank calls this: each scores its share of the requests on
+    its own device, rank 0 gathers them, writes the row and returns it (the others return None)."""
     from llmcl.models import load_tokenizer
 
     run_dir = Path(run_dir)
     recipe = recipe or load_run_recipe(run_dir)
     tokenizer = tokenizer or load_tokenizer(recipe.model)
-    stage_tasks = write_stage_tasks(recipe, run_dir, tokenizer) if recipe.eval.stage_tasks else []
+    parallel = accelerator is not None and accelerator.num_processes > 1
+    main = not parallel or accelerator.is_main_process
+    if parallel:
+        accelerator.wait_for_everyone()  # rank 0 writes the task files, the others only read them
+    stage_tasks = write_stage_tasks(recipe, run_dir, tokenizer, write=main) if recipe.eval.stage_tasks else []
+    if parallel:
+        accelerator.wait_for_everyone()
     by_name = {t.task: t for t in stage_tasks}
     general = [t for t in recipe.eval.tasks if t not in by_name]
     if not recipe.eval.tasks_every_stage and row != BASE and int(row) != len(recipe.stages) - 1:
@@ -84,7 +93,7 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
         names = [n for n in wanted if n in names] + [n for n in unknown]
     if not names:
         raise LlmclError(f"{run_dir}: nothing to evaluate (no stage has test data and eval.tasks is empty)")
-    model = _load_model(run_dir, recipe, row)
+    model = _load_model(run_dir, recipe, row, accelerator.device if parallel else None)
     dd = data_dir(recipe)
     t0 = time.perf_counter()
     e = recipe.eval
@@ -98,9 +107,12 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
             model, tokenizer, group, include_path=include_paths(recipe, run_dir),
             include_defaults=needs_harness_index(group), limit=limit, batch_size=e.batch_size,
             num_fewshot=e.num_fewshot, metadata={"llmcl_eval_data": dd} if dd else None,
+            accelerator=accelerator if parallel else None,
         ))
     seconds = time.perf_counter() - t0
     del model
+    if not main:
+        return None
     payload = read_row(run_dir, row) if only else None
     payload = payload or {"tasks": {}}
     ledger_entry = None if row == BASE else Ledger.read(run_dir).stage(int(row))

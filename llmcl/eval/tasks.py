@@ -107,10 +107,12 @@ def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer
                              "regexes_to_ignore": ["^\\s+", "\\s+$"]}]}
 
 
-def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any) -> list[StageTask]:
-    """Write one lm-eval task per stage with test data into run_dir/eval/tasks; return what was written."""
+def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool = True) -> list[StageTask]:
+    """Write one lm-eval task per stage with test data into run_dir/eval/tasks; return what was written
+    (`write=False`: only what would be, for the other ranks of a data-parallel evaluation)."""
     out_dir = run_dir / EVAL / "tasks"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if write:
+        out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i, stage in enumerate(recipe.stages):
         records = load_records(stage.data, "test", recipe.seed)
@@ -128,9 +130,10 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any) -> list[StageT
         random.Random(f"llmcl-eval-order:{recipe.seed}:{i}").shuffle(rows)
         task = stage_task_name(stage.name)
         data_file = out_dir / f"{stage.name}.jsonl"
-        data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        config = _yaml_for(task, kind, data_file, rows, tokenizer, recipe.eval.max_new_tokens)
-        (out_dir / f"{stage.name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        if write:
+            data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            config = _yaml_for(task, kind, data_file, rows, tokenizer, recipe.eval.max_new_tokens)
+            (out_dir / f"{stage.name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
         written.append(StageTask(i, stage.name, task, kind, len(rows)))
     return written
 
