@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, SHARED_DATA, run_cli, untimed, write_recipe
@@ -51,15 +52,17 @@ def _recipe(tmp_path, method, per_rank_batch, stage1_accum=False):
                                "warmup": 0}, **extra)
 
 
-def _launch(config, pairs, processes, tmp_path, dump_ranks=False):
+def _launch(config, pairs, processes, tmp_path, dump_ranks=False, sigterm_at=None, expect=0):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     if dump_ranks:
         env["LLMCL_DUMP_RANKS"] = "1"
+    if sigterm_at:
+        env["LLMCL_SIGTERM_AT"] = sigterm_at
     cmd = ACCELERATE + ["--config_file", str(REPO / "recipes" / "accelerate" / f"{config}.yaml"),
                         "--num_processes", str(processes), "--main_process_port", "0", str(DRIVER),
                         *[f"{r}:{d}" for r, d in pairs]]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (out.returncode == 0) == (expect == 0), out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
 
@@ -158,12 +161,7 @@ def test_deepspeed_zero_runs_every_supported_method_and_refuses_the_others(confi
     methods = SUPPORTED[config] + REFUSED.get(config, [])
     # I-LoRA draws its replay per micro-batch, so splitting a step changes its replay: it keeps one micro-batch
     pairs = [(_recipe(tmp_path, m, 4, stage1_accum=m != "ilora"), tmp_path / f"{config}-{m}") for m in methods]
-    if config == "zero2":  # step checkpoints are refused under DeepSpeed, before any training
-        pairs.append((write_recipe(tmp_path / "save.yaml", train={"max_steps": 2, "save_every": 1}),
-                      tmp_path / "zero2-save"))
     out = _launch(config, pairs, 1, tmp_path)
-    if config == "zero2":
-        assert f"refused: {tmp_path / 'zero2-save'}: train.save_every=1: step checkpoints are not supported" in out
     for m in SUPPORTED[config]:
         assert f"done: {tmp_path / f'{config}-{m}'}" in out
         _check_same_training(references[m], tmp_path / f"{config}-{m}", loss_tol=1e-4, weight_tol=1e-4)
@@ -306,3 +304,22 @@ def test_deepspeed_zero_stages_a_method_cannot_work_under_are_refused_before_tra
             distributed.check_method(accelerator, method)
     else:
         distributed.check_method(accelerator, method)
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_deepspeed_sigterm_saves_a_sharded_step_checkpoint_and_the_rerun_resumes_bitwise(config, tmp_path):
+    """SIGTERM after step 3 of stage 2 under DeepSpeed: every rank writes its shard (DeepSpeed's checkpoint) and
+    rank 0 the rest; the same launch again resumes there and ends with the weights of an uninterrupted run."""
+    recipe = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 5, "batch_size": 4, "seq_len": 48,
+                                                      "warmup": 0})
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    out = _launch(config, [(recipe, clean), (recipe, stopped)], 1, tmp_path, sigterm_at="stopped:8", expect=75)
+    assert f"stopped: {stopped}: SIGTERM: stopped after step 3/5 of stage 1" in out
+    marker = json.loads((stopped / "stopped.json").read_text())
+    assert marker["step_checkpoint"] is True
+    assert (stopped / "step-checkpoint" / "deepspeed").is_dir()
+    assert json.loads((stopped / "step-checkpoint" / "state.json").read_text())["step"] == 3
+    _launch(config, [(recipe, stopped)], 1, tmp_path)
+    a, b = _final(clean), _final(stopped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(clean) == _losses(stopped)

@@ -30,10 +30,15 @@ def write_json(path: Path, data: Any) -> None:
 def write_dir(final: Path, write: Callable[[Path], None]) -> None:
     """Fill a temporary directory with `write`, then swap it in for `final`."""
     tmp = final.with_name(final.name + ".tmp")
-    old = final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
+    swap_in(tmp, final)
+
+
+def swap_in(tmp: Path, final: Path) -> None:
+    """Replace `final` by the complete directory `tmp` (an old `final` survives as .old until the swap is done)."""
+    old = final.with_name(final.name + ".old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)

@@ -1,21 +1,35 @@
 """Step checkpoints (exact resume inside a stage) and optimizer state carried by parameter name across stages.
 
 A step checkpoint holds only what is not a pure function of (seed, stage, step): the trainable parameters,
-the optimizer state, the RNG state, the method state and the progress counters.
+the optimizer state, the RNG state, the method state and the progress counters. Under DeepSpeed the parameters
+and the optimizer are sharded over the ranks: every rank writes its shard with DeepSpeed's own checkpoint
+(deepspeed/ inside the step checkpoint) and rank 0 writes the rest.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from llmcl.errors import LlmclError
-from llmcl.rundir.atomic import load_tree, recover_dir, remove_dir, save_tree, write_dir, write_json
+from llmcl.rundir.atomic import load_tree, recover_dir, remove_dir, save_tree, swap_in, write_dir, write_json
 from llmcl.rundir.layout import METHOD_STATE, STEP_DIR
+
+DEEPSPEED = "deepspeed"  # inside a step checkpoint: DeepSpeed's own checkpoint of every rank's shard
+
+
+def _write_common(tmp: Path, stage: int, step: int, method_state: dict[str, Any], progress: dict[str, Any]) -> None:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
+    save_tree(method_state, tmp, METHOD_STATE)
+    write_json(tmp / "state.json", {"stage": stage, "step": step, **progress})
 
 
 def save_step(run_dir: Path, *, stage: int, step: int, params: dict[str, torch.Tensor], optimizer_state: dict,
@@ -25,14 +39,26 @@ def save_step(run_dir: Path, *, stage: int, step: int, params: dict[str, torch.T
     def write(tmp: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / "rng.safetensors"))
-        save_tree(method_state, tmp, METHOD_STATE)
-        write_json(tmp / "state.json", {"stage": stage, "step": step, **progress})
+        _write_common(tmp, stage, step, method_state, progress)
 
     write_dir(run_dir / STEP_DIR, write)
+
+
+def save_step_sharded(run_dir: Path, *, stage: int, step: int, save_shards: Callable[[Path], None], main: bool,
+                      barrier: Callable[[], None], method_state: Callable[[], dict[str, Any]],
+                      progress: dict[str, Any]) -> None:
+    """The same under DeepSpeed: every rank calls this; `save_shards(dir)` writes this rank's shard."""
+    tmp = run_dir / (STEP_DIR + ".tmp")
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_shards(tmp / DEEPSPEED)
+    barrier()
+    if main:
+        _write_common(tmp, stage, step, method_state(), progress)
+        swap_in(tmp, run_dir / STEP_DIR)
+    barrier()
 
 
 def load_step(run_dir: Path, stage: int) -> dict[str, Any] | None:
@@ -43,13 +69,15 @@ def load_step(run_dir: Path, stage: int) -> dict[str, Any] | None:
     state = json.loads((directory / "state.json").read_text())
     if state["stage"] != stage:
         return None
+    common = {"state": state, "rng": load_file(str(directory / "rng.safetensors")),
+              "method_state": load_tree(directory, METHOD_STATE)}
+    if (directory / DEEPSPEED).is_dir():  # DeepSpeed shards: loaded by the engine (llmcl.train.distributed)
+        return {**common, "deepspeed": directory / DEEPSPEED}
     return {
-        "state": state,
+        **common,
         "params": load_file(str(directory / "trainable.safetensors")),
         # written by this run; weights_only refuses anything but tensors and plain containers
         "optimizer": torch.load(directory / "optimizer.pt", weights_only=True),
-        "rng": load_file(str(directory / "rng.safetensors")),
-        "method_state": load_tree(directory, METHOD_STATE),
     }
 
 

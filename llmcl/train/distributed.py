@@ -110,9 +110,18 @@ def describe(accelerator: Any) -> str:
     return str(accelerator.distributed_type).split(".")[-1].lower() + (f"-zero{stage}" if stage else "")
 
 
-def step_checkpoints(accelerator: Any) -> bool:
-    """Whether a stage can be checkpointed between steps under this launch (not under DeepSpeed yet)."""
-    return deepspeed_plugin(accelerator) is None
+def shard_saver(engine: Any):
+    """Under DeepSpeed: writes this rank's shard of the parameters and optimizer (DeepSpeed's own checkpoint)."""
+    return lambda directory: engine.save_checkpoint(str(directory), tag="step", save_latest=False)
+
+
+def load_shards(engine: Any, directory: Any) -> None:
+    """Restore this rank's shard of a step checkpoint into the DeepSpeed engine (after accelerator.prepare)."""
+    path, _ = engine.load_checkpoint(str(directory), tag="step", load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise LlmclError(f"the DeepSpeed step checkpoint in {directory} could not be loaded; delete it to restart "
+                         "the stage")
 
 
 def check_method(accelerator: Any, method: Any) -> None:
@@ -129,9 +138,6 @@ def check_stage(accelerator: Any, cfg: Any, key: str) -> None:
     """Train settings that DeepSpeed runs do not support yet, refused before the stage trains."""
     if deepspeed_plugin(accelerator) is None:
         return
-    if cfg.save_every:
-        raise LlmclError(f"{key}.save_every={cfg.save_every}: step checkpoints are not supported under DeepSpeed yet "
-                         "(stages are the checkpoint unit there); set it to 0")
     if cfg.optimizer_state == "keep":
         raise LlmclError(f"{key}.optimizer_state=keep is not supported under DeepSpeed (its optimizer state is "
                          "sharded); use reset")

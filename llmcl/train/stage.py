@@ -163,7 +163,9 @@ def build_stage(run: RunContext, i: int) -> StageContext:
 
     # 4) resume from this stage's step checkpoint, if a previous attempt left one
     resume = load_step(run.run_dir, i)
-    if resume is not None:
+    if resume is not None and "deepspeed" in resume:  # the shards are loaded into the engine below
+        method.load_state_dict(resume["method_state"])
+    elif resume is not None:
         _restore(run.run_dir, resume, named, optimizer, method)
     start = resume["state"]["step"] if resume else 0
     run.metrics.truncate(i, start)
@@ -174,6 +176,8 @@ def build_stage(run: RunContext, i: int) -> StageContext:
     accelerator.gradient_accumulation_steps = cfg.grad_accum
     accelerator.step = 0
     if resume is not None:
+        if "deepspeed" in resume:
+            distributed.load_shards(model, resume["deepspeed"])
         restore_rng(resume["rng"])
     if accelerator.is_main_process:
         run.ledger.mark(i, "running", started_at=now())

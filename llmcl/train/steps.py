@@ -20,7 +20,7 @@ import torch
 from llmcl.data.batching import collate, fetch
 from llmcl.methods.base import StepInputs
 from llmcl.rundir import artifacts
-from llmcl.rundir.steps import save_step
+from llmcl.rundir.steps import save_step, save_step_sharded
 from llmcl.schedules import lr_at
 from llmcl.train import distributed
 from llmcl.train.signals import Stopped
@@ -116,19 +116,21 @@ def _log(ctx: StageContext, w: _Window, done: int, lr: float, grad_norm: Any) ->
 
 def _save_step(ctx: StageContext, done: int) -> None:
     accelerator = ctx.run.accelerator
+    progress = {"tokens": ctx.tokens_done, "wall_seconds": ctx.wall_seconds}
+    if distributed.deepspeed_plugin(accelerator) is not None:  # sharded: every rank writes its own shard
+        save_step_sharded(ctx.run.run_dir, stage=ctx.index, step=done, save_shards=distributed.shard_saver(ctx.model),
+                          main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
+                          method_state=ctx.method.state_dict, progress=progress)
+        return
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_step(ctx.run.run_dir, stage=ctx.index, step=done, params={n: p for n, p in ctx.named},
-                  optimizer_state=ctx.optimizer.state_dict(), method_state=ctx.method.state_dict(),
-                  progress={"tokens": ctx.tokens_done, "wall_seconds": ctx.wall_seconds})
+                  optimizer_state=ctx.optimizer.state_dict(), method_state=ctx.method.state_dict(), progress=progress)
     accelerator.wait_for_everyone()
 
 
 def _stop(ctx: StageContext, sig: str, done: int, saved: bool) -> None:
     where = f"step {done}/{ctx.plan.steps} of stage {ctx.index} ({ctx.name})"
-    if not distributed.step_checkpoints(ctx.run.accelerator):
-        raise Stopped(f"{sig}: stopped at {where}; under DeepSpeed the stage restarts from its beginning — rerun "
-                      "the same command", step_checkpoint=False)
     if not saved:
         _save_step(ctx, done)
     raise Stopped(f"{sig}: stopped after {where} and saved a step checkpoint in {ctx.run.run_dir} — rerun the same "

@@ -7,6 +7,9 @@ One launch per distributed configuration instead of one per (method, configurati
 DeepSpeed import are the slow part. Exit 0 only when every run finishes; a refusal (LlmclError) is printed as
 "refused: <message>" and the next recipe runs.
 
+With LLMCL_SIGTERM_AT=NAME:N the run whose directory is named NAME gets a SIGTERM after its N-th optimizer step
+(counted over its stages); the driver then exits with the status `llmcl train` gives (75).
+
 With LLMCL_DUMP_RANKS=1 every rank writes, at the end of every stage (before it is saved), a digest of its
 trainable parameters and its method state to RUN_DIR.rank<R>.stage<I>.json: ranks that drifted apart differ.
 """
@@ -55,6 +58,25 @@ def _dump_ranks() -> None:
     loop.finish_stage = finish_stage
 
 
+def _sigterm_after(n_steps: int):
+    """Send this process a SIGTERM after the n-th optimizer step of the next run (every method's after_step)."""
+    import signal
+
+    from llmcl import methods
+
+    count = {"n": 0}
+    for cls in methods.REGISTRY.values():
+        original = cls.after_step
+
+        def after_step(self, model, _original=original):
+            _original(self, model)
+            count["n"] += 1
+            if count["n"] == n_steps:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        cls.after_step = after_step
+
+
 def main() -> None:
     from llmcl import recipe as recipe_mod
     from llmcl.eval.hooks import EvalHooks
@@ -62,12 +84,16 @@ def main() -> None:
     from llmcl.train.distributed import make_accelerator
     from llmcl.train.loop import run
     from llmcl.train.progress import Display
+    from llmcl.train.signals import RESUMABLE_EXIT, Stopped
 
     rank = int(os.environ.get("RANK", "0"))
     if os.environ.get("LLMCL_DUMP_RANKS"):
         _dump_ranks()
     for pair in sys.argv[1:]:
         recipe_path, run_dir = pair.split(":", 1)
+        target, _, at = os.environ.get("LLMCL_SIGTERM_AT", "").partition(":")
+        if target and Path(run_dir).name == target:
+            _sigterm_after(int(at))
         try:
             recipe, display = recipe_mod.load(Path(recipe_path), []), Display(enabled=False)
             run(recipe, Path(run_dir), display=display, hooks=EvalHooks(recipe, Path(run_dir), display),
@@ -76,6 +102,9 @@ def main() -> None:
             Path(f"{run_dir}.rank{rank}.done").touch()  # each rank says it finished (stdout may be rank 0's only)
         except LlmclError as exc:
             print(f"refused: {run_dir}: {exc}", flush=True)
+        except Stopped as exc:
+            print(f"stopped: {run_dir}: {exc}", flush=True)
+            sys.exit(RESUMABLE_EXIT)
 
 
 if __name__ == "__main__":
