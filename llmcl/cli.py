@@ -150,7 +150,7 @@ def slurm(recipe_file: str, overrides: tuple[str, ...], nodes: int, gpus_per_nod
 @click.option("--tasks", default=None, help="Comma-separated stage names or lm-eval tasks to (re)score (default: all).")
 @click.option("--missing", is_flag=True, help="Only rows that have no results yet (e.g. after a chain of stage jobs).")
 def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool) -> None:
-    """(Re)score checkpoints of RUN_DIR with lm-eval, without training."""
+    """(Re)score checkpoints of RUN_DIR with lm-eval, without training (data-parallel under `accelerate launch`)."""
     from rich.console import Console
 
     from llmcl.eval import report as report_mod
@@ -173,12 +173,29 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
 
         rows = [r for r in rows if not row_file(directory, r).exists()]
     only = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    console = Console(soft_wrap=True)
+    accelerator = _eval_accelerator(recipe, directory)
+    main = accelerator is None or accelerator.is_main_process
+    console = Console(soft_wrap=True, quiet=not main)
     for r in rows:
         console.print(f"evaluating {'the base model' if r == BASE else f'stage {r}'} ...", highlight=False)
-        score_row(directory, r, recipe=recipe, only=only)
-    for table in report_mod.tables(report_mod.collect(directory)):
-        console.print(table)
+        score_row(directory, r, recipe=recipe, only=only, accelerator=accelerator)
+    if main:
+        for table in report_mod.tables(report_mod.collect(directory)):
+            console.print(table)
+
+
+def _eval_accelerator(recipe, directory: Path):
+    """Under a launcher with several processes (DDP), the accelerator that shares the requests among them; a
+    DeepSpeed launch evaluates on rank 0 alone (the other ranks leave at once)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if os.environ.get("RANK", "0") != "0":
+            sys.exit(0)
+        return None
+    from llmcl.train.distributed import make_accelerator
+
+    return make_accelerator(recipe, directory)
 
 
 @cli.command()

@@ -330,3 +330,32 @@ def test_deepspeed_sigterm_saves_a_sharded_step_checkpoint_and_the_rerun_resumes
     a, b = _final(clean), _final(stopped)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(clean) == _losses(stopped)
+
+
+def test_llmcl_eval_under_accelerate_launch_shares_the_requests_among_the_processes(tmp_path):
+    """`accelerate launch -m llmcl eval` with 2 CPU processes: each scores its share, rank 0 writes the rows, and
+    they equal what one process writes (WikiText's per-article perplexity included)."""
+    wikitext = SHARED_DATA / "eval" / "wikitext2"
+    if not wikitext.is_dir():
+        pytest.skip("needs ../shared/data/eval")
+    recipe = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 2, "batch_size": 4, "seq_len": 48},
+                          eval={"after_each_stage": False, "limit": 4, "tasks_limit": 2, "tasks": ["llmcl_wikitext2"],
+                                "data_dir": str(SHARED_DATA / "eval")})
+    one = tmp_path / "one"
+    assert run_cli("train", str(recipe), "--run-dir", str(one)).exit_code == 0
+    assert run_cli("eval", str(one), "--stage", "1").exit_code == 0
+    two = tmp_path / "two"
+    import shutil
+
+    shutil.copytree(one, two)
+    shutil.rmtree(two / "eval")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ACCELERATE + ["--config_file", str(REPO / "recipes" / "accelerate" / "ddp_cpu.yaml"), "--num_processes", "2",
+                        "--main_process_port", "0", "-m", "llmcl", "eval", str(two), "--stage", "1"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("evaluating stage 1") == 1  # rank 0 speaks
+    a, b = [json.loads((d / "eval" / "stage-01.json").read_text())["tasks"] for d in (one, two)]
+    assert a.keys() == b.keys() and {t["processes"] for t in b.values()} == {2}
+    for task in a:
+        assert b[task]["n"] == a[task]["n"] and b[task]["metrics"] == pytest.approx(a[task]["metrics"], rel=1e-12)
