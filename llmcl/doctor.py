@@ -74,16 +74,6 @@ def mfu(tokens_per_s: float | None, params: int | None, peak: float | None) -> f
     return 6 * params * tokens_per_s / peak
 
 
-def corpus(directory: Path) -> Path:
-    """Packed text from the built-in tasks: every step trains exactly batch x seq_len tokens."""
-    from llmcl.data import builtin
-
-    path = directory / "corpus.jsonl"
-    rows = [{"text": r["prompt"] + r["completion"]} for t in sorted(builtin.TASKS) for r in builtin.generate(t, "train", 0)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
-    return path
-
-
 def recipe_file(directory: Path, name: str, method: str, s: Settings, data: dict[str, Any]) -> Path:
     """One stage of `method` on `data`, s.steps constant-lr steps, no evaluation during training."""
     import yaml
@@ -172,9 +162,10 @@ def check_throughput(work: Path, s: Settings) -> list[Result]:
     return results
 
 
-def run_checks(s: Settings, only: tuple[str, ...] = CHECKS, report: Callable[[Result], None] = lambda r: None,
-               work: Path | None = None) -> list[Result]:
+def run_checks(s: Settings, only: tuple[str, ...] = CHECKS,
+               report: Callable[[Result], None] = lambda r: None) -> list[Result]:
     from llmcl import methods
+    from llmcl.data.builtin import write_text_corpus
 
     results: list[Result] = []
 
@@ -183,8 +174,8 @@ def run_checks(s: Settings, only: tuple[str, ...] = CHECKS, report: Callable[[Re
         report(r)
 
     with tempfile.TemporaryDirectory(prefix="llmcl-doctor-") as tmp:
-        work = work or Path(tmp)
-        data = corpus(work)
+        work = Path(tmp)
+        data = write_text_corpus(work / "corpus.jsonl", repeat=4)  # packed: every step trains batch x seq_len tokens
         if "methods" in only:
             for name in sorted(methods.REGISTRY):
                 add(check_method(name, work, data, s))

@@ -13,7 +13,10 @@ two teach a skill (word reversal and two-digit addition: the test split holds un
 
 from __future__ import annotations
 
+import json
+
 import random
+from pathlib import Path
 from typing import Callable
 
 _NOUNS = (
@@ -103,3 +106,11 @@ def generate(name: str, split: str, seed: int) -> list[dict]:
     fn, _ = TASKS[name]
     # seed a private generator from a string: stable across processes and PYTHONHASHSEED
     return fn(random.Random(f"llmcl-builtin:{name}:{seed}"), split)
+
+
+def write_text_corpus(path: Path, repeat: int = 1) -> Path:
+    """Every built-in task's training examples as plain text documents (JSON lines), `repeat` times: a corpus
+    for throughput measurements, packed into full seq_len blocks."""
+    rows = [{"text": r["prompt"] + r["completion"]} for task in sorted(TASKS) for r in generate(task, "train", 0)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * repeat))
+    return path

@@ -39,9 +39,7 @@ def worker(method: str, model: str, steps: int, out: Path, batch: int = 4, seq_l
 
     corpus = out / "corpus.jsonl"
     if not corpus.exists():
-        rows = [{"text": r["prompt"] + r["completion"]} for t in sorted(builtin.TASKS)
-                for r in builtin.generate(t, "train", 0)]
-        corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        builtin.write_text_corpus(corpus)
     r = recipe_mod.from_dict({
         "name": f"bench-{method}", "model": {"path": model}, "method": {"name": method},
         "train": {"lr": 1e-4, "max_steps": steps, "batch_size": batch, "seq_len": seq_len, "warmup": 0,

@@ -43,16 +43,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16 = DEVICE == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def corpus(tmp: Path) -> Path:
-    """A text corpus from the built-in tasks (every loop packs it into the same seq_len blocks)."""
-    rows = []
-    for task in sorted(builtin.TASKS):
-        rows += [{"text": r["prompt"] + r["completion"]} for r in builtin.generate(task, "train", 0)]
-    path = tmp / "corpus.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def steady_rate(step_times: list[float], tokens_per_step: int, warmup: int) -> float:
     """tokens/s over the steps after `warmup` (step_times are the end times of each step)."""
     t = step_times[warmup - 1:]
@@ -163,7 +153,7 @@ def main() -> None:
           f"tokens, {args.steps} steps ({args.warmup} warm-up), {args.repeats} interleaved repeats", flush=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        data = corpus(tmp)
+        data = builtin.write_text_corpus(tmp / "corpus.jsonl")  # every loop packs it into the same blocks
         rows = []
         for model_path in args.models:
             rates: dict[str, list[float]] = {"llmcl": [], "bare": [], "trainer": []}
