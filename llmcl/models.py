@@ -196,8 +196,29 @@ def torch_dtype(name: str):
             "float16": torch.float16}[name]
 
 
+@contextlib.contextmanager
+def whole() -> Any:
+    """Models are loaded whole on every rank: a method prepares full matrices, then accelerator.prepare shards
+    them. Under a DeepSpeed ZeRO-3 launch transformers would otherwise build the model partitioned while loading
+    it (zero.Init, a collective), which ranks that load one after another, or rank 0 evaluating alone, cannot
+    take part in; llmcl honours the launch's zero3_init_flag: false."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_base_model(model_cfg: Any, seed: int):
     """The recipe's starting model (in train dtype), before any stage."""
+    with whole():
+        return _load_base_model(model_cfg, seed)
+
+
+def _load_base_model(model_cfg: Any, seed: int):
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -56,14 +56,15 @@ def method_tables() -> str:
 
 def compat_table() -> str:
     """README's table of the methods under each distributed configuration, from each method's `zero_refused`:
-    tests/test_distributed.py runs every method under DDP and under every ZeRO stage it does not refuse (CPU
-    offload under the highest one), and checks every refusal."""
+    tests/test_distributed.py runs every method under DDP and under every ZeRO stage it does not refuse (with and
+    without CPU offload), and checks every refusal."""
     rows = ["| method | DDP | ZeRO-2 | ZeRO-3 | CPU offload |", "|---|---|---|---|---|"]
     for name, cls in sorted(methods.REGISTRY.items()):
         zero = {k: "yes" if k not in cls.zero_refused else f"refused: {cls.zero_refused[k]}" for k in (2, 3)}
         if zero[3] == zero[2] != "yes":
             zero[3] = "refused (as ZeRO-2)"
-        offload = next((f"yes (ZeRO-{k})" for k in (3, 2) if k not in cls.zero_refused), "no")
+        stages = [f"ZeRO-{k}" for k in (2, 3) if k not in cls.zero_refused]
+        offload = f"yes ({', '.join(stages)})" if stages else "no"
         rows.append(f"| `{name}` | yes | {zero[2]} | {zero[3]} | {offload} |")
     return "\n".join(rows) + "\n"
 

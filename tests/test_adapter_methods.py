@@ -181,6 +181,23 @@ def test_inference_threshold_drops_weak_experts_only_in_eval():
     assert torch.equal(layer(x), layer.base(x))  # nothing strong enough: the layer adds nothing
 
 
+def test_selection_counts_leave_padding_out():
+    """Activation statistics (pruning decides from them) count real tokens only: a batch padded to another
+    length, as a different per-rank batch size pads it, counts the same."""
+    layer = _layer(top_k=2, tau=0.5)
+    layer.track = True
+    x = torch.tensor([[[3.0, -5.0, 1.0, 0.5], [0.1, 0.2, 4.0, 0.0], [9.0, 9.0, 9.0, 9.0]]])  # last: padding
+    with torch.no_grad():
+        layer.token_mask = torch.tensor([[1, 1, 0]])
+        layer.gates(x)
+        padded = layer.counts.clone(), int(layer.tokens)
+        layer.reset_stats()
+        layer.token_mask = torch.tensor([[1, 1]])
+        layer.gates(x[:, :2])
+    assert torch.equal(padded[0], layer.counts) and padded[1] == int(layer.tokens) == 2
+    assert layer.counts.tolist() == [1, 2, 1, 0]  # z = x: token 1 picks experts 1 and 0, token 2 picks 2 and 1
+
+
 def test_freezing_into_the_bank_does_not_change_outputs():
     torch.manual_seed(0)
     layer = _layer(n_experts=6, top_k=3, tau=0.03)

@@ -36,7 +36,7 @@ SUPPORTED = {
     "zero2": _supported(2),
     "zero3": _supported(3),
     "zero3_offload": _supported(3),
-    "zero2_offload": [m for m in _supported(2) if m not in _supported(3)],
+    "zero2_offload": _supported(2),
 }
 REFUSED = {f"zero{k}": [m for m in sorted(method_registry.REGISTRY) if m not in _supported(k)] for k in (2, 3)}
 STEPS = 3
@@ -44,22 +44,25 @@ STEPS = 3
 
 def _recipe(tmp_path, method, per_rank_batch, stage1_accum=False):
     extra = {}
-    if stage1_accum:  # stage 2 as 2 micro-batches of 2: the same step as 1 x 4, another DeepSpeed config
+    if stage1_accum:  # stage 2 as 2 micro-batches of half the size: the same step, another DeepSpeed config
         extra["stages"] = [{"data": {"path": "builtin:facts"}},
-                           {"data": {"path": "builtin:reverse"}, "train": {"batch_size": 2, "grad_accum": 2}}]
+                           {"data": {"path": "builtin:reverse"},
+                            "train": {"batch_size": per_rank_batch // 2, "grad_accum": 2}}]
     if method == "seqft_replay_eval":  # replay (sampled per rank from the global plan) and data-parallel evaluation
         # (WikiText's bits per byte differ from article to article: a wrong sharding could not go unseen)
         wikitext = SHARED_DATA / "eval" / "wikitext2"
         extra = {"replay": {"ratio": 0.5}, "eval": {"after_each_stage": True, "limit": 4, "tasks_limit": 2, **(
             {"tasks": ["llmcl_wikitext2"], "data_dir": str(SHARED_DATA / "eval")} if wikitext.is_dir() else {})}}
     name = method.split("_")[0]
+    if method == "mora_prune":  # enough experts that some are rarely selected: pruning decides from the counts
+        extra = {**extra, "method": {"name": "mora", "prune_below": 0.2}}
     return write_recipe(tmp_path / f"{method}-b{per_rank_batch}{'-acc' if stage1_accum else ''}.yaml",
-                        method={"name": name, **OPTIONS.get(name, {})},
+                        **{"method": {"name": name, **OPTIONS.get(name, {})}, **extra},
                         train={"lr": 1e-3, "max_steps": STEPS, "batch_size": per_rank_batch, "seq_len": 48,
-                               "warmup": 0}, **extra)
+                               "warmup": 0})
 
 
-def _launch(config, pairs, processes, tmp_path, dump_ranks=False, sigterm_at=None, expect=0):
+def _launch(config, pairs, processes, tmp_path, dump_ranks=False, sigterm_at=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     if dump_ranks:
         env["LLMCL_DUMP_RANKS"] = "1"
@@ -69,7 +72,7 @@ def _launch(config, pairs, processes, tmp_path, dump_ranks=False, sigterm_at=Non
                         "--num_processes", str(processes), "--main_process_port", "0", str(DRIVER),
                         *[f"{r}:{d}" for r, d in pairs]]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert (out.returncode == 0) == (expect == 0), out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
 
@@ -87,17 +90,32 @@ def _final(run_dir):
     return out
 
 
+VARIANTS = ["mora_prune"]  # method options beyond each method's defaults that the invariants also cover
+
+
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """Each method trained by one plain process with the global batch (4)."""
     tmp = tmp_path_factory.mktemp("ref")
     runs = {}
-    for method in [*sorted(method_registry.REGISTRY), "seqft_replay_eval"]:
+    for method in [*sorted(method_registry.REGISTRY), *VARIANTS, "seqft_replay_eval"]:
         recipe = _recipe(tmp, method, 4)
         res = run_cli("train", str(recipe), "--run-dir", str(tmp / method))
         assert res.exit_code == 0, res.output
         runs[method] = tmp / method
     return runs
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """One launch of 2 gloo processes: every method with 2 samples per rank (the references' global batch), and
+    every method with its defaults (adaptive OSFT included) dumping every rank's weights and state."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    variants = SUPPORTED["ddp_cpu"] + VARIANTS + ["seqft_replay_eval"]
+    pairs = [(_recipe(tmp, m, 2), tmp / f"ddp-{m}") for m in variants]
+    agreement = _agreement_recipes(tmp)
+    _launch("ddp_cpu", pairs + agreement, 2, tmp, dump_ranks=True)
+    return {"runs": {m: tmp / f"ddp-{m}" for m in variants}, "agreement": [run for _, run in agreement]}
 
 
 def _check_same_training(ref, run, loss_tol, weight_tol):
@@ -110,6 +128,33 @@ def _check_same_training(ref, run, loss_tol, weight_tol):
     assert diff < weight_tol, diff
     ledger = json.loads((run / "ledger.json").read_text())
     assert [s["status"] for s in ledger["stages"]] == ["done", "done"]
+    for a_stage, b_stage in zip(*[_method_records(r) for r in (ref, run)]):  # the same decisions (k, pruning)
+        assert {k: v for k, v in a_stage.items() if k not in ("svd_seconds", "activation_frequency")} == \
+            {k: v for k, v in b_stage.items() if k not in ("svd_seconds", "activation_frequency")}
+
+
+def _method_records(run):
+    state = json.loads((run / "stage-01-reverse" / "method_state.json").read_text())
+    return state.get("records", []) if isinstance(state, dict) else []
+
+
+def _osft_leak(run):
+    """OSFT's promise, recomputed from the saved weights: stage 2's update W1 - W0 has no component along the
+    top-k singular directions of W0 (k as recorded), relative to its size; the largest over every matrix."""
+    w0 = load_file(str(run / "stage-00-facts" / "model" / "model.safetensors"))
+    w1 = load_file(str(run / "stage-01-reverse" / "model" / "model.safetensors"))
+    record = next(r for r in _method_records(run) if r["stage"] == 1)
+    leak = 0.0
+    for name, k in record["k"].items():
+        if k:
+            u, _, vh = torch.linalg.svd(w0[name].double(), full_matrices=False)
+            d = w1[name].double() - w0[name].double()
+            leak = max(leak, float((u[:, :k].T @ d).norm() / d.norm()), float((d @ vh[:k].T).norm() / d.norm()))
+    return leak
+
+
+# without the correction after the step the leak is ~0.4; with it, float32 rounding of the SVDs leaves ~3e-4
+OSFT_LEAK = 1e-2
 
 
 def _agreement_recipes(tmp_path):
@@ -120,23 +165,17 @@ def _agreement_recipes(tmp_path):
              tmp_path / f"agree-{m}-{len(o)}") for m, o in cases]
 
 
-def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, references):
+def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(ddp_runs, references):
     """2 gloo processes x 2 samples = 1 process x 4 samples: the same data, so the same losses (float tolerance).
     In the same launch, every registered method with its defaults: after every stage each rank holds bitwise the
     same trainable weights and method state (statistics a method decides from are reduced over the ranks)."""
-    variants = SUPPORTED["ddp_cpu"] + ["seqft_replay_eval"]
-    pairs = [(_recipe(tmp_path, m, 2), tmp_path / f"ddp-{m}") for m in variants]
-    agreement = _agreement_recipes(tmp_path)
-    _launch("ddp_cpu", pairs + agreement, 2, tmp_path, dump_ranks=True)
-    for _, run in agreement:
+    for run in ddp_runs["agreement"]:
         for stage in (0, 1):
             dumps = [json.loads((run.parent / f"{run.name}.rank{r}.stage{stage}.json").read_text()) for r in (0, 1)]
             assert dumps[0]["params"] and dumps[0]["params"] == dumps[1]["params"], (run.name, stage)
             assert untimed(dumps[0]["method_state"]) == untimed(dumps[1]["method_state"]), (run.name, stage)
-    for _, run in pairs:  # both ranks finish every run
+    for m, run in ddp_runs["runs"].items():  # both ranks finish every run
         assert (run.parent / f"{run.name}.rank0.done").exists() and (run.parent / f"{run.name}.rank1.done").exists()
-    for m in variants:
-        run = tmp_path / f"ddp-{m}"
         if m == "ilora":  # one reservoir, but each rank draws its own replay samples from it: replay differs
             a, b = _losses(references[m]), _losses(run)
             assert len(a) == len(b) and a[0] == pytest.approx(b[0], abs=1e-4)  # no replay before the first step
@@ -146,8 +185,9 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
         # gradients onto a complement where many coordinates are ~0, and Adam scales that rounding noise up to ~lr
         _check_same_training(references[m], run, loss_tol=1e-4, weight_tol=2e-3 if m == "osft" else 1e-4)
         assert not list(run.glob("*.tmp")) and (run / "recipe.yaml").exists()
+    assert _osft_leak(ddp_runs["runs"]["osft"]) < OSFT_LEAK
     # every row scored on the saved checkpoints by both ranks, each on its share: the same scores as one process
-    replay = tmp_path / "ddp-seqft_replay_eval"
+    replay = ddp_runs["runs"]["seqft_replay_eval"]
     ref_rows = {p.name: json.loads(p.read_text())["tasks"] for p in (references["seqft_replay_eval"] / "eval").glob("*.json")}
     rows = {p.name: json.loads(p.read_text())["tasks"] for p in (replay / "eval").glob("*.json")}
     assert sorted(rows) == ["base.json", "stage-00.json", "stage-01.json"]
@@ -164,14 +204,22 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
 
 
 @pytest.mark.parametrize("config", ["zero2", "zero3", "zero3_offload", "zero2_offload"])
-def test_deepspeed_zero_runs_every_supported_method_and_refuses_the_others(config, tmp_path, references):
-    methods = SUPPORTED[config] + REFUSED.get(config, [])
-    # I-LoRA draws its replay per micro-batch, so splitting a step changes its replay: it keeps one micro-batch
-    pairs = [(_recipe(tmp_path, m, 4, stage1_accum=m != "ilora"), tmp_path / f"{config}-{m}") for m in methods]
-    out = _launch(config, pairs, 1, tmp_path)
-    for m in SUPPORTED[config]:
-        assert f"done: {tmp_path / f'{config}-{m}'}" in out
-        _check_same_training(references[m], tmp_path / f"{config}-{m}", loss_tol=1e-4, weight_tol=1e-4)
+def test_deepspeed_zero_runs_every_supported_method_and_refuses_the_others(config, tmp_path, references, ddp_runs):
+    """2 processes under DeepSpeed (every parameter, gradient and optimizer state sharded over them) train what
+    one process trains with the same global batch; stage 2 takes 2 micro-batches a step. I-LoRA keeps one
+    micro-batch (its replay is drawn per micro-batch and per rank) and matches the 2-process DDP run."""
+    methods = SUPPORTED[config] + [v for v in VARIANTS if v.split("_")[0] in SUPPORTED[config]] + REFUSED.get(config, [])
+    pairs = [(_recipe(tmp_path, m, 2, stage1_accum=m != "ilora"), tmp_path / f"{config}-{m}") for m in methods]
+    out = _launch(config, pairs, 2, tmp_path)
+    for m in methods:
+        if m in REFUSED.get(config, []):
+            continue
+        run = tmp_path / f"{config}-{m}"
+        assert f"done: {run}" in out
+        reference = ddp_runs["runs"][m] if m == "ilora" else references[m]
+        _check_same_training(reference, run, loss_tol=1e-4, weight_tol=1e-3 if m == "osft" else 1e-4)
+        if m == "osft":  # the projections under sharding: without the gradient hooks the weights are 5e-3 off
+            assert _osft_leak(run) < OSFT_LEAK
     zero = config[len("zero")]
     for m in REFUSED.get(config, []):
         line = next(x for x in out.splitlines() if x.startswith(f"refused: {tmp_path / f'{config}-{m}'}"))
@@ -203,13 +251,18 @@ def test_the_readme_compatibility_table_is_what_the_tests_check():
 
 
 def test_refusal_under_deepspeed_names_the_method_and_stage():
-    from llmcl import methods as registry
     from llmcl.errors import LlmclError
+    from llmcl.methods.base import Method
     from llmcl.train import distributed
 
-    method = registry.create(registry.get("osft").config_class(name="osft"))
-    with pytest.raises(LlmclError, match="'osft' does not support DeepSpeed ZeRO-2"):
+    class Demo(Method):  # not registered: no llmcl method refuses a ZeRO stage today
+        name = "demo"
+        zero_refused = {2: "it needs the whole gradient"}
+
+    method = Demo(None)
+    with pytest.raises(LlmclError, match="'demo' does not support DeepSpeed ZeRO-2: it needs the whole gradient"):
         distributed.check_method(_FakeAccel(2), method)
+    distributed.check_method(_FakeAccel(3), method)
     distributed.check_method(_FakeAccel(None), method)  # no DeepSpeed: nothing to refuse
 
 
@@ -315,21 +368,31 @@ def test_deepspeed_zero_stages_a_method_cannot_work_under_are_refused_before_tra
 
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
 def test_deepspeed_sigterm_saves_a_sharded_step_checkpoint_and_the_rerun_resumes_bitwise(config, tmp_path):
-    """SIGTERM after step 3 of stage 2 under DeepSpeed: every rank writes its shard (DeepSpeed's checkpoint) and
-    rank 0 the rest; the same launch again resumes there and ends with the weights of an uninterrupted run."""
-    recipe = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 5, "batch_size": 4, "seq_len": 48,
-                                                      "warmup": 0})
-    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
-    out = _launch(config, [(recipe, clean), (recipe, stopped)], 1, tmp_path, sigterm_at="stopped:8", expect=75)
-    assert f"stopped: {stopped}: SIGTERM: stopped after step 3/5 of stage 1" in out
-    marker = json.loads((stopped / "stopped.json").read_text())
-    assert marker["step_checkpoint"] is True
-    assert (stopped / "step-checkpoint" / "deepspeed").is_dir()
-    assert json.loads((stopped / "step-checkpoint" / "state.json").read_text())["step"] == 3
-    _launch(config, [(recipe, stopped)], 1, tmp_path)
-    a, b = _final(clean), _final(stopped)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _losses(clean) == _losses(stopped)
+    """SIGTERM after step 3 of stage 2 under DeepSpeed with 2 processes, every method with its defaults: every rank
+    writes its shard (DeepSpeed's checkpoint) and rank 0 the rest; the same launch again resumes there and ends
+    with the weights of an uninterrupted run (OSFT's projections, I-LoRA's slow learner and MoRA's counts too)."""
+    pairs, targets = [], []
+    for m in sorted(method_registry.REGISTRY):
+        recipe = write_recipe(tmp_path / f"{m}.yaml", method={"name": m},
+                              train={"lr": 1e-3, "max_steps": 5, "batch_size": 2, "seq_len": 48, "warmup": 0})
+        pairs += [(recipe, tmp_path / f"clean-{m}"), (recipe, tmp_path / f"stopped-{m}")]
+        targets.append(f"stopped-{m}:8")
+    out = _launch(config, pairs, 2, tmp_path, sigterm_at=",".join(targets))
+    for m in sorted(method_registry.REGISTRY):
+        clean, stopped = tmp_path / f"clean-{m}", tmp_path / f"stopped-{m}"
+        assert f"stopped: {stopped}: SIGTERM: stopped after step 3/5 of stage 1" in out
+        assert json.loads((stopped / "stopped.json").read_text())["step_checkpoint"] is True
+        assert (stopped / "step-checkpoint" / "deepspeed").is_dir()
+        assert json.loads((stopped / "step-checkpoint" / "state.json").read_text())["step"] == 3
+    _launch(config, [(recipe, tmp_path / f"stopped-{m}") for recipe, m in
+                     ((tmp_path / f"{m}.yaml", m) for m in sorted(method_registry.REGISTRY))], 2, tmp_path)
+    for m in sorted(method_registry.REGISTRY):
+        clean, stopped = tmp_path / f"clean-{m}", tmp_path / f"stopped-{m}"
+        a, b = _final(clean), _final(stopped)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), m
+        assert _losses(clean) == _losses(stopped), m
+        assert untimed(json.loads((clean / "stage-01-reverse" / "method_state.json").read_text())) == \
+            untimed(json.loads((stopped / "stage-01-reverse" / "method_state.json").read_text())), m
 
 
 def test_llmcl_eval_under_accelerate_launch_shares_the_requests_among_the_processes(tmp_path):

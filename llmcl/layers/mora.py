@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llmcl import shards
 from llmcl.rundir import artifacts
 
 
@@ -41,14 +42,18 @@ class MoRALinear(nn.Module):
         self.base = base
         self.top_k, self.tau, self.threshold, self.scale = top_k, tau, threshold, scale
         dtype, device = base.weight.dtype, base.weight.device
-        self.bank_a = nn.Parameter(torch.empty(0, base.in_features, dtype=dtype, device=device), requires_grad=False)
-        self.bank_b = nn.Parameter(torch.empty(base.out_features, 0, dtype=dtype, device=device), requires_grad=False)
+        # the frozen bank is a buffer, not a parameter: never trained, and DeepSpeed ZeRO-3 neither shards it nor
+        # chokes on it while it is empty (stage 0)
+        self.register_buffer("bank_a", torch.empty(0, base.in_features, dtype=dtype, device=device))
+        self.register_buffer("bank_b", torch.empty(base.out_features, 0, dtype=dtype, device=device))
         self.new_a = nn.Parameter(torch.empty(0, base.in_features, dtype=dtype, device=device))
         self.new_b = nn.Parameter(torch.empty(base.out_features, 0, dtype=dtype, device=device))
         self.track = False
-        # selections per expert while track is on, since the method last collected them (on the device)
+        # selections per expert while track is on, since the method last collected them, and the tokens they were
+        # counted over (on the device); `token_mask` (batch x seq, 1 = a real token) leaves padding uncounted
         self.counts = torch.zeros(0, dtype=torch.int64, device=device)
-        self.tokens = 0
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.token_mask: torch.Tensor | None = None
 
     @property
     def n_bank(self) -> int:
@@ -56,7 +61,7 @@ class MoRALinear(nn.Module):
 
     @property
     def n_experts(self) -> int:
-        return self.bank_a.shape[0] + self.new_a.shape[0]
+        return self.bank_a.shape[0] + shards.shape(self.new_a)[0]
 
     def add_experts(self, r: int, generator: torch.Generator) -> None:
         """r new trainable experts: a Kaiming-uniform (as LoRA's A), b zero."""
@@ -73,14 +78,14 @@ class MoRALinear(nn.Module):
         a, b = self.new_a.data, self.new_b.data
         if keep is not None:
             a, b = a[keep], b[:, keep]
-        self.bank_a = nn.Parameter(torch.cat([self.bank_a.data, a]), requires_grad=False)
-        self.bank_b = nn.Parameter(torch.cat([self.bank_b.data, b], 1), requires_grad=False)
+        self.bank_a = torch.cat([self.bank_a, a])
+        self.bank_b = torch.cat([self.bank_b, b], 1)
         self.new_a = nn.Parameter(self.new_a.data[:0])
         self.new_b = nn.Parameter(self.new_b.data[:, :0])
 
     def reset_stats(self) -> None:
         self.counts = torch.zeros(self.n_experts, dtype=torch.int64, device=self.base.weight.device)
-        self.tokens = 0
+        self.tokens = torch.zeros((), dtype=torch.int64, device=self.base.weight.device)
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, w): every expert's activation and its gate weight (zero outside the selected experts)."""
@@ -95,9 +100,12 @@ class MoRALinear(nn.Module):
         w = torch.zeros_like(z).scatter(-1, idx, w_top)
         if self.track:
             with torch.no_grad():
-                flat = idx.reshape(-1)  # counted on the device: no host sync in the forward pass
-                self.counts.index_add_(0, flat, torch.ones_like(flat))
-                self.tokens += idx.numel() // k
+                per_token = idx.reshape(-1, k)  # counted on the device: no host sync in the forward pass
+                mask = self.token_mask
+                real = (mask.reshape(-1, 1).to(torch.int64) if mask is not None and mask.numel() == per_token.shape[0]
+                        else torch.ones_like(per_token[:, :1]))
+                self.counts.index_add_(0, per_token.reshape(-1), real.expand_as(per_token).reshape(-1))
+                self.tokens += real.sum()
         return z, w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,15 +150,22 @@ def layers(model: nn.Module) -> dict[str, MoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, MoRALinear)}
 
 
-def save_artifact(model: nn.Module, out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """Write every expert of every layer into out_dir/mora as its bank (the frozen bank, then a stage's new
-    experts when the stage has not ended: the pre-anneal branch of an infinite schedule); returns the manifest."""
+def save_artifact(model: nn.Module, out_dir: Path, config: dict[str, Any], keep: dict[str, torch.Tensor] | None = None,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Write every layer's experts into out_dir/mora as its bank: the frozen bank, then the stage's new experts
+    (those in `keep[layer]` where given: the survivors of pruning; all of them mid-stage, for the pre-anneal
+    branch of an infinite schedule). The values come from `state_dict` when given (the full weights gathered
+    from a sharded model), else from the modules. Returns the manifest."""
     directory = out_dir / "mora"
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, m in layers(model).items():
-        tensors[f"{name}.bank_a"] = torch.cat([m.bank_a, m.new_a]).detach().cpu().contiguous()
-        tensors[f"{name}.bank_b"] = torch.cat([m.bank_b, m.new_b], 1).detach().cpu().contiguous()
+        get = (lambda k: state_dict[f"{name}.{k}"]) if state_dict is not None else (lambda k: getattr(m, k))
+        new_a, new_b = get("new_a"), get("new_b")
+        if keep is not None and keep.get(name) is not None:
+            new_a, new_b = new_a[keep[name]], new_b[:, keep[name]]
+        tensors[f"{name}.bank_a"] = torch.cat([get("bank_a"), new_a]).detach().cpu().contiguous()
+        tensors[f"{name}.bank_b"] = torch.cat([get("bank_b"), new_b], 1).detach().cpu().contiguous()
     save_file(tensors, str(directory / "mora_model.safetensors"))
     (directory / "mora_config.json").write_text(json.dumps({**config, "targets": sorted(layers(model))}, indent=2))
     return {"kind": "mora", "path": "mora", "merged": []}
@@ -163,8 +178,8 @@ def load_into(model: nn.Module, directory: Path) -> nn.Module:
     tensors = load_file(str(directory / "mora_model.safetensors"))
     for name, m in layers(model).items():
         w = m.base.weight
-        m.bank_a = nn.Parameter(tensors[f"{name}.bank_a"].to(w.dtype).to(w.device), requires_grad=False)
-        m.bank_b = nn.Parameter(tensors[f"{name}.bank_b"].to(w.dtype).to(w.device), requires_grad=False)
+        m.bank_a = tensors[f"{name}.bank_a"].to(w.dtype).to(w.device)
+        m.bank_b = tensors[f"{name}.bank_b"].to(w.dtype).to(w.device)
     return model
 
 

@@ -100,6 +100,9 @@ class StageInfo:
     a method decides from (layer importance, expert counts) go through it, so every rank decides the same."""
     gather: Callable[[Any], list[Any]] = lambda obj: [obj]
     """Every rank's `obj` (any picklable value), in rank order; every rank must call it at the same point."""
+    zero: int | None = None
+    """The DeepSpeed ZeRO stage the stage trains under (None: no DeepSpeed). The model is sharded after
+    prepare: a method that edits weights or gradients outside the optimizer goes through llmcl.shards."""
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from llmcl import methods
+from llmcl import methods, shards
 from llmcl.config import KeyFn, require
 from llmcl.data.batching import collate
 from llmcl.data.formatting import Example
@@ -73,7 +73,6 @@ def masked_hidden_mse(fast: tuple[torch.Tensor, ...], slow: tuple[torch.Tensor, 
 @methods.register
 class ILora(Method):
     config_class = ILoRAConfig
-    zero_refused = {3: "the slow learner is interpolated outside the forward pass, which ZeRO-3 partitions; use ZeRO-2"}
 
     def __init__(self, config: ILoRAConfig):
         super().__init__(config)
@@ -82,6 +81,10 @@ class ILora(Method):
         self.buffer: list[Example] = []
         self.fast: dict[str, torch.nn.Parameter] = {}
         self.slow: dict[str, torch.nn.Parameter] = {}
+        # fp32 values of both learners, the same on every rank: the slow learner is interpolated here (a bf16 slow
+        # adapter could not follow at 1 - lam = 0.01 per step) and written into its adapter; the fast learner's
+        # are the optimizer's master weights as of the last step (read by state_dict, without a collective)
+        self.values: dict[str, torch.Tensor] = {}
         self.rank, self.seed = 0, 0
         self.gather: Any = lambda obj: [obj]
         self._metrics: dict[str, torch.Tensor] = {}  # read when a metrics line is written, not every step
@@ -108,6 +111,7 @@ class ILora(Method):
                     self.slow[n.replace(f".{FAST}.", f".{SLOW}.")].copy_(p)
         for p in self.slow.values():
             p.requires_grad_(False)
+        self.values = {n: p.detach().float().clone() for n, p in {**self.fast, **self.slow}.items()}
         self.rank, self.seed, self.gather = stage.rank, stage.seed, stage.gather
         return model
 
@@ -174,21 +178,31 @@ class ILora(Method):
         lam = self.lam(self.steps)
         with torch.no_grad():
             for n, fast in self.fast.items():
-                slow = self.slow[n.replace(f".{FAST}.", f".{SLOW}.")]
-                slow.mul_(lam).add_(fast.detach(), alpha=1.0 - lam)
+                self.values[n] = value = shards.full_fp32(fast)  # collective under DeepSpeed
+                slow = n.replace(f".{FAST}.", f".{SLOW}.")
+                self.values[slow].mul_(lam).add_(value.to(self.values[slow].device), alpha=1.0 - lam)
+            self._write_slow()
         self.steps += 1
+
+    def _write_slow(self) -> None:
+        """The slow learner's adapter := its fp32 values (ZeRO-3: gathered, written, partitioned again)."""
+        with torch.no_grad(), shards.writable(list(self.slow.values())):
+            for n, p in self.slow.items():
+                p.data.copy_(self.values[n].to(p.device, p.dtype).view_as(p.data))
 
     # -- saving -------------------------------------------------------------------------------------------
     def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo,
              state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        return artifacts.save_peft(model, out_dir, [], adapter=SLOW if self.config.evaluate == "slow" else FAST)
+        # from the learners' fp32 values: the same on every rank, whole under ZeRO-3, not rounded to bf16
+        return artifacts.save_peft(model, out_dir, [], adapter=SLOW if self.config.evaluate == "slow" else FAST,
+                                   state_dict=self.values)
 
     def state_dict(self) -> dict[str, Any]:
         flat_ids = [t for e in self.buffer for t in e.input_ids]
         flat_labels = [t for e in self.buffer for t in e.labels]
         return {
             "steps": self.steps, "seen": self.seen,
-            "learners": {n: p.detach().clone() for n, p in {**self.fast, **self.slow}.items()},
+            "learners": {n: v.clone() for n, v in self.values.items()},
             "buffer": {"ids": torch.tensor(flat_ids, dtype=torch.int64),
                        "labels": torch.tensor(flat_labels, dtype=torch.int64),
                        "lengths": torch.tensor([len(e.input_ids) for e in self.buffer], dtype=torch.int64)},
@@ -207,4 +221,5 @@ class ILora(Method):
         with torch.no_grad():  # the learners as the previous stage (or the step checkpoint) left them
             for n, p in {**self.fast, **self.slow}.items():
                 p.copy_(state["learners"][n])
+                self.values[n] = state["learners"][n].to(p.device, torch.float32, copy=True)
 

@@ -52,8 +52,6 @@ class MoRAConfig(AdapterConfig):
 @methods.register
 class MoRA(Method):
     config_class = MoRAConfig
-    zero_refused = {3: "it grows and freezes expert banks by concatenating parameters between stages and prunes by "
-                       "statistics gathered in forward, which ZeRO-3 partitions; use ZeRO-2 or DDP"}
 
     def __init__(self, config: MoRAConfig):
         super().__init__(config)
@@ -63,6 +61,10 @@ class MoRA(Method):
         # per layer: how often each expert was selected this stage, over every rank, then the token count
         self.selection: dict[str, torch.Tensor] = {}
         self.reduce_sum: Any = lambda t: t
+        # per layer, after end_stage: which of the stage's experts join the bank (None: all). The modules are not
+        # changed (under ZeRO-3 they are sharded): save() writes the bank with them.
+        self.keep: dict[str, torch.Tensor | None] = {}
+        self._hook: Any = None
 
     def _layer_config(self) -> dict[str, Any]:
         c = self.config
@@ -82,7 +84,13 @@ class MoRA(Method):
             layer.track = True
         self.selection = {name: torch.zeros(layer.n_experts + 1, dtype=torch.int64, device=layer.counts.device)
                           for name, layer in self.layers.items()}
+        # every forward tells the layers which tokens are real, so that padding is not counted
+        self._hook = model.register_forward_pre_hook(self._token_mask, with_kwargs=True)
         return model
+
+    def _token_mask(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        for layer in self.layers.values():
+            layer.token_mask = kwargs.get("attention_mask")
 
     def after_step(self, model: torch.nn.Module) -> None:
         """Collect the layers' selection counts of this step from every rank (one small all-reduce): every rank
@@ -90,8 +98,7 @@ class MoRA(Method):
         tracked = [(name, layer) for name, layer in self.layers.items() if layer.track]
         if not tracked:
             return
-        step = self.reduce_sum(torch.cat([torch.cat([layer.counts, layer.counts.new_tensor([layer.tokens])])
-                                          for _, layer in tracked]))
+        step = self.reduce_sum(torch.cat([torch.cat([layer.counts, layer.tokens.view(1)]) for _, layer in tracked]))
         offset = 0
         for name, layer in tracked:
             n = layer.n_experts + 1
@@ -100,29 +107,34 @@ class MoRA(Method):
             layer.reset_stats()
 
     def end_stage(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
-        """Record activation statistics, prune rarely selected new experts, freeze the rest into the bank."""
+        """Record activation statistics, decide which new experts are pruned (rarely selected) and which join the
+        bank unchanged; save() writes the bank."""
         pruned, kept, freq_all = 0, 0, {}
+        self.keep = {}
         for name, layer in mora_layers.layers(model).items():
             counts, tokens = self.selection[name][:-1], int(self.selection[name][-1])
             freq = counts / max(tokens, 1)
             new_freq = freq[layer.n_bank:]
-            keep = (new_freq >= self.config.prune_below).nonzero().flatten() if self.config.prune_below else None
-            n_new = layer.new_a.shape[0]
+            keep = (new_freq >= self.config.prune_below).nonzero().flatten().cpu() if self.config.prune_below else None
+            n_new = layer.n_experts - layer.n_bank
             kept_here = n_new if keep is None else len(keep)
             pruned += n_new - kept_here
             kept += kept_here
             freq_all[name] = [round(float(f), 4) for f in freq]
-            layer.freeze(keep)
+            self.keep[name] = keep
             layer.track = False
             layer.reset_stats()
         self.selection = {}
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         self.records = [r for r in self.records if r["stage"] != stage.index]
         self.records.append({"stage": stage.index, "kept": kept, "pruned": pruned, "activation_frequency": freq_all})
         return model
 
     def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo,
              state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        return mora_layers.save_artifact(model, out_dir, self._layer_config())
+        return mora_layers.save_artifact(model, out_dir, self._layer_config(), self.keep, state_dict)
 
     def state_dict(self) -> dict[str, Any]:
         if not self.selection:  # between stages (end_stage consumed the counts)

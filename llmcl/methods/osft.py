@@ -23,6 +23,10 @@ gives each stage's uniform ratio. The chosen k of every matrix, the ratios and t
 the stage's method state (method_state.json).
 
 Embeddings, LM head and norms are frozen unless `train_other: true`.
+
+Under DeepSpeed ZeRO (stage.zero) nothing is gathered: (1) runs as a hook on each weight, on every micro-batch's
+gradient before DeepSpeed reduces it (the projection is linear), and (2) is computed from each rank's shard of
+the fp32 master weights with one all-reduce of k(m+n) numbers per matrix (llmcl.shards; see _after_sharded_step).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from llmcl import methods
+from llmcl import methods, shards
 from llmcl.config import KeyFn, require
 from llmcl.methods import arch
 from llmcl.methods.base import Method, MethodConfig, StageInfo, merge_stage_records
@@ -115,17 +119,17 @@ def layer_similarity(model: torch.nn.Module, layers: list[torch.nn.Module], batc
 @methods.register
 class OSFT(Method):
     config_class = OSFTConfig
-    zero_refused = dict.fromkeys((1, 2, 3), (
-        "it takes an SVD of every full weight matrix and edits gradients between backward and the optimizer step, "
-        "which DeepSpeed fuses and shards; use DDP (accelerate launch without DeepSpeed)"))
 
     def __init__(self, config: OSFTConfig):
         super().__init__(config)
         self.records: list[dict[str, Any]] = []
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # param name -> (U_k, V_k)
         self.params: dict[str, torch.nn.Parameter] = {}
-        self._before: dict[str, torch.Tensor] = {}  # param name -> W before the step (buffer reused every step)
+        self._before: dict[str, Any] = {}  # param name -> W before the step (buffer reused every step; ZeRO: shard)
         self._pending: set[str] = set()
+        self.zero: int | None = None
+        self.reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+        self._hooks: list[Any] = []
 
     # -- which fraction each layer preserves ---------------------------------------------------------
     def ratios(self, model: torch.nn.Module, layers: list[torch.nn.Module], stage: StageInfo) -> tuple[list[float], list[float] | None]:
@@ -175,6 +179,14 @@ class OSFT(Method):
                 self.bases[f"{name}.weight"] = (u[:, :k].contiguous(), vh[:k].T.contiguous())
                 self.params[f"{name}.weight"] = w
         svd_seconds = time.perf_counter() - t0
+        self.zero, self.reduce_sum = stage.zero, stage.reduce_sum
+        for h in self._hooks:
+            h.remove()
+        # DeepSpeed reduces and shards the gradients inside backward: each micro-batch's gradient is projected
+        # as autograd produces it (the projection is linear, so projecting every rank's and micro-batch's part
+        # is projecting their sum)
+        self._hooks = [self.params[n].register_hook(self._gradient_hook(*b)) for n, b in self.bases.items()] \
+            if stage.zero else []
         self.records = [r for r in self.records if r["stage"] != stage.index]
         self.records.append({"stage": stage.index, "ratios": [round(r, 6) for r in ratios],
                              "importance": None if importance is None else [round(x, 6) for x in importance],
@@ -192,7 +204,13 @@ class OSFT(Method):
         x = x - u @ (u.T @ x)
         return x - (x @ v) @ v.T
 
+    def _gradient_hook(self, u: torch.Tensor, v: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda g: self._project(g.float(), u, v).to(g.dtype)
+
     def after_backward(self, model: torch.nn.Module) -> None:
+        if self.zero:  # gradients were projected by the hooks; keep this rank's shard of W before the step
+            self._before = {name: shards.master(w, self.bases[name][0].device) for name, w in self.params.items()}
+            return
         # 1) the gradient, projected onto the complement (Adam's moments only ever see allowed directions)
         # 2) a copy of the weights before the step, in a buffer kept across steps (one fp32 copy of the target
         #    matrices): the applied update is then projected exactly, 4kmn flops a matrix instead of the 12kmn
@@ -212,6 +230,9 @@ class OSFT(Method):
     def after_step(self, model: torch.nn.Module) -> None:
         # Adam's per-coordinate scaling and weight decay move W outside the complement: keep only P(W_after -
         # W_before), i.e. subtract the update's part along U_k / V_k
+        if self.zero:
+            self._after_sharded_step()
+            return
         with torch.no_grad():
             for name in self._pending:
                 u, v = self.bases[name]
@@ -219,6 +240,40 @@ class OSFT(Method):
                 delta = w.detach().float() - before
                 w.sub_((delta - self._project(delta, u, v)).to(w.dtype))
         self._pending = set()
+
+    def _after_sharded_step(self) -> None:
+        """The same correction under DeepSpeed ZeRO, where each rank holds a shard of every matrix's fp32 master
+        weights. The correction is U X + Y V^T - U (X V) V^T with X = U^T dW and Y = dW V: every rank computes
+        its shard's part of X and Y, one all-reduce of k(m+n) numbers per matrix sums them, and every rank
+        corrects its own shard (and its working copy). No matrix is ever gathered."""
+        names = sorted(self._before)
+        after, parts = {}, []
+        with torch.no_grad():
+            for name in names:
+                u, v = self.bases[name]
+                w, before = self.params[name], self._before[name]
+                after[name] = now = shards.master(w, u.device)
+                delta = shards.scatter(now, shards.shape(w).numel())
+                delta[now.start:now.start + now.numel] -= before.values
+                delta = delta.view(shards.shape(w))
+                parts += [(u.T @ delta).reshape(-1), (delta @ v).reshape(-1)]
+            if not parts:
+                return
+            total, offset = self.reduce_sum(torch.cat(parts)), 0
+            for name in names:
+                u, v = self.bases[name]
+                (m, n), k = shards.shape(self.params[name]), u.shape[1]
+                x = total[offset:offset + k * n].view(k, n)
+                y = total[offset + k * n:offset + k * (n + m)].view(m, k)
+                offset += k * (n + m)
+                shards.subtract(self.params[name], after[name], u @ x + (y - u @ (x @ v)) @ v.T)
+        self._before = {}
+
+    def end_stage(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        return model
 
     def state_dict(self) -> dict[str, Any]:
         return {"records": self.records}

@@ -48,7 +48,10 @@ def load(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, *, 
     kind = manifest["kind"]
     if kind not in LOADERS:
         raise LlmclError(f"unknown checkpoint kind {kind!r} in {run_dir}; was it written by a newer llmcl?")
-    model = LOADERS[kind](run_dir, manifest, model_cfg, seed, trainable)
+    from llmcl.models import whole
+
+    with whole():
+        model = LOADERS[kind](run_dir, manifest, model_cfg, seed, trainable)
     if not trainable:
         model.eval()
     return model

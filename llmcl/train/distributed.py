@@ -34,6 +34,7 @@ def make_accelerator(recipe: Any, run_dir: Any, *, fresh: bool = False) -> Any:
         import torch.distributed as dist
 
         reset_accelerate(keep_processes=dist.is_available() and dist.is_initialized())
+    _deepspeed_cpu_processes()
     return Accelerator(
         mixed_precision=mixed_precision(recipe.train.precision),
         log_with=list(recipe.logging.trackers) or None,
@@ -73,6 +74,28 @@ def cpu_processes() -> bool:
     return world > 1 and not deepspeed and not torch.cuda.is_available()
 
 
+def _deepspeed_cpu_processes() -> None:
+    """DeepSpeed launched with several processes on a machine without CUDA (the CPU tests of sharded training):
+    Accelerate finds no backend there and would make every process a world of one, while DeepSpeed's own process
+    group (gloo) spans them all; Accelerate's process state is set from that group."""
+    import os
+
+    import torch
+
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available()
+            or int(os.environ.get("WORLD_SIZE", "1")) < 2):
+        return
+    import torch.distributed as dist
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState()  # initialises DeepSpeed's process group
+    if state.num_processes == 1 and dist.is_initialized() and dist.get_world_size() > 1:
+        state.backend, state.distributed_type = dist.get_backend(), DistributedType.DEEPSPEED
+        state.num_processes, state.process_index = dist.get_world_size(), dist.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+
+
 def deepspeed_plugin(accelerator: Any) -> Any | None:
     from accelerate.utils import DistributedType
 
@@ -108,6 +131,29 @@ def describe(accelerator: Any) -> str:
     """How this run is distributed, for the ledger: no, multi_cpu, multi_gpu, deepspeed-zero2, ..."""
     stage = zero_stage(accelerator)
     return str(accelerator.distributed_type).split(".")[-1].lower() + (f"-zero{stage}" if stage else "")
+
+
+def backward(accelerator: Any, loss: Any) -> None:
+    """accelerator.backward, except that a DeepSpeed engine does not step inside it (Accelerate's wrapper steps
+    at the end of the last micro-batch's backward): the loop calls method.after_backward between the backward
+    and the step on every backend, then `step`."""
+    if deepspeed_plugin(accelerator) is None:
+        accelerator.backward(loss)
+        return
+    engine = accelerator.deepspeed_engine_wrapped.engine
+    engine.set_gradient_accumulation_boundary(is_boundary=accelerator.sync_gradients)
+    engine.backward(loss)
+
+
+def step(accelerator: Any, optimizer: Any, params: list[Any], max_grad_norm: float) -> Any:
+    """Clip (max_grad_norm > 0) and take the optimizer step; returns the gradient norm before clipping, or None.
+    Under DeepSpeed the engine clips and steps (gradient_clipping in its config, filled by configure_stage)."""
+    if deepspeed_plugin(accelerator) is not None:
+        accelerator.deepspeed_engine_wrapped.engine.step()
+        return accelerator.deepspeed_engine_wrapped.get_global_grad_norm() if max_grad_norm > 0 else None
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else None
+    optimizer.step()
+    return grad_norm
 
 
 def shard_saver(engine: Any):

@@ -142,7 +142,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
     method = methods.create(recipe.method)
     info = StageInfo(index=i, name=stage.name, num_stages=len(recipe.stages), max_steps=plan.steps,
                      seed=recipe.seed + i, origin=origin, batches=calibration_batches, rank=rank, world_size=world,
-                     **distributed.collectives(accelerator))
+                     zero=distributed.zero_stage(accelerator), **distributed.collectives(accelerator))
     model = method.prepare(model, info)
     if prev_dir is not None:
         method.load_state_dict(load_tree(prev_dir, METHOD_STATE))

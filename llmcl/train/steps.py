@@ -55,11 +55,10 @@ def train_steps(ctx: StageContext) -> None:
                 with accelerator.autocast():
                     outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
                     loss = method.loss(StepInputs(batch, outputs, unwrapped, scale))
-                accelerator.backward(loss * scale)
+                distributed.backward(accelerator, loss * scale)
             window.loss += loss.detach()
         method.after_backward(model)
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        optimizer.step()
+        grad_norm = distributed.step(accelerator, optimizer, params, cfg.max_grad_norm)
         optimizer.zero_grad(set_to_none=True)
         method.after_step(model)
         window.steps += 1

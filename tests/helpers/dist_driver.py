@@ -7,8 +7,8 @@ One launch per distributed configuration instead of one per (method, configurati
 DeepSpeed import are the slow part. Exit 0 only when every run finishes; a refusal (LlmclError) is printed as
 "refused: <message>" and the next recipe runs.
 
-With LLMCL_SIGTERM_AT=NAME:N the run whose directory is named NAME gets a SIGTERM after its N-th optimizer step
-(counted over its stages); the driver then exits with the status `llmcl train` gives (75).
+With LLMCL_SIGTERM_AT=NAME:N[,NAME:N...] the run whose directory is named NAME gets a SIGTERM after its N-th
+optimizer step (counted over its stages); the driver reports it and goes on with the next recipe.
 
 With LLMCL_DUMP_RANKS=1 every rank writes, at the end of every stage (before it is saved), a digest of its
 trainable parameters and its method state to RUN_DIR.rank<R>.stage<I>.json: ranks that drifted apart differ.
@@ -58,20 +58,23 @@ def _dump_ranks() -> None:
     loop.finish_stage = finish_stage
 
 
-def _sigterm_after(n_steps: int):
-    """Send this process a SIGTERM after the n-th optimizer step of the next run (every method's after_step)."""
+_SIGTERM = {"at": None, "n": 0}
+
+
+def _install_sigterm() -> None:
+    """Every method's after_step counts the run's optimizer steps and sends this process a SIGTERM at the
+    _SIGTERM["at"]-th."""
     import signal
 
     from llmcl import methods
 
-    count = {"n": 0}
     for cls in methods.REGISTRY.values():
         original = cls.after_step
 
         def after_step(self, model, _original=original):
             _original(self, model)
-            count["n"] += 1
-            if count["n"] == n_steps:
+            _SIGTERM["n"] += 1
+            if _SIGTERM["n"] == _SIGTERM["at"]:
                 os.kill(os.getpid(), signal.SIGTERM)
 
         cls.after_step = after_step
@@ -84,16 +87,18 @@ def main() -> None:
     from llmcl.train.distributed import make_accelerator
     from llmcl.train.loop import run
     from llmcl.train.progress import Display
-    from llmcl.train.signals import RESUMABLE_EXIT, Stopped
+    from llmcl.train.signals import Stopped
 
     rank = int(os.environ.get("RANK", "0"))
     if os.environ.get("LLMCL_DUMP_RANKS"):
         _dump_ranks()
+    targets = dict(t.split(":") for t in os.environ.get("LLMCL_SIGTERM_AT", "").split(",") if t)
+    if targets:
+        _install_sigterm()
     for pair in sys.argv[1:]:
         recipe_path, run_dir = pair.split(":", 1)
-        target, _, at = os.environ.get("LLMCL_SIGTERM_AT", "").partition(":")
-        if target and Path(run_dir).name == target:
-            _sigterm_after(int(at))
+        at = targets.get(Path(run_dir).name)
+        _SIGTERM.update(at=None if at is None else int(at), n=0)
         try:
             recipe, display = recipe_mod.load(Path(recipe_path), []), Display(enabled=False)
             run(recipe, Path(run_dir), display=display, hooks=EvalHooks(recipe, Path(run_dir), display),
@@ -104,7 +109,6 @@ def main() -> None:
             print(f"refused: {run_dir}: {exc}", flush=True)
         except Stopped as exc:
             print(f"stopped: {run_dir}: {exc}", flush=True)
-            sys.exit(RESUMABLE_EXIT)
 
 
 if __name__ == "__main__":
