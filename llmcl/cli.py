@@ -1,6 +1,7 @@
 """The llmcl command line. Thin: each command parses its arguments and calls one plain function.
 
-Errors a user can cause (LlmclError) print one line on stderr and exit with status 2. A run stopped by
+Errors a user can cause (LlmclError) print one line on stderr and exit with status 2; what the machine refused
+(a full disk, a read-only file system, permissions) prints one line and exits with status 74. A run stopped by
 SIGTERM/SIGUSR1 saves a checkpoint, prints one line and exits with status 75 (rerun to resume).
 """
 
@@ -13,20 +14,23 @@ from pathlib import Path
 
 import click
 
-from llmcl.errors import LlmclError
-from llmcl.train.signals import RESUMABLE_EXIT, Stopped
+from llmcl.errors import LlmclError, environment_fault
+from llmcl.train.signals import RESUMABLE_EXIT, Stopped, defer_from_start
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except LlmclError as exc:
-            click.echo("error: " + " ".join(str(exc).split()), err=True)
-            ctx.exit(2)
         except Stopped as exc:
             click.echo("stopped: " + str(exc), err=True)
             ctx.exit(RESUMABLE_EXIT)
+        except Exception as exc:  # noqa: BLE001  (what the user or the machine caused: one line; the rest: a traceback)
+            error = exc if isinstance(exc, LlmclError) else environment_fault(exc)
+            if error is None:
+                raise
+            click.echo("error: " + " ".join(str(error).split()), err=True)
+            ctx.exit(error.exit_code)
 
 
 def _quiet_defaults() -> None:
@@ -156,6 +160,7 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
     from llmcl.eval import report as report_mod
     from llmcl.eval.scoring import BASE, load_run_recipe, score_row
     from llmcl.rundir import Ledger
+    from llmcl.rundir.lock import locked
 
     directory = Path(run_dir)
     recipe = load_run_recipe(directory)
@@ -176,9 +181,10 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
     accelerator = _eval_accelerator(recipe, directory)
     main = accelerator is None or accelerator.is_main_process
     console = Console(soft_wrap=True, quiet=not main)
-    for r in rows:
-        console.print(f"evaluating {'the base model' if r == BASE else f'stage {r}'} ...", highlight=False)
-        score_row(directory, r, recipe=recipe, only=only, accelerator=accelerator)
+    with locked(directory, accelerator):  # not while a `llmcl train` or another `llmcl eval` works there
+        for r in rows:
+            console.print(f"evaluating {'the base model' if r == BASE else f'stage {r}'} ...", highlight=False)
+            score_row(directory, r, recipe=recipe, only=only, accelerator=accelerator)
     if main:
         for table in report_mod.tables(report_mod.collect(directory)):
             console.print(table)
@@ -269,6 +275,8 @@ def list_recipes() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["train"]:  # from the first moment: a SIGTERM during start-up stops cleanly (exit 75)
+        defer_from_start()
     cli(prog_name="llmcl")
 
 

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -104,14 +105,17 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise RecipeError(key, value, "an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise RecipeError(key, value, "a number")
+        if number is not None and math.isfinite(number):
+            return number
+        raise RecipeError(key, value, "a finite number")
     if tp is str:
         if isinstance(value, str):
             return value

@@ -1,13 +1,21 @@
-"""Errors a user can cause. The CLI prints them as one line and exits with status 2."""
+"""Errors a user or the machine can cause. The CLI prints them as one line and exits with their `exit_code`:
+2 for a mistake in the input (recipe, data, command line, a damaged run directory), 74 for the environment
+(disk full, read-only file system, no permission)."""
 
 from __future__ import annotations
 
 import difflib
+import errno
 from typing import Any, Iterable
+
+INPUT_EXIT = 2
+ENVIRONMENT_EXIT = 74  # EX_IOERR
 
 
 class LlmclError(Exception):
     """A problem with the user's input or environment, reported without a traceback."""
+
+    exit_code = INPUT_EXIT
 
 
 class RecipeError(LlmclError):
@@ -18,6 +26,47 @@ class RecipeError(LlmclError):
         if message is None:
             message = f"recipe key '{key}': got {value!r}; expected {expected}"
         super().__init__(message)
+
+
+class EnvironmentFault(LlmclError):
+    """The machine refused a read or write: a full disk, a read-only file system, missing permissions."""
+
+    exit_code = ENVIRONMENT_EXIT
+
+
+# errno -> (what it is, the way out)
+_ENVIRONMENT = {
+    errno.ENOSPC: ("no space left on device", "free some space and rerun the same command"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space and rerun the same command"),
+    errno.EROFS: ("read-only file system", "use a writable --run-dir"),
+    errno.EACCES: ("permission denied", "fix the permissions or use another --run-dir"),
+    errno.EPERM: ("operation not permitted", "fix the permissions or use another --run-dir"),
+    errno.EIO: ("input/output error", "check the disk and rerun the same command"),
+}
+# the same faults as libraries report them without an errno (safetensors' Rust I/O, torch's zip writer)
+_MESSAGES = {"No space left": errno.ENOSPC, "os error 28": errno.ENOSPC, "StorageFull": errno.ENOSPC,
+             "Disk quota": errno.EDQUOT, "os error 122": errno.EDQUOT, "Read-only file system": errno.EROFS,
+             "os error 30": errno.EROFS, "Permission denied": errno.EACCES, "os error 13": errno.EACCES,
+             "file write failed": errno.ENOSPC}
+
+
+def environment_fault(exc: BaseException, path: Any = None) -> EnvironmentFault | None:
+    """The one-line EnvironmentFault for `exc` (or an exception it was raised from) when the machine caused it,
+    naming `path` (default: the file the OSError names); None when it is something else."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        code = None
+        if isinstance(seen, OSError) and seen.errno in _ENVIRONMENT:
+            code = seen.errno
+            path = path or seen.filename
+        elif not isinstance(seen, OSError):
+            code = next((c for text, c in _MESSAGES.items() if text in str(seen)), None)
+        if code is not None:
+            what, way_out = _ENVIRONMENT[code]
+            where = f"{path}: " if path else ""
+            return EnvironmentFault(f"{where}{what}; {way_out} (finished stages are kept)")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def did_you_mean(name: str, options: Iterable[str], prefix: str = "") -> str:

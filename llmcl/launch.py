@@ -9,6 +9,7 @@ becomes `accelerate launch --config_file <it> [--num_processes N] -m llmcl train
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -35,4 +36,11 @@ def relaunch(recipe: Any, train_args: list[str]) -> int:
     config = str(Path(recipe.distributed.accelerate_config).expanduser())
     cmd = accelerate_command(config, train_args, recipe.distributed.num_processes)
     env = dict(os.environ, **{LAUNCHED_ENV: "1"})
-    return subprocess.call(cmd, env=env)
+    from llmcl.train.signals import SIGNALS, early_signal
+
+    proc = subprocess.Popen(cmd, env=env)
+    for sig in SIGNALS:  # SIGTERM/SIGUSR1 reach the launch (and through it every rank), which saves and stops
+        signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+    if early_signal() is not None:
+        proc.send_signal(signal.Signals[early_signal()])
+    return proc.wait()

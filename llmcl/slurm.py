@@ -7,6 +7,7 @@ overrides, processes per node, the accelerate config, the python), so what the t
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ def templates_dir() -> Path:
             return d
     raise LlmclError("llmcl slurm needs the repository's scripts/slurm/ (train.sbatch, chain.sh); run it from a "
                      "checkout of llmcl")
+
+
+_SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:+-]+")  # partitions, accounts, times (1-00:00:00); nothing a shell or sbatch parses
 
 
 @dataclass
@@ -69,6 +73,9 @@ def render(recipe_path: Path, overrides: list[str], run_dir: Path, recipe_name: 
     if cluster.gpus_per_node:
         header.append(f"#SBATCH --gpus-per-node={cluster.gpus_per_node}")
     for flag, value in (("partition", cluster.partition), ("time", cluster.time), ("account", cluster.account)):
+        if value and not _SBATCH_VALUE.fullmatch(value):
+            raise LlmclError(f"--{flag} {value!r}: expected letters, digits and _ . , : + - only (it goes into an "
+                             "#SBATCH line)")
         if value:
             header.append(f"#SBATCH --{flag}={value}")
     header += ["#SBATCH --requeue", "#SBATCH --signal=USR1@180", "#SBATCH --open-mode=append",

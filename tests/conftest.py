@@ -82,6 +82,27 @@ def untimed(tree):
     return tree
 
 
+class Crash(Exception):
+    """A crash injected into a run (tests of resume and of what a crash leaves behind)."""
+
+
+def crash_after(monkeypatch, method_name: str, n_steps: int) -> None:
+    """Make the method raise Crash after its n-th optimizer step (counted across stages and runs)."""
+    from llmcl import methods
+
+    cls = methods.get(method_name)
+    original = cls.after_step
+    count = {"n": 0}
+
+    def after_step(self, model):
+        original(self, model)
+        count["n"] += 1
+        if count["n"] == n_steps:
+            raise Crash(f"injected crash after step {n_steps}")
+
+    monkeypatch.setattr(cls, "after_step", after_step)
+
+
 def run_cli(*args: str):
     from click.testing import CliRunner
 

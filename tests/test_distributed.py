@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -422,3 +423,32 @@ def test_llmcl_eval_under_accelerate_launch_shares_the_requests_among_the_proces
     assert a.keys() == b.keys() and {t["processes"] for t in b.values()} == {2}
     for task in a:
         assert b[task]["n"] == a[task]["n"] and b[task]["metrics"] == pytest.approx(a[task]["metrics"], rel=1e-12)
+
+
+_HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from llmcl.rundir.lock import acquire
+lock = acquire(Path(sys.argv[1]), command="llmcl train elsewhere.yaml")
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_locked_run_dir_refuses_every_rank_and_the_launch_goes_on(tmp_path):
+    """Rank 0 finds the run dir locked by another process: every rank refuses in one line (none waits in a
+    collective for the others), and the same process group then trains the next run."""
+    recipe = _recipe(tmp_path, "seqft", 2)
+    locked, free = tmp_path / "locked", tmp_path / "free"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(locked)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = _launch("ddp_cpu", [(recipe, locked), (recipe, free)], 2, tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"refused: {locked}: {locked} is in use by PID {holder.pid}" in out
+    assert "llmcl train elsewhere.yaml" in out
+    assert not (locked / "stage-00-facts").exists()
+    assert all(Path(f"{free}.rank{k}.done").exists() for k in (0, 1))

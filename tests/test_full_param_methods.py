@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_recipe
+from conftest import Crash, crash_after, run_cli, write_recipe
 from llmcl import methods
 from llmcl.errors import LlmclError
 from llmcl.methods.base import StageInfo
@@ -142,17 +142,8 @@ def test_hft_run_freezes_half_bitwise_and_masks_differ_between_stages(tmp_path):
 
 def test_hft_resume_reproduces_the_mask(tmp_path, monkeypatch):
     clean = _run(tmp_path, "hft", name="clean")
-    cls = methods.get("hft")
-    original, calls = cls.after_step, {"n": 0}
-
-    def crash(self, model):
-        original(self, model)
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise RuntimeError("crash")
-
-    monkeypatch.setattr(cls, "after_step", crash)
-    with pytest.raises(RuntimeError):
+    crash_after(monkeypatch, "hft", 8)
+    with pytest.raises(Crash):
         _run(tmp_path, "hft", name="crashed")
     monkeypatch.undo()
     crashed = _run(tmp_path, "hft", name="crashed")

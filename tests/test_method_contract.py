@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import untimed, run_cli, write_recipe
+from conftest import Crash, crash_after, run_cli, untimed, write_recipe
 from llmcl import methods, recipe as recipe_mod
 from llmcl.rundir import Ledger, artifacts, load_tree
 from llmcl.train.distributed import make_accelerator
@@ -23,10 +23,6 @@ METHODS = sorted(methods.REGISTRY)
 # I-LoRA saves its slow learner by default, which is not the model the optimizer trains: compare the fast one;
 # LoRA's other way between stages (merge the adapter, start a fresh one) is checked too
 COMPARABLE = [(m, {"evaluate": "fast"} if m == "ilora" else {}) for m in METHODS] + [("lora", {"between_stages": "merge"})]
-
-
-class Crash(Exception):
-    pass
 
 
 def _recipe(tmp_path, name, **options):
@@ -105,17 +101,8 @@ def test_a_crash_mid_stage_resumes_to_the_same_bits(name, tmp_path, monkeypatch)
     recipe = _recipe(tmp_path, name)
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     assert run_cli("train", str(recipe), "--run-dir", str(clean)).exit_code == 0
-    cls = methods.get(name)
-    original, count = cls.after_step, {"n": 0}
-
-    def after_step(self, model):
-        original(self, model)
-        count["n"] += 1
-        if count["n"] == 7:
-            raise Crash("injected")
-
     with monkeypatch.context() as m:
-        m.setattr(cls, "after_step", after_step)
+        crash_after(m, name, 7)
         with pytest.raises(Crash):
             run_cli("train", str(recipe), "--run-dir", str(crashed))
     assert json.loads((crashed / "step-checkpoint" / "state.json").read_text())["step"] == 2

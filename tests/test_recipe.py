@@ -116,7 +116,7 @@ def test_data_fields_checked_before_any_model_loads(tmp_path, monkeypatch):
     import llmcl.models as models
 
     monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("model loaded during validation"))
-    with pytest.raises(LlmclError, match=r"'stages.0.data.prompt_template': field\(s\) \['text'\] not in the records"):
+    with pytest.raises(LlmclError, match=r"'stages.0.data.prompt_template': record 1 of cls.json: field\(s\) \['text'\] not in the record"):
         checks.check(r)
 
 

@@ -14,12 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli, write_recipe
-from llmcl import methods
-
-
-class Crash(Exception):
-    pass
+from conftest import REPO, Crash, crash_after, run_cli, write_recipe
 
 
 def _final_weights(run_dir, stage_dir="stage-01-reverse"):
@@ -36,21 +31,6 @@ def _metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _crash_after(monkeypatch, method_name: str, n_steps: int):
-    """Make the method raise after its n-th optimizer step (counted across stages)."""
-    cls = methods.get(method_name)
-    original = cls.after_step
-    count = {"n": 0}
-
-    def after_step(self, model):
-        original(self, model)
-        count["n"] += 1
-        if count["n"] == n_steps:
-            raise Crash(f"injected crash after step {n_steps}")
-
-    monkeypatch.setattr(cls, "after_step", after_step)
-
-
 # 5 steps per stage, a step checkpoint every 2 steps; the crash comes after the n-th step of the whole run,
 # before that step's checkpoint would be written, so each case resumes from an earlier step checkpoint
 @pytest.mark.parametrize("method,crash_at,resume_from", [("seqft", 8, (1, 2)), ("seqft", 4, (0, 2)),
@@ -63,7 +43,7 @@ def test_crash_then_same_command_equals_uninterrupted(tmp_path, monkeypatch, met
     assert run_cli("train", str(recipe), "--run-dir", str(clean)).exit_code == 0
 
     with monkeypatch.context() as m:
-        _crash_after(m, method, crash_at)
+        crash_after(m, method, crash_at)
         with pytest.raises(Crash):
             run_cli("train", str(recipe), "--run-dir", str(crashed))
     ledger = json.loads((crashed / "ledger.json").read_text())

@@ -53,21 +53,47 @@ def detect_format(cfg: Any, record: dict[str, Any], key: str = "data") -> str:
         f"{key}.format, or {key}.text_field / messages_field / prompt_template + completion_template to your fields")
 
 
-def check_record(cfg: Any, record: dict[str, Any], key: str) -> str:
-    """Validate that a record fits the stage's format; returns the format. Raises naming the recipe key."""
-    fmt = detect_format(cfg, record, key)
+def check_record(cfg: Any, record: dict[str, Any], key: str, fmt: str | None = None, where: str = "") -> str:
+    """Validate that a record fits the stage's format (`fmt`, default: detected from this record): the fields
+    exist and hold what the format needs. Returns the format; raises naming the recipe key (and `where`, e.g.
+    'record 7 of data.jsonl: ')."""
+    if not isinstance(record, dict):
+        raise LlmclError(f"recipe key '{key}.path': {where}records must be objects with named fields, got "
+                         f"{type(record).__name__}")
+    fmt = fmt or detect_format(cfg, record, key)
     if fmt == "prompt_completion":
         for attr in ("prompt_template", "completion_template"):
-            missing = template_fields(getattr(cfg, attr)) - set(record)
+            names = template_fields(getattr(cfg, attr))
+            missing = names - set(record)
             if missing:
-                raise LlmclError(f"recipe key '{key}.{attr}': field(s) {sorted(missing)} not in the records "
+                raise LlmclError(f"recipe key '{key}.{attr}': {where}field(s) {sorted(missing)} not in the record "
                                  f"(fields: {sorted(record)})")
-    elif fmt == "text" and cfg.text_field not in record:
-        raise LlmclError(f"recipe key '{key}.text_field': {cfg.text_field!r} not in the records (fields: {sorted(record)})")
-    elif fmt == "messages" and cfg.messages_field not in record:
-        raise LlmclError(f"recipe key '{key}.messages_field': {cfg.messages_field!r} not in the records "
-                         f"(fields: {sorted(record)})")
+            for name in sorted(names):
+                if not isinstance(record[name], (str, int, float)) or isinstance(record[name], bool):
+                    raise LlmclError(f"recipe key '{key}.{attr}': {where}field {name!r} holds "
+                                     f"{_kind(record[name])}, not text or a number")
+    elif fmt == "text":
+        if cfg.text_field not in record:
+            raise LlmclError(f"recipe key '{key}.text_field': {where}{cfg.text_field!r} not in the record "
+                             f"(fields: {sorted(record)})")
+        if not isinstance(record[cfg.text_field], str):
+            raise LlmclError(f"recipe key '{key}.text_field': {where}field {cfg.text_field!r} holds "
+                             f"{_kind(record[cfg.text_field])}, not text")
+    elif fmt == "messages":
+        if cfg.messages_field not in record:
+            raise LlmclError(f"recipe key '{key}.messages_field': {where}{cfg.messages_field!r} not in the record "
+                             f"(fields: {sorted(record)})")
+        messages = record[cfg.messages_field]
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise LlmclError(f"recipe key '{key}.messages_field': {where}field {cfg.messages_field!r} must be a "
+                             "non-empty list of {role, content} messages with text values")
     return fmt
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
 
 
 def render(cfg: Any, record: dict[str, Any]) -> tuple[str, str]:

@@ -50,9 +50,9 @@ def read_file(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix
     try:
         if suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if suffix == ".json":
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
             try:
                 data = json.loads(text)
             except json.JSONDecodeError:  # JSON lines under a .json name
@@ -64,16 +64,20 @@ def read_file(path: Path) -> list[dict[str, Any]]:
                 data = lists[0]
             return list(data)
         if suffix == ".csv":
-            with path.open(newline="") as fh:
+            with path.open(newline="", encoding="utf-8") as fh:
                 return list(csv.DictReader(fh))
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
             return pq.read_table(path).to_pylist()
         if suffix == ".txt":
-            return [{"text": line} for line in path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
-        raise LlmclError(f"cannot read data file {path}: {exc}") from None
+            return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, csv.Error) as exc:  # JSON, Unicode, CSV
+        raise LlmclError(f"cannot read data file {path}: {' '.join(str(exc).split())[:160]}") from None
+    except Exception as exc:  # noqa: BLE001  (pyarrow's errors on a damaged parquet file)
+        if type(exc).__module__.startswith("pyarrow"):
+            raise LlmclError(f"cannot read data file {path}: {' '.join(str(exc).split())[:160]}") from None
+        raise
     raise LlmclError(f"data file {path}: unsupported extension {suffix!r} (use {', '.join(EXTENSIONS)})")
 
 
@@ -155,9 +159,15 @@ def _load(cfg: Any, split: str, seed: int) -> list[dict[str, Any]] | None:
     return records
 
 
-def peek(cfg: Any, seed: int) -> dict[str, Any] | None:
-    """The first training record of a local or built-in source (for validation); None for hub datasets."""
-    if not (is_builtin(cfg.path) or is_local(cfg.path)):
-        return None
-    records = load_records(cfg, "train", seed)
-    return records[0] if records else None
+def local_files(cfg: Any) -> list[Path]:
+    """The local files a data config reads (its file, or its directory's split files, and test_path)."""
+    files = []
+    for path in (cfg.path, cfg.test_path):
+        if not path or not is_local(path):
+            continue
+        p = Path(path).expanduser()
+        if p.is_dir():
+            files += [f for split in (cfg.train_split, cfg.test_split) if split and (f := _split_file(p, split))]
+        elif p.is_file():
+            files.append(p)
+    return files

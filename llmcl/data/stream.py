@@ -58,22 +58,41 @@ def iter_records(cfg: Any, split: str, seed: int) -> Iterator[dict[str, Any]]:
         if f is None:
             raise LlmclError(f"data directory {p} has no {split_name} file")
         p = f
-    if p.suffix == ".jsonl" or p.suffix == ".txt":
-        with p.open() as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                yield json.loads(line) if p.suffix == ".jsonl" else {"text": line.rstrip("\n")}
-    elif p.suffix == ".csv":
-        with p.open(newline="") as fh:
-            yield from csv.DictReader(fh)
-    elif p.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    yield from _local_records(p)
 
-        for batch in pq.ParquetFile(p).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-    else:  # .json arrays cannot be streamed
-        yield from read_file(p)
+
+def _local_records(p: Path) -> Iterator[dict[str, Any]]:
+    """The records of one local file, streamed; a file that cannot be parsed is one line naming it and where."""
+    n = 0
+    try:
+        if p.suffix == ".jsonl" or p.suffix == ".txt":
+            with p.open(encoding="utf-8") as fh:
+                for line in fh:
+                    n += 1
+                    if line.strip():
+                        yield json.loads(line) if p.suffix == ".jsonl" else {"text": line.rstrip("\n")}
+        elif p.suffix == ".csv":
+            with p.open(newline="", encoding="utf-8") as fh:
+                for n, record in enumerate(csv.DictReader(fh), start=1):
+                    yield record
+        elif p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(p).iter_batches(batch_size=1024):
+                for record in batch.to_pylist():
+                    n += 1
+                    yield record
+        else:  # .json arrays cannot be streamed
+            yield from read_file(p)
+    except LlmclError:
+        raise
+    except (ValueError, csv.Error) as exc:  # JSON, Unicode, CSV
+        where = f" (line {n})" if n and p.suffix in (".jsonl", ".txt") else ""
+        raise LlmclError(f"cannot read data file {p}{where}: {' '.join(str(exc).split())[:160]}") from None
+    except Exception as exc:  # noqa: BLE001  (pyarrow's errors on a damaged parquet file)
+        if type(exc).__module__.startswith("pyarrow"):
+            raise LlmclError(f"cannot read data file {p}: {' '.join(str(exc).split())[:160]}") from None
+        raise
 
 
 def _cache_key(cfg: Any, split: str, tokenizer: Any, seed: int) -> str:

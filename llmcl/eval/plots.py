@@ -63,7 +63,7 @@ def loss_curve(run_dir: Path, stage_names: list[str], path: Path) -> Path | None
     plt = _pyplot()
     steps = [r["global_step"] for r in records]
     fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.plot(steps, [r["loss"] for r in records], color="tab:blue", lw=1.2, label="loss")
+    ax.plot(steps, [float("nan") if r["loss"] is None else r["loss"] for r in records], color="tab:blue", lw=1.2, label="loss")
     ax.set_xlabel("optimizer step (all stages)")
     ax.set_ylabel("loss", color="tab:blue")
     lr_ax = ax.twinx()

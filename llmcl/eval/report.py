@@ -7,7 +7,6 @@ rich tables for the terminal (one run, or one row per run side by side).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +15,7 @@ from llmcl.errors import LlmclError
 from llmcl.eval import metrics as M
 from llmcl.eval.scoring import BASE, load_run_recipe, read_row
 from llmcl.rundir import REPORT, Ledger, write_json
+from llmcl.rundir.integrity import read_json
 
 
 @dataclass
@@ -243,4 +243,4 @@ def current_row_text(report: RunReport) -> str:
 
 
 def read_matrix(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / REPORT / "matrix.json").read_text())
+    return read_json(Path(run_dir) / REPORT / "matrix.json", f"write it again: llmcl report {run_dir}")

@@ -9,16 +9,17 @@ The checkpoint is loaded from its manifest (no method code), so what is scored i
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from llmcl.errors import LlmclError
+from llmcl.errors import LlmclError, did_you_mean
+from llmcl.rundir.integrity import read_json, reading
 from llmcl.eval import harness
-from llmcl.eval.tasks import STAGE_PREFIX, data_dir, include_paths, needs_harness_index, write_stage_tasks
+from llmcl.eval.tasks import (STAGE_PREFIX, data_dir, include_paths, known_tasks, needs_harness_index,
+                              write_stage_tasks)
 from llmcl.recipe import Recipe, from_dict
 from llmcl.rundir import EVAL, RECIPE, Ledger, artifacts, now, write_json
 
@@ -35,14 +36,24 @@ def row_file(run_dir: Path, row: str | int) -> Path:
 
 def read_row(run_dir: Path, row: str | int) -> dict[str, Any] | None:
     path = row_file(run_dir, row)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    way_out = f"delete it and score the row again: llmcl eval {run_dir} --stage {row}"
+    data = read_json(path, way_out)
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+        raise LlmclError(f"{path} is damaged (no 'tasks'); {way_out}")
+    return data
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:
     path = run_dir / RECIPE
     if not path.exists():
         raise LlmclError(f"{run_dir} is not an llmcl run directory (no {RECIPE})")
-    return from_dict(yaml.safe_load(path.read_text()))
+    with reading(path, "restore it from a backup; it is the recipe the run was trained with"):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a recipe mapping")
+    return from_dict(data)
 
 
 def _load_model(run_dir: Path, recipe: Recipe, row: str | int, device: Any = None):
@@ -90,6 +101,12 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
         aliases = {t.stage_name: t.task for t in stage_tasks}
         wanted = [aliases.get(n, n) for n in only]
         unknown = [n for n in wanted if n not in names and not n.startswith(STAGE_PREFIX)]
+        if unknown:
+            known = known_tasks(recipe, unknown, run_dir)
+            for n in unknown:
+                if n not in known:
+                    raise LlmclError(f"--tasks {n!r}: not a stage of {run_dir} ({', '.join(aliases) or 'none'}) nor a "
+                                     "known lm-eval task" + did_you_mean(n, [*aliases, *known]))
         names = [n for n in wanted if n in names] + [n for n in unknown]
     if not names:
         raise LlmclError(f"{run_dir}: nothing to evaluate (no stage has test data and eval.tasks is empty)")

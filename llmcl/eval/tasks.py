@@ -139,12 +139,15 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool
 
 
 def data_dir(recipe: Any) -> str | None:
-    """The local general-ability data: eval.data_dir, $LLMCL_EVAL_DATA, ../shared/data/eval next to the working
-    directory or next to this checkout."""
+    """The local general-ability data: eval.data_dir when the recipe sets it (nothing else then), else
+    $LLMCL_EVAL_DATA, ../shared/data/eval next to the working directory or next to this checkout."""
     import os
 
-    candidates = (recipe.eval.data_dir, os.environ.get("LLMCL_EVAL_DATA"), "../shared/data/eval",
-                  Path(__file__).resolve().parents[3] / "shared" / "data" / "eval")
+    if recipe.eval.data_dir:
+        candidates: tuple = (recipe.eval.data_dir,)
+    else:
+        candidates = (os.environ.get("LLMCL_EVAL_DATA"), "../shared/data/eval",
+                      Path(__file__).resolve().parents[3] / "shared" / "data" / "eval")
     for candidate in candidates:
         if candidate and Path(candidate).expanduser().is_dir():
             return str(Path(candidate).expanduser().resolve())
@@ -172,26 +175,31 @@ def check_task_names(recipe: Any) -> None:
     if local & set(names) and data_dir(recipe) is None:
         raise RecipeError("eval.data_dir", message="recipe key 'eval.data_dir': the llmcl_* tasks need their local "
                           "data (a directory like ../shared/data/eval); set eval.data_dir or LLMCL_EVAL_DATA")
-    known = set(local)
-    for p in recipe.eval.include_path:
-        for f in Path(p).expanduser().rglob("*.yaml"):
-            try:
-                doc = yaml.load(f.read_text(), Loader=_LenientLoader)
-            except yaml.YAMLError:
-                continue
-            if isinstance(doc, dict) and isinstance(doc.get("task"), str):
-                known.add(doc["task"])
-    unknown = [n for n in names if n not in known]
-    if not unknown:
-        return
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=include_paths(recipe) or None)
-    known |= set(manager.all_tasks)
-    for i, name in enumerate(recipe.eval.tasks):
+    known = known_tasks(recipe, names)
+    for i, name in enumerate(names):
         if name not in known:
             raise RecipeError(f"eval.tasks.{i}", message=f"recipe key 'eval.tasks.{i}': unknown lm-eval task {name!r}"
                               + did_you_mean(name, known))
+
+
+def known_tasks(recipe: Any, names: list[str], run_dir: Path | None = None) -> set[str]:
+    """The task names the harness can find: llmcl's own, those under eval.include_path (and the run's stage
+    tasks), and, when one of `names` is none of those, lm-eval's whole index."""
+    known = set(local_task_names())
+    for p in [*recipe.eval.include_path] + ([run_dir / EVAL / "tasks"] if run_dir is not None else []):
+        for f in Path(p).expanduser().rglob("*.yaml"):
+            try:
+                doc = yaml.load(f.read_text(), Loader=_LenientLoader)
+            except (yaml.YAMLError, UnicodeDecodeError, OSError):
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("task"), str):
+                known.add(doc["task"])
+    if all(n in known for n in names):
+        return known
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_paths(recipe) or None)
+    return known | set(manager.all_tasks)
 
 
 class _LenientLoader(yaml.SafeLoader):

@@ -23,7 +23,7 @@ from llmcl.recipe.files import apply_override, parse_override, read_yaml
 from llmcl.recipe.sections import (DataConfig, DistributedConfig, EvalConfig, LoggingConfig, ModelConfig,
                                    ReplayConfig, ReplayDataConfig, StageConfig, TrainConfig)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: no trailing newline
 
 
 @dataclass
@@ -52,6 +52,9 @@ class Recipe:
     """Evaluation after each stage: the accuracy matrix and general-ability tasks."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Launch settings for multi-process training (the launcher's own flags take precedence)."""
+
+    def check(self, key: Any) -> None:
+        require(0 <= self.seed < 2**32, key("seed"), self.seed, "an integer in [0, 2^32)")
 
     def stage_train(self, index: int) -> TrainConfig:
         """The train settings of stage `index`: the recipe's, with the stage's overrides applied."""
@@ -97,7 +100,7 @@ def from_dict(data: dict[str, Any], default_name: str = "run") -> Recipe:
     recipe.method = build(method_cls.config_class, {**raw_method, "name": method_name}, "method")
     if recipe.name is None:
         recipe.name = default_name
-    require(bool(_NAME_RE.match(recipe.name)), "name", recipe.name, "letters, digits, _ . - (it names the run dir)")
+    require(bool(_NAME_RE.fullmatch(recipe.name)), "name", recipe.name, "letters, digits, _ . - (it names the run dir)")
     _name_stages(recipe)
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     replay_keys = {f.name for f in dataclasses.fields(ReplayConfig)}
@@ -128,7 +131,7 @@ def _name_stages(recipe: Recipe) -> None:
             while name in seen:
                 name, n = f"{base}-{n}", n + 1
             stage.name = name
-        require(bool(_NAME_RE.match(stage.name)), f"stages.{i}.name", stage.name, "letters, digits, _ . - only")
+        require(bool(_NAME_RE.fullmatch(stage.name)), f"stages.{i}.name", stage.name, "letters, digits, _ . - only")
         if stage.name in seen:
             raise RecipeError(f"stages.{i}.name", message=f"recipe key 'stages.{i}.name': {stage.name!r} is already "
                               f"the name of stage {seen[stage.name]}; stage names must be unique")
@@ -174,8 +177,14 @@ def dump(recipe: Recipe) -> str:
 
 
 def comparable(recipe_dict: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a resolved recipe that decide the trained weights (logging/eval may change freely)."""
-    return {k: v for k, v in recipe_dict.items() if k not in ("logging", "eval", "description")}
+    """The parts of a resolved recipe that decide the trained weights (logging, eval and train.on_nonfinite may
+    change freely)."""
+    out = {k: v for k, v in recipe_dict.items() if k not in ("logging", "eval", "description")}
+    out = copy.deepcopy(out)
+    for train in [out.get("train") or {}] + [(s or {}).get("train") or {} for s in out.get("stages") or []]:
+        if isinstance(train, dict):
+            train.pop("on_nonfinite", None)  # how to react to a divergence: may change before a resume
+    return out
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:

@@ -172,6 +172,8 @@ class TrainConfig:
     """Write a resumable step checkpoint every N optimizer steps (0 = only at the end of a stage)."""
     log_every: int = 1
     """Write a metrics.jsonl line every N optimizer steps."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite gradient norm or loss: stop the stage (never marked done; its last step checkpoint is kept), or skip that optimizer step and count it (not under DeepSpeed). May change between a stop and the resume."""
 
     def check(self, key: KeyFn) -> None:
         require(self.lr > 0, key("lr"), self.lr, "a number > 0")
@@ -272,6 +274,8 @@ class EvalConfig:
                 key("batch_size"), self.batch_size, "a positive integer or 'auto'")
         for i, p in enumerate(self.include_path):
             require(Path(p).expanduser().is_dir(), key(f"include_path.{i}"), p, "an existing directory of task YAMLs")
+        require(self.data_dir is None or Path(self.data_dir).expanduser().is_dir(), key("data_dir"), self.data_dir,
+                "an existing directory (or null for $LLMCL_EVAL_DATA / ../shared/data/eval)")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The run directory: its layout, the ledger, atomic writes, step checkpoints, stage artifacts and manifests.
 
     runs/<name>/
-      recipe.yaml  ledger.json  metrics.jsonl  stopped.json
+      recipe.yaml  ledger.json  metrics.jsonl  stopped.json  lock
       stage-00-<name>/   manifest.json, model/ | adapter/ | mora/, method_state.*, stage.json, optimizer.pt,
                          continue/ (infinite schedule: the pre-anneal branch)
       step-checkpoint/   the latest step checkpoint of the stage in progress
@@ -9,7 +9,9 @@
 
 Every directory is written under a temporary name and renamed into place, and the ledger is replaced
 atomically after the stage directory is complete: a kill at any moment leaves either the old state or the
-new one, never a stage marked done with a broken checkpoint. Training, evaluation and the CLI read and write
+new one, never a stage marked done with a broken checkpoint. The files of every stage directory and step
+checkpoint are recorded (size, sha256) and checked before they are loaded (llmcl.rundir.integrity); one
+process at a time works in a run directory (llmcl.rundir.lock). Training, evaluation and the CLI read and write
 the run directory only through this package.
 """
 

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 from llmcl.errors import LlmclError
 from llmcl.rundir.atomic import save_tree, write_dir, write_json
+from llmcl.rundir.integrity import fingerprint, reading
+from llmcl.rundir.ledger import stage_way_out
 from llmcl.rundir.layout import (CONTINUE, MANIFEST, METHOD_STATE, OPTIMIZER, STAGE_INFO, branch_dir_name,
                                  stage_dir_name)
 
@@ -50,7 +52,8 @@ def load(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, *, 
         raise LlmclError(f"unknown checkpoint kind {kind!r} in {run_dir}; was it written by a newer llmcl?")
     from llmcl.models import whole
 
-    with whole():
+    stage_dir = run_dir / Path(manifest["path"]).parts[0]
+    with whole(), reading(stage_dir, stage_way_out(stage_dir)):
         model = LOADERS[kind](run_dir, manifest, model_cfg, seed, trainable)
     if not trainable:
         model.eval()
@@ -124,6 +127,7 @@ def write_stage(run_dir: Path, index: int, name: str, *, artifact: Callable[[Pat
                 os.replace(pending, tmp / CONTINUE)
                 manifest[CONTINUE] = json.loads((tmp / CONTINUE / MANIFEST).read_text())
             write_json(tmp / STAGE_INFO, stage_info or {})
+        manifest["files"] = fingerprint(tmp, skip=(MANIFEST,))  # checked before the stage is loaded
         write_json(tmp / MANIFEST, manifest)
 
     write_dir(pending if branch else run_dir / dirname, write)

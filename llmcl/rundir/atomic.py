@@ -12,6 +12,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from llmcl.errors import environment_fault
+
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -19,20 +21,39 @@ def now() -> str:
 
 def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except Exception as exc:
+        _give_up(exc, tmp, path)
     os.replace(tmp, path)
+
+
+def _give_up(exc: Exception, tmp: Path, final: Path) -> None:
+    """A write of `final` failed: remove its temporary copy (the old `final` is untouched) and re-raise, as a
+    one-line EnvironmentFault when the machine refused it."""
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+    fault = environment_fault(exc, final)
+    if fault is not None:
+        raise fault from None
+    raise exc
 
 
 def write_dir(final: Path, write: Callable[[Path], None]) -> None:
     """Fill a temporary directory with `write`, then swap it in for `final`."""
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except Exception as exc:
+        _give_up(exc, tmp, final)
     swap_in(tmp, final)
 
 

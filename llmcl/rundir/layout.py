@@ -8,6 +8,7 @@ LEDGER = "ledger.json"  # stage -> status, checkpoint dir, steps, tokens, wall s
 METRICS = "metrics.jsonl"  # one JSON object per logged step
 STEP_DIR = "step-checkpoint"  # the latest step checkpoint of the stage in progress (gone once it is done)
 CACHE = "cache"  # memory-mapped token files of the text corpora
+LOCK = "lock"  # held by the one `llmcl train` / `llmcl eval` working in the run dir (llmcl.rundir.lock)
 STOPPED = "stopped.json"  # written when SIGTERM/SIGUSR1 stopped the run (a batch script tests for it)
 EVAL = "eval"  # base.json, stage-NN.json, tasks/
 REPORT = "report"  # matrix.json, report.md, plots

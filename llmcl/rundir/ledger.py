@@ -9,7 +9,11 @@ from typing import Any
 
 from llmcl.errors import LlmclError
 from llmcl.rundir.atomic import write_json
+from llmcl.rundir.integrity import read_json, reading, verify
 from llmcl.rundir.layout import LEDGER, MANIFEST, RECIPE
+
+
+_RUN_WAY_OUT = "restore it from a backup, or train in a new --run-dir"
 
 
 class Ledger:
@@ -35,7 +39,10 @@ class Ledger:
         recipe_path = run_dir / RECIPE
         resolved = recipe.to_dict()
         if recipe_path.exists():
-            stored = yaml.safe_load(recipe_path.read_text())
+            with reading(recipe_path, _RUN_WAY_OUT):
+                stored = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+                if not isinstance(stored, dict):
+                    raise ValueError("not a recipe mapping")
             diff = first_difference(comparable(stored), comparable(resolved))
             if diff is not None:
                 raise LlmclError(f"run dir {run_dir} was made by a different recipe (first difference at "
@@ -46,7 +53,7 @@ class Ledger:
             tmp.write_text(dump(recipe))
             os.replace(tmp, recipe_path)
         if (run_dir / LEDGER).exists():
-            data = json.loads((run_dir / LEDGER).read_text())
+            data = cls.read(run_dir).data
         else:
             data = {"version": 1, "recipe": recipe.name, "stages": [
                 {"index": i, "name": s.name, "status": "pending"} for i, s in enumerate(recipe.stages)]}
@@ -60,12 +67,10 @@ class Ledger:
         path = run_dir / LEDGER
         if not path.exists():
             raise LlmclError(f"{run_dir} is not an llmcl run directory (no {LEDGER})")
-        try:
-            data = json.loads(path.read_text())
-            if not isinstance(data.get("stages"), list):
+        with reading(path, _RUN_WAY_OUT):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
                 raise ValueError("no 'stages' list")
-        except (ValueError, AttributeError) as exc:
-            raise LlmclError(f"{path} is not a readable llmcl ledger ({exc})") from None
         return cls(run_dir, data)
 
     def save(self) -> None:
@@ -80,8 +85,13 @@ class Ledger:
         return stages[index].get("status", "pending") if index < len(stages) else "pending"
 
     def is_done(self, index: int) -> bool:
+        """Stage `index` and every stage before it are done (each later stage was trained from the earlier ones:
+        deleting a stage's directory makes it and the stages after it train again)."""
+        return all(self._done(j) for j in range(index + 1))
+
+    def _done(self, index: int) -> bool:
         entry = self.stage(index)
-        return entry["status"] == "done" and (self.run_dir / entry["checkpoint"] / MANIFEST).exists()
+        return entry.get("status") == "done" and (self.run_dir / entry["checkpoint"] / MANIFEST).exists()
 
     def done_stages(self) -> list[int]:
         return [i for i in range(len(self.data["stages"])) if self.is_done(i)]
@@ -96,5 +106,18 @@ class Ledger:
         entry["status"] = status
         self.save()
 
+    def stage_dir(self, index: int) -> Path:
+        return self.run_dir / self.stage(index)["checkpoint"]
+
     def manifest(self, index: int) -> dict[str, Any]:
-        return json.loads((self.run_dir / self.stage(index)["checkpoint"] / MANIFEST).read_text())
+        """The manifest of finished stage `index`, after checking that the stage's files are those it wrote."""
+        directory = self.stage_dir(index)
+        way_out = stage_way_out(directory)
+        manifest = read_json(directory / MANIFEST, way_out)
+        verify(directory, manifest.get("files"), way_out)
+        return manifest
+
+
+def stage_way_out(directory: Path) -> str:
+    return (f"restore it, or delete {directory} and rerun `llmcl train` (that stage and the ones after it train "
+            "again)")

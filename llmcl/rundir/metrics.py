@@ -10,8 +10,13 @@ from llmcl.rundir.layout import METRICS
 
 
 def append(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(Path(run_dir) / METRICS, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    with open(Path(run_dir) / METRICS, "ab+") as fh:
+        fh.seek(0, 2)
+        torn = False
+        if fh.tell():  # a half-written last line (a kill, a full disk) stays on a line of its own
+            fh.seek(-1, 2)
+            torn = fh.read(1) != b"\n"
+        fh.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
 
 
 def truncate(run_dir: Path, stage: int, after_step: int) -> None:
@@ -20,10 +25,7 @@ def truncate(run_dir: Path, stage: int, after_step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for line, rec in _records(path):
         if rec.get("stage", -1) < stage or (rec.get("stage") == stage and rec.get("step", 0) <= after_step):
             keep.append(line)
     tmp = path.with_name(METRICS + ".tmp")
@@ -35,4 +37,18 @@ def read(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [rec for _, rec in _records(path)]
+
+
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every complete line. A line that is not a JSON object (the half-written last line of a
+    killed process or of a full disk) is left out: a resume truncates it away."""
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append((line, rec))
+    return out

@@ -8,7 +8,6 @@ and the optimizer are sharded over the ranks: every rank writes its shard with D
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -17,9 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmcl.errors import LlmclError
+from llmcl.rundir.integrity import fingerprint, read_json, reading, verify
 from llmcl.rundir.atomic import load_tree, recover_dir, remove_dir, save_tree, swap_in, write_dir, write_json
 from llmcl.rundir.layout import METHOD_STATE, STEP_DIR
 
+STATE = "state.json"  # the step, the progress counters and the files of the step checkpoint, written last
 DEEPSPEED = "deepspeed"  # inside a step checkpoint: DeepSpeed's own checkpoint of every rank's shard
 
 
@@ -29,7 +30,8 @@ def _write_common(tmp: Path, stage: int, step: int, method_state: dict[str, Any]
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / "rng.safetensors"))
     save_tree(method_state, tmp, METHOD_STATE)
-    write_json(tmp / "state.json", {"stage": stage, "step": step, **progress})
+    files = fingerprint(tmp)  # everything but state.json itself, checked before a resume trusts it
+    write_json(tmp / STATE, {"stage": stage, "step": step, **progress, "files": files})
 
 
 def save_step(run_dir: Path, *, stage: int, step: int, params: dict[str, torch.Tensor], optimizer_state: dict,
@@ -66,19 +68,28 @@ def load_step(run_dir: Path, stage: int) -> dict[str, Any] | None:
     directory = recover_dir(run_dir / STEP_DIR)
     if directory is None:
         return None
-    state = json.loads((directory / "state.json").read_text())
+    way_out = step_way_out(run_dir)
+    state = read_json(directory / STATE, way_out)
+    if not isinstance(state, dict) or "stage" not in state:
+        raise LlmclError(f"{directory / STATE} is damaged (no stage); {way_out}")
     if state["stage"] != stage:
         return None
-    common = {"state": state, "rng": load_file(str(directory / "rng.safetensors")),
-              "method_state": load_tree(directory, METHOD_STATE)}
-    if (directory / DEEPSPEED).is_dir():  # DeepSpeed shards: loaded by the engine (llmcl.train.distributed)
-        return {**common, "deepspeed": directory / DEEPSPEED}
-    return {
-        **common,
-        "params": load_file(str(directory / "trainable.safetensors")),
-        # written by this run; weights_only refuses anything but tensors and plain containers
-        "optimizer": torch.load(directory / "optimizer.pt", weights_only=True),
-    }
+    verify(directory, state.get("files"), way_out)
+    with reading(directory, way_out):
+        common = {"state": state, "rng": load_file(str(directory / "rng.safetensors")),
+                  "method_state": load_tree(directory, METHOD_STATE)}
+        if (directory / DEEPSPEED).is_dir():  # DeepSpeed shards: loaded by the engine (llmcl.train.distributed)
+            return {**common, "deepspeed": directory / DEEPSPEED}
+        return {
+            **common,
+            "params": load_file(str(directory / "trainable.safetensors")),
+            # written by this run; weights_only refuses anything but tensors and plain containers
+            "optimizer": torch.load(directory / "optimizer.pt", weights_only=True),
+        }
+
+
+def step_way_out(run_dir: Path) -> str:
+    return f"delete {Path(run_dir) / STEP_DIR} to restart the stage from its first step"
 
 
 def restore_rng(rng: dict[str, torch.Tensor]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-from typing import Any
+from typing import Any, Callable
 
 from llmcl.errors import LlmclError
 
@@ -145,14 +145,24 @@ def backward(accelerator: Any, loss: Any) -> None:
     engine.backward(loss)
 
 
-def step(accelerator: Any, optimizer: Any, params: list[Any], max_grad_norm: float) -> Any:
-    """Clip (max_grad_norm > 0) and take the optimizer step; returns the gradient norm before clipping, or None.
-    Under DeepSpeed the engine clips and steps (gradient_clipping in its config, filled by configure_stage)."""
+def step(accelerator: Any, optimizer: Any, params: list[Any], max_grad_norm: float,
+         take: Callable[[Any], bool]) -> Any:
+    """Clip (max_grad_norm > 0) and take the optimizer step if `take(grad_norm)` says so; returns the gradient
+    norm before clipping. Under DeepSpeed the engine clips and steps (gradient_clipping in its config, filled by
+    configure_stage) and `take` sees the norm only afterwards (it can stop the run, not skip the step)."""
     if deepspeed_plugin(accelerator) is not None:
         accelerator.deepspeed_engine_wrapped.engine.step()
-        return accelerator.deepspeed_engine_wrapped.get_global_grad_norm() if max_grad_norm > 0 else None
-    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else None
-    optimizer.step()
+        grad_norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
+        take(grad_norm)
+        return grad_norm
+    if max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    else:  # the same norm, unclipped (grads are already all-reduced: every rank gets the same number)
+        import torch
+
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if take(grad_norm):
+        optimizer.step()
     return grad_norm
 
 
@@ -187,6 +197,9 @@ def check_stage(accelerator: Any, cfg: Any, key: str) -> None:
     if cfg.optimizer_state == "keep":
         raise LlmclError(f"{key}.optimizer_state=keep is not supported under DeepSpeed (its optimizer state is "
                          "sharded); use reset")
+    if cfg.on_nonfinite == "skip":
+        raise LlmclError(f"{key}.on_nonfinite=skip is not supported under DeepSpeed (the engine steps before the "
+                         "gradient norm is known); use stop")
 
 
 def configure_stage(accelerator: Any, cfg: Any) -> None:

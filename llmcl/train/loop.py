@@ -1,7 +1,7 @@
 """The training loop: every stage of a recipe, one after another, in one explicit Accelerate loop.
 
 Read it top to bottom:
-    run()        open the run dir and its ledger, decide which stages to train, plan every stage (steps and
+    run()        lock the run dir, open its ledger, decide which stages to train, plan every stage (steps and
                  schedule) before the first one trains, then for each stage:
                      build_stage -> train_steps -> finish_stage      (llmcl.train.stage, llmcl.train.steps)
                  and the hooks (evaluation) after it.
@@ -19,6 +19,7 @@ from llmcl.errors import LlmclError
 from llmcl.models import load_tokenizer
 from llmcl.recipe import Recipe
 from llmcl.rundir import CACHE, STOPPED, Ledger, now, write_json
+from llmcl.rundir.lock import locked
 from llmcl.train import distributed
 from llmcl.train.metrics import MetricsLog
 from llmcl.train.plan import plan_stages, train_key
@@ -42,10 +43,17 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
     `accelerator`: the Accelerator to train with (default: llmcl.train.distributed.make_accelerator).
     `hooks` (optional) gets on_start(accelerator, ledger) before training and on_stage_end(i, accelerator, ledger)
     after each stage is saved: that is where evaluation plugs in, without the loop knowing about it."""
-    with StopSignals() as stop:  # first thing: a SIGTERM during set-up or the base evaluation is not lost
+    with StopSignals() as stop:  # first thing (a signal since `llmcl train` started is kept): none is lost
         run_dir = Path(run_dir)
         accelerator = accelerator or distributed.make_accelerator(recipe, run_dir)
-        return _run(recipe, run_dir, only_stage, display, hooks, accelerator, stop)
+        with locked(run_dir, accelerator):  # one process at a time on a run directory
+            try:
+                return _run(recipe, run_dir, only_stage, display, hooks, accelerator, stop)
+            except Stopped as exc:  # leave a marker a batch script can test (launchers may not pass status 75 on)
+                if accelerator.is_main_process:
+                    write_json(run_dir / STOPPED, {"reason": str(exc), "step_checkpoint": exc.step_checkpoint,
+                                                   "at": now()})
+                raise
 
 
 def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display | None, hooks: Any,
@@ -56,6 +64,9 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
     # 1) the ledger decides what is left to do (recipe.yaml is written before anything else)
     with accelerator.main_process_first():
         ledger = Ledger.open(run_dir, recipe, write=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        (run_dir / STOPPED).unlink(missing_ok=True)
+    _stop_point(stop, accelerator, ledger, "before anything was trained")
     n = len(recipe.stages)
     done = ledger.done_stages()
     result = RunResult(run_dir, already_done=done)
@@ -73,18 +84,13 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
     for j in range(n):
         distributed.check_stage(accelerator, recipe.stage_train(j), train_key(recipe, j))
     ctx = run_context(recipe, run_dir, accelerator, ledger, display, stop, upto=max(todo))
-    if hooks is not None:
-        hooks.on_start(accelerator, ledger)
-
-    # 3) train the stages in order
-    if accelerator.is_main_process:
-        (run_dir / STOPPED).unlink(missing_ok=True)
     try:
+        if hooks is not None:
+            hooks.on_start(accelerator, ledger)
+
+        # 3) train the stages in order
         for i in todo:
-            if (sig := stop.agreed(accelerator)) is not None:  # e.g. during set-up or the last stage's evaluation
-                raise Stopped(f"{sig}: stopped before stage {i} ({recipe.stages[i].name}); stages "
-                              f"{', '.join(map(str, ledger.done_stages())) or 'none'} are done — rerun the "
-                              "same command to continue")
+            _stop_point(stop, accelerator, ledger, f"before stage {i} ({recipe.stages[i].name})")
             stage = build_stage(ctx, i)
             train_steps(stage)
             finish_stage(stage)
@@ -92,13 +98,16 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
             result.trained.append(i)
             if hooks is not None:
                 hooks.on_stage_end(i, accelerator, ledger)
-    except Stopped as exc:  # leave a marker a batch script can test (launchers may not pass exit status 75 on)
-        if accelerator.is_main_process:
-            write_json(run_dir / STOPPED, {"reason": str(exc), "step_checkpoint": exc.step_checkpoint, "at": now()})
-        raise
     finally:
         ctx.metrics.close()
     return result
+
+
+def _stop_point(stop: StopSignals, accelerator: Any, ledger: Ledger, where: str) -> None:
+    """Between stages (and before the first): leave now if any rank got SIGTERM/SIGUSR1 (set-up, evaluation)."""
+    if (sig := stop.agreed(accelerator)) is not None:
+        raise Stopped(f"{sig}: stopped {where}; stages {', '.join(map(str, ledger.done_stages())) or 'none'} are "
+                      "done — rerun the same command to continue", step_checkpoint=False)
 
 
 def run_context(recipe: Recipe, run_dir: Path, accelerator: Any, ledger: Ledger, display: Display,

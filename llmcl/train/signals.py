@@ -26,6 +26,27 @@ class Stopped(Exception):
         self.step_checkpoint = step_checkpoint
 
 
+_early: str | None = None  # a signal that arrived before training started (see defer_from_start)
+
+
+def _record_early(signum: int, frame: Any) -> None:
+    global _early
+    _early = signal.Signals(signum).name
+
+
+def defer_from_start() -> None:
+    """Called first thing by `llmcl train`: a SIGTERM/SIGUSR1 that arrives while Python imports torch or the
+    recipe is checked is recorded, not fatal; the training loop then stops at once, leaving stopped.json."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _record_early)
+
+
+def early_signal() -> str | None:
+    """The signal `defer_from_start` recorded, if any."""
+    return _early
+
+
 class StopSignals:
     """Context manager: while inside, SIGTERM/SIGUSR1 set `requested` (the signal's name) instead of killing."""
 
@@ -37,6 +58,7 @@ class StopSignals:
         self.requested = signal.Signals(signum).name
 
     def __enter__(self) -> StopSignals:
+        self.requested = _early
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

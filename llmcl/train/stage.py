@@ -19,12 +19,14 @@ import torch
 
 from llmcl import methods
 from llmcl.data.batching import BatchPlan, collate, fetch
-from llmcl.data.mixing import build_pool, replay_sources
+from llmcl.data.mixing import build_pool, replay_plan, replay_sources
+from llmcl.data.sources import local_files
 from llmcl.errors import LlmclError
 from llmcl.methods.base import Method, StageInfo
 from llmcl.models import count_parameters, load_base_model
 from llmcl.recipe import Recipe
 from llmcl.rundir import CACHE, Ledger, artifacts, load_tree, now
+from llmcl.rundir.integrity import file_record
 from llmcl.rundir.layout import METHOD_STATE, OPTIMIZER, STEP_DIR, stage_dir_name
 from llmcl.rundir.metrics import read as read_metrics
 from llmcl.rundir.steps import clear_step, load_optimizer_by_name, load_step, restore_rng, save_optimizer_by_name
@@ -74,10 +76,16 @@ class StageContext:
     """The next stage keeps this stage's optimizer state (saved with the stage)."""
     parameters: tuple[int, int]
     """(trainable, total) parameter counts."""
+    data_files: dict[str, Any] = field(default_factory=dict)
+    """Size and sha256 of every local file the stage reads (its data, its replay sources)."""
     start: int = 0
     tokens_done: int = 0
     wall_before: float = 0.0
     wall_seconds: float = field(default=0.0)
+    skipped: int = 0
+    """Optimizer steps skipped for a non-finite gradient norm (train.on_nonfinite=skip)."""
+    skipped_at: int | None = None
+    """The last skipped step (0-based)."""
 
     @property
     def name(self) -> str:
@@ -161,8 +169,11 @@ def build_stage(run: RunContext, i: int) -> StageContext:
         kept = load_optimizer_by_name(optimizer, named, prev_dir / OPTIMIZER, device)
     keep_next = i + 1 < len(recipe.stages) and recipe.stage_train(i + 1).optimizer_state == "keep"
 
-    # 4) resume from this stage's step checkpoint, if a previous attempt left one
+    # 4) resume from this stage's step checkpoint, if a previous attempt left one (and read the same data)
     resume = load_step(run.run_dir, i)
+    data_files = data_fingerprint([stage.data] + [data for _, data, _ in replay_plan(recipe, i)])
+    if resume is not None:
+        _same_data(run.run_dir, resume["state"].get("data_files"), data_files)
     if resume is not None and "deepspeed" in resume:  # the shards are loaded into the engine below
         method.load_state_dict(resume["method_state"])
     elif resume is not None:
@@ -182,11 +193,32 @@ def build_stage(run: RunContext, i: int) -> StageContext:
     if accelerator.is_main_process:
         run.ledger.mark(i, "running", started_at=now())
     ctx = StageContext(run, i, plan, cfg, pools, batches, stats, replay, method, info, model, optimizer, named,
-                       keep_next, parameters, start=start,
+                       keep_next, parameters, data_files=data_files, start=start,
                        tokens_done=resume["state"]["tokens"] if resume else 0,
-                       wall_before=resume["state"]["wall_seconds"] if resume else 0.0)
+                       wall_before=resume["state"]["wall_seconds"] if resume else 0.0,
+                       skipped=resume["state"].get("skipped_steps", 0) if resume else 0)
     run.display.start_stage(i, len(recipe.stages), stage.name, plan.steps, start, _stage_note(ctx, kept))
     return ctx
+
+
+def data_fingerprint(sources: list[Any]) -> dict[str, Any]:
+    """{path: {size, sha256}} of the local files behind these data configs."""
+    return {str(p): file_record(p) for p in sorted({p for cfg in sources for p in local_files(cfg)})}
+
+
+def _same_data(run_dir: Path, saved: dict[str, Any] | None, now_files: dict[str, Any]) -> None:
+    """A resume reads the data the step checkpoint was trained on, or refuses in one line."""
+    if saved is None:
+        return  # a step checkpoint from before data files were recorded
+    for path in sorted(set(saved) | set(now_files)):
+        before, after = saved.get(path), now_files.get(path)
+        if before == after:
+            continue
+        how = ("is new" if before is None else "is gone" if after is None
+               else f"has {after['size']} bytes, {before['size']} before" if after["size"] != before["size"]
+               else "has the same size but other content")
+        raise LlmclError(f"data file {path} changed since the step checkpoint was saved ({how}); put the original "
+                         f"back to resume, or delete {run_dir / STEP_DIR} to restart the stage on the new data")
 
 
 def _restore(run_dir: Path, resume: dict[str, Any], named: list, optimizer: Any, method: Method) -> None:
@@ -250,12 +282,13 @@ def finish_stage(ctx: StageContext) -> None:
                         examples=ctx.stats.examples, tokens=ctx.tokens_done, wall_seconds=round(ctx.wall_seconds, 3),
                         trainable_params=trainable, total_params=total, final_lr=ctx.plan.final_lr,
                         processes=accelerator.num_processes, distributed=distributed.describe(accelerator),
+                        data_files=ctx.data_files, **({"skipped_steps": ctx.skipped} if ctx.skipped else {}),
                         **_peak_gpu_memory(accelerator.device), finished_at=now())
         clear_step(run.run_dir)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         run.ledger.data = Ledger.read(run.run_dir).data
-    losses = [r["loss"] for r in read_metrics(run.run_dir) if r.get("stage") == i]
+    losses = [r["loss"] for r in read_metrics(run.run_dir) if r.get("stage") == i and r.get("loss") is not None]
     run.display.end_stage(f"stage {i + 1}/{len(run.recipe.stages)} {ctx.name}: done in {ctx.wall_seconds:.1f}s, "
                           f"final loss {losses[-1] if losses else float('nan'):.4f} -> "
                           f"{run.run_dir / stage_dir_name(i, ctx.name)}")

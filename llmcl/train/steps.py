@@ -11,6 +11,7 @@ the one place the scaling happens; `StepInputs.scale` tells a method's extra los
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from llmcl.data.batching import collate, fetch
+from llmcl.errors import LlmclError
 from llmcl.methods.base import StepInputs
 from llmcl.rundir import artifacts
 from llmcl.rundir.steps import save_step, save_step_sharded
@@ -47,6 +49,8 @@ def train_steps(ctx: StageContext) -> None:
         items = ctx.batches.step_items(step)
         n_items = sum(ctx.pools[src].label_count(j) for src, j in items)  # trained tokens of the whole step
         window.replayed += sum(1 for src, _ in items if src)
+        window.seen += 1
+        step_loss = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             batch = collate(fetch(ctx.pools, ctx.batches.micro_items(step, micro, rank)), run.tokenizer.pad_token_id)
             window.tokens += int(batch["attention_mask"].sum())
@@ -56,12 +60,15 @@ def train_steps(ctx: StageContext) -> None:
                     outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
                     loss = method.loss(StepInputs(batch, outputs, unwrapped, scale))
                 distributed.backward(accelerator, loss * scale)
-            window.loss += loss.detach()
+            step_loss += loss.detach()
         method.after_backward(model)
-        grad_norm = distributed.step(accelerator, optimizer, params, cfg.max_grad_norm)
+        grad_norm = distributed.step(accelerator, optimizer, params, cfg.max_grad_norm,
+                                     take=lambda norm: _finite_or_skip(ctx, norm, step))
         optimizer.zero_grad(set_to_none=True)
-        method.after_step(model)
-        window.steps += 1
+        if ctx.skipped_at != step:
+            method.after_step(model)
+            window.loss += step_loss
+            window.steps += 1
 
         done = step + 1
         ctx.wall_seconds = ctx.wall_before + time.perf_counter() - t_stage
@@ -78,6 +85,31 @@ def train_steps(ctx: StageContext) -> None:
     ctx.wall_seconds = ctx.wall_before + time.perf_counter() - t_stage
 
 
+class Diverged(LlmclError):
+    """A non-finite loss or gradient norm with train.on_nonfinite=stop: the stage stops and is not done."""
+
+
+def _finite_or_skip(ctx: StageContext, grad_norm: Any, step: int) -> bool:
+    """Whether to take optimizer step `step` (0-based): yes when the gradient norm is finite; else skip it
+    (on_nonfinite=skip, counted) or stop the stage. One scalar read per step (every rank reads the same)."""
+    if grad_norm is None or ctx.run.accelerator.mixed_precision == "fp16":
+        return True  # fp16: the loss scaler skips overflow steps itself and lowers its scale
+    if math.isfinite(float(grad_norm)):
+        return True
+    if ctx.cfg.on_nonfinite == "skip":
+        ctx.skipped += 1
+        ctx.skipped_at = step
+        return False
+    raise _diverged(ctx, f"gradient norm {float(grad_norm)}", step + 1)
+
+
+def _diverged(ctx: StageContext, what: str, done: int) -> Diverged:
+    key = f"stages.{ctx.index}.train" if "on_nonfinite" in ctx.run.recipe.stages[ctx.index].train else "train"
+    return Diverged(f"stage {ctx.index} ({ctx.name}): non-finite {what} at step {done}; the stage is not marked done "
+                    f"and its last step checkpoint (if any) is kept; lower train.lr (in a new --run-dir), check "
+                    f"the data, or set {key}.on_nonfinite=skip")
+
+
 @dataclass
 class _Window:
     """What happened since the last metrics line."""
@@ -87,6 +119,8 @@ class _Window:
     tokens: int = 0
     replayed: int = 0
     steps: int = 0
+    """Optimizer steps taken (skipped ones not counted)."""
+    seen: int = 0
     t_log: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
@@ -98,24 +132,29 @@ def _log(ctx: StageContext, w: _Window, done: int, lr: float, grad_norm: Any) ->
     totals = run.accelerator.reduce(torch.stack([w.loss, torch.tensor(float(w.tokens), device=w.device)]), "sum")
     now = time.perf_counter()
     ctx.tokens_done += int(totals[1])
+    loss = float(totals[0]) / w.steps if w.steps else None  # None: every step of the window was skipped
+    if loss is not None and not math.isfinite(loss):  # a backend that cannot tell the gradient norm (DeepSpeed unclipped)
+        raise _diverged(ctx, f"loss {loss}", done)
     record = {
         "stage": ctx.index, "stage_name": ctx.name, "step": done,
         "global_step": run.ledger.steps_before(ctx.index) + done,
-        "loss": float(totals[0]) / w.steps, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+        "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
         "tokens": ctx.tokens_done, "tokens_per_s": float(totals[1]) / max(now - w.t_log, 1e-9),
-        "replay_fraction": w.replayed / (w.steps * ctx.batches.global_batch),
+        "replay_fraction": w.replayed / (w.seen * ctx.batches.global_batch),
         "elapsed_s": ctx.wall_seconds,
+        **({"skipped_steps": ctx.skipped} if ctx.cfg.on_nonfinite == "skip" else {}),
         **{f"{run.recipe.method.name}/{k}": v for k, v in ctx.method.step_metrics().items()},
     }
     run.metrics.log(record)
-    run.display.update(done, record["loss"], lr, record["tokens_per_s"])
+    run.display.update(done, float("nan") if loss is None else loss, lr, record["tokens_per_s"])
     w.loss.zero_()
-    w.tokens, w.replayed, w.steps, w.t_log = 0, 0, 0, now
+    w.tokens, w.replayed, w.steps, w.seen, w.t_log = 0, 0, 0, 0, now
 
 
 def _save_step(ctx: StageContext, done: int) -> None:
     accelerator = ctx.run.accelerator
-    progress = {"tokens": ctx.tokens_done, "wall_seconds": ctx.wall_seconds}
+    progress = {"tokens": ctx.tokens_done, "wall_seconds": ctx.wall_seconds, "skipped_steps": ctx.skipped,
+                "data_files": ctx.data_files}
     if distributed.deepspeed_plugin(accelerator) is not None:  # sharded: every rank writes its own shard
         save_step_sharded(ctx.run.run_dir, stage=ctx.index, step=done, save_shards=distributed.shard_saver(ctx.model),
                           main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,

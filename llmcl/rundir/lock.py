@@ -1,0 +1,134 @@
+"""One process at a time on a run directory: `llmcl train` and `llmcl eval` hold <run dir>/lock for their whole
+run (rank 0 holds it for every rank of a launch).
+
+The lock is an exclusive flock(2) on the lock file, which the kernel releases when the process dies however it
+dies, so a lock left by a killed job is simply taken over; the file names the holder (PID, host, command, since)
+for the one-line error a second process gets. Where the file system has no flock (some network file systems),
+the file alone decides: its holder must be a live process on this host, else the lock is taken over; a holder
+on another host is trusted until its lock file is deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from llmcl.errors import LlmclError, environment_fault
+from llmcl.rundir.layout import LOCK
+
+
+class RunLock:
+    def __init__(self, run_dir: Path, fd: int):
+        self.run_dir, self.fd = run_dir, fd
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            os.ftruncate(self.fd, 0)  # an empty lock file is a free one (the no-flock fallback reads it)
+        except OSError:
+            pass
+        os.close(self.fd)  # closing releases the flock
+        self.fd = -1
+
+
+def acquire(run_dir: Path, command: str | None = None) -> RunLock:
+    """Take the run directory's lock (creating the directory), or raise a one-line LlmclError naming the holder."""
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise (environment_fault(exc, path) or exc) from None
+    try:
+        _flock(fd, path)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command or _command(),
+              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return RunLock(run_dir, fd)
+
+
+def _flock(fd: int, path: Path) -> None:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        raise _busy(path, _holder(path)) from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise (environment_fault(exc, path) or exc) from None
+    holder = _holder(path)  # no flock here: the file decides
+    if holder and holder.get("pid") != os.getpid():
+        if holder.get("host") != socket.gethostname():
+            raise _busy(path, holder, f"; if that job is gone, delete {path}")
+        if _alive(int(holder.get("pid", -1))):
+            raise _busy(path, holder)
+
+
+def _busy(path: Path, holder: dict[str, Any], hint: str = "") -> LlmclError:
+    who = (f"PID {holder.get('pid', '?')} on {holder.get('host', '?')} ({holder.get('command', '?')}, since "
+           f"{holder.get('since', '?')})") if holder else "another process"
+    return LlmclError(f"{path.parent} is in use by {who}; wait for it to finish or stop it{hint}")
+
+
+def _holder(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _command() -> str:
+    return " ".join(["llmcl", *sys.argv[1:]])[:200]
+
+
+@contextmanager
+def locked(run_dir: Path, accelerator: Any = None) -> Iterator[None]:
+    """Hold the run directory's lock for the block. With a launch of several processes rank 0 takes it and
+    every rank learns whether it did (all ranks call this at the same point)."""
+    lock, error = None, None
+    if accelerator is None or accelerator.is_main_process:
+        try:
+            lock = acquire(run_dir)
+        except LlmclError as exc:
+            error = exc
+    if accelerator is not None and accelerator.num_processes > 1:
+        import torch
+
+        flag = torch.tensor([1.0 if error else 0.0], device=accelerator.device)
+        if float(accelerator.reduce(flag, "max")) > 0 and error is None:
+            error = LlmclError(f"{run_dir} is in use by another process (rank 0 says which)")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

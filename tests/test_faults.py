@@ -1,0 +1,376 @@
+"""The README's error contract under faults, driven through the CLI: a mistake in the input or a damaged run
+directory is exit 2, what the machine refuses is exit 74, each is one line on stderr with no traceback, and
+the finished stage is byte-identical afterwards. A new fault is one row of FAULTS.
+
+Every row starts from a copy of one partial run: stage 0 done, stage 1 stopped after its step checkpoint at step 2
+(local jsonl data, so data faults are real files)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, Crash, crash_after, write_recipe
+from llmcl.rundir.integrity import fingerprint
+
+STAGE0 = "stage-00-facts"
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _records(name: str) -> list[dict]:
+    from llmcl.data import builtin
+
+    return builtin.generate(name, "train", 0)
+
+
+def make_partial(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """(recipe, run dir): stage 0 done, stage 1 crashed after step 3 with a step checkpoint at step 2."""
+    from llmcl import recipe as recipe_mod
+    from llmcl.train.loop import run
+
+    root.mkdir(parents=True, exist_ok=True)
+    facts = _write_jsonl(root / "facts.jsonl", _records("facts"))
+    reverse = _write_jsonl(root / "reverse.jsonl", _records("reverse"))
+    path = write_recipe(root / "r.yaml", train={"lr": 1e-3, "max_steps": 4, "batch_size": 4, "seq_len": 48,
+                                                "warmup": 1, "save_every": 2},
+                        stages=[{"name": "facts", "data": {"path": str(facts)}},
+                                {"name": "reverse", "data": {"path": str(reverse)}}])
+    with monkeypatch.context() as m:
+        crash_after(m, "seqft", 7)
+        with pytest.raises(Crash):
+            run(recipe_mod.load(path), root / "run")
+    from llmcl.train.distributed import reset_accelerate
+
+    reset_accelerate()
+    return path, root / "run"
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory):
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        yield make_partial(tmp_path_factory.mktemp("partial"), monkeypatch)
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.fixture
+def run_copy(partial, tmp_path):
+    recipe, run_dir = partial
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return recipe, copy
+
+
+def cli(*args: str):
+    from click.testing import CliRunner
+
+    from llmcl.cli import cli as group
+
+    return CliRunner().invoke(group, list(args), catch_exceptions=True)
+
+
+def assert_contract(result, code: int, text: str) -> None:
+    """Exit status `code`, exactly one line on stderr starting with 'error:' and containing `text`, no traceback."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), \
+        f"{type(result.exception).__name__}: {result.exception}"
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == code, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert text in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+# -- faults ------------------------------------------------------------------------------------------------
+# each: prepare(recipe, run_dir, tmp) -> CLI arguments; then the exit status and a piece of the one line
+
+def _train(recipe, run_dir, *extra):
+    return ["train", str(recipe), "--run-dir", str(run_dir), *extra]
+
+
+def _recipe_with(tmp, recipe, **changes):
+    data = yaml.safe_load(Path(recipe).read_text())
+    for key, value in changes.items():
+        node = data
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        node[parts[-1]] = value
+    out = tmp / "changed.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "garbage":  # 4 KiB of garbage in the middle, same size
+        mid = len(data) // 2
+        data[mid:mid + 4096] = bytes(range(256)) * 16
+        path.write_bytes(bytes(data[: len(data)]))
+    elif how == "nan":  # float32 NaN bit patterns over the last tensor bytes
+        data[-64:] = b"\x00\x00\xc0\x7f" * 16
+        path.write_bytes(bytes(data))
+
+
+def _bad_data(tmp, recipe, records, name="bad.jsonl", stage=1, key="path"):
+    path = tmp / name
+    if isinstance(records, bytes):
+        path.write_bytes(records)
+    else:
+        _write_jsonl(path, records)
+    return _train(_recipe_with(tmp, recipe, **{f"stages__{stage}__data__{key}": str(path)}), tmp / "fresh")
+
+
+GOOD = _records("facts")
+FAULTS = {
+    # the recipe and its values
+    "lr_inf": (lambda r, d, t: _train(r, t / "fresh", "train.lr=.inf"), 2, "expected a finite number"),
+    "lr_nan": (lambda r, d, t: _train(r, t / "fresh", "train.lr=.nan"), 2, "expected a finite number"),
+    "seed_too_big": (lambda r, d, t: _train(r, t / "fresh", f"seed={2**32}"), 2, "recipe key 'seed'"),
+    "seed_negative": (lambda r, d, t: _train(r, t / "fresh", "seed=-1"), 2, "recipe key 'seed'"),
+    "recipe_not_utf8": (lambda r, d, t: (t.joinpath("x.yaml").write_bytes(Path(r).read_bytes() + b"# \xff\xfe\n"),
+                                         _train(t / "x.yaml", t / "fresh"))[1], 2, "is not UTF-8"),
+    "name_newline": (lambda r, d, t: _train(_recipe_with(t, r, name="evil\n"), t / "fresh"), 2, "recipe key 'name'"),
+    "stage_name_newline": (lambda r, d, t: _train(_recipe_with(t, r, stages__1__name="b\n"), t / "fresh"), 2,
+                           "recipe key 'stages.1.name'"),
+    "eval_data_dir_nowhere": (lambda r, d, t: _train(r, t / "fresh", "eval.data_dir=/nonexistent/eval"), 2,
+                              "recipe key 'eval.data_dir'"),
+    "slurm_partition_injection": (lambda r, d, t: ["slurm", str(r), "--partition", "gpu\n#SBATCH --wrap=x",
+                                                   "--print"], 2, "--partition"),
+    "slurm_account_injection": (lambda r, d, t: ["slurm", str(r), "--account", "a;rm -rf ~", "--print"], 2,
+                                "--account"),
+    # the data, every record of every stage before stage 0 trains
+    "parquet_corrupt": (lambda r, d, t: _bad_data(t, r, b"PAR1 this is not parquet PAR1", "bad.parquet"), 2,
+                        "cannot read data file"),
+    "data_not_utf8": (lambda r, d, t: _bad_data(t, r, json.dumps(GOOD[0]).encode() + b"\n{\"prompt\": \"\xff\"}\n"),
+                      2, "codec can't decode"),
+    "later_record_missing_field": (lambda r, d, t: _bad_data(t, r, GOOD[:3] + [{"prompt": "x"}] + GOOD[3:6]), 2,
+                                   "record 4 of bad.jsonl"),
+    "later_record_wrong_type": (lambda r, d, t: _bad_data(t, r, GOOD[:4] + [{"prompt": "x", "completion": [1, 2]}]),
+                                2, "field 'completion' holds a list"),
+    "later_record_null": (lambda r, d, t: _bad_data(t, r, GOOD[:4] + [{"prompt": None, "completion": "y"}]), 2,
+                          "field 'prompt' holds null"),
+    "empty_data_in_stage_2": (lambda r, d, t: _bad_data(t, r, b""), 2, "has no training records"),
+    "replay_dataset_bad_record": (lambda r, d, t: _train(_recipe_with(
+        t, r, replay={"ratio": 0.25, "datasets": [{"path": str(_write_jsonl(t / "rp.jsonl", GOOD[:5] + [{"x": 1}]))}]}),
+        t / "fresh"), 2, "recipe key 'replay.datasets.0"),
+    # a damaged run directory
+    "ledger_truncated": (lambda r, d, t: (_damage(d / "ledger.json", "truncate"), _train(r, d))[1], 2,
+                         "ledger.json is damaged"),
+    "run_recipe_truncated": (lambda r, d, t: (d.joinpath("recipe.yaml").write_text("stages:\n  - data: {path: "),
+                                              _train(r, d))[1], 2, "recipe.yaml is damaged"),
+    "stage_weights_truncated": (lambda r, d, t: (_damage(d / STAGE0 / "model" / "model.safetensors", "truncate"),
+                                                 _train(r, d))[1], 2, "were written: it changed after it was saved"),
+    "stage_weights_garbage": (lambda r, d, t: (_damage(d / STAGE0 / "model" / "model.safetensors", "garbage"),
+                                               _train(r, d))[1], 2, "sha256 differs"),
+    "stage_manifest_truncated": (lambda r, d, t: (_damage(d / STAGE0 / "manifest.json", "truncate"),
+                                                  _train(r, d))[1], 2, "manifest.json is damaged"),
+    "step_checkpoint_truncated": (lambda r, d, t: (_damage(d / "step-checkpoint" / "trainable.safetensors",
+                                                           "truncate"), _train(r, d))[1], 2, "step-checkpoint to restart"),
+    "step_checkpoint_nan": (lambda r, d, t: (_damage(d / "step-checkpoint" / "trainable.safetensors", "nan"),
+                                             _train(r, d))[1], 2, "sha256 differs"),
+    "step_state_truncated": (lambda r, d, t: (_damage(d / "step-checkpoint" / "state.json", "truncate"),
+                                              _train(r, d))[1], 2, "state.json is damaged"),
+    "data_edited_before_resume": (lambda r, d, t: (_write_jsonl(Path(yaml.safe_load(Path(r).read_text())["stages"][1]
+                                                                     ["data"]["path"]), _records("reverse")[:-1]),
+                                                   _train(r, d))[1], 2, "changed since the step checkpoint"),
+    "eval_row_truncated": (lambda r, d, t: ((d / "eval").mkdir(), d.joinpath("eval", "base.json").write_text(
+        '{"row": "base", "tasks": {"x'), ["report", str(d)])[2], 2, "base.json is damaged"),
+    "eval_unknown_task": (lambda r, d, t: ["eval", str(d), "--stage", "0", "--tasks", "no_such_task_xyz"], 2,
+                          "--tasks 'no_such_task_xyz'"),
+    "eval_not_a_run_dir": (lambda r, d, t: ["eval", str(t)], 2, "is not an llmcl run directory"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_fault_is_one_line_and_keeps_the_finished_stage(fault, run_copy, tmp_path):
+    recipe, run_dir = run_copy
+    prepare, code, text = FAULTS[fault]
+    if fault == "data_edited_before_resume":  # it edits a data file: a partial run of its own
+        recipe, run_dir = make_partial(tmp_path / "own", pytest.MonkeyPatch())
+    before = fingerprint(run_dir / STAGE0)
+    ledger_before = (run_dir / "ledger.json").read_bytes()
+    args = prepare(recipe, run_dir, tmp_path)
+    result = cli(*args)
+    assert_contract(result, code, text)
+    if "stage_weights" not in fault and "stage_manifest" not in fault:
+        assert fingerprint(run_dir / STAGE0) == before  # the finished stage is untouched
+    if fault != "ledger_truncated":
+        assert (run_dir / "ledger.json").read_bytes() == ledger_before  # nothing was marked done
+    assert not (tmp_path / "fresh" / STAGE0).exists()  # input faults are refused before anything trains
+
+
+def test_the_damage_is_detected_not_only_refused(partial, tmp_path):
+    """Negative control: the undamaged copy resumes and finishes (so each row above fails for its fault)."""
+    recipe, run_dir = partial
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    result = cli(*_train(recipe, copy))
+    assert result.exit_code == 0, result.output
+    assert json.loads((copy / "ledger.json").read_text())["stages"][1]["status"] == "done"
+
+
+def test_half_written_metrics_line_is_tolerated(run_copy):
+    """A kill (or a full disk) in the middle of a metrics line: the resume drops it and finishes."""
+    recipe, run_dir = run_copy
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write('{"stage": 1, "step": 3, "lo')
+    result = cli(*_train(recipe, run_dir))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 1), (1, 2), (1, 3), (1, 4)]
+
+
+# -- non-finite training -----------------------------------------------------------------------------------
+
+def test_nonfinite_loss_stops_the_stage_and_never_marks_it_done(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    run_dir = tmp_path / "run"
+    result = cli(*_train(recipe, run_dir, "train.lr=1e30", "train.warmup=0", "train.max_grad_norm=0"))
+    assert_contract(result, 2, "non-finite gradient norm")
+    assert "stage 0 (facts)" in result.stderr and "on_nonfinite=skip" in result.stderr
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [s["status"] for s in ledger["stages"]] == ["running", "pending"]
+    assert not (run_dir / STAGE0).exists()
+
+
+def test_nonfinite_steps_are_skipped_and_counted_when_asked(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    run_dir = tmp_path / "run"
+    result = cli(*_train(recipe, run_dir, "train.lr=1e30", "train.warmup=0", "train.on_nonfinite=skip",
+                         "stages.1.train.lr=1e-3"))
+    assert result.exit_code == 0, result.output
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    skipped = ledger["stages"][0].get("skipped_steps", 0)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stage0 = [r for r in rows if r["stage"] == 0]
+    assert 1 <= skipped == stage0[-1]["skipped_steps"] < 4  # the first step is finite, what follows is not
+    assert all(r["loss"] is None or r["loss"] == r["loss"] for r in rows)  # no NaN was logged as a loss
+
+
+# -- the run directory lock ---------------------------------------------------------------------------------
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from llmcl.rundir.lock import acquire
+lock = acquire(Path(sys.argv[1]), command="llmcl train other.yaml")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_process_on_a_locked_run_dir_is_refused_naming_the_holder(run_copy):
+    import socket
+
+    recipe, run_dir = run_copy
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in (_train(recipe, run_dir), ["eval", str(run_dir), "--stage", "0"]):
+            result = cli(*args)
+            assert_contract(result, 2, f"is in use by PID {holder.pid} on {socket.gethostname()}")
+            assert "llmcl train other.yaml" in result.stderr
+        assert not (run_dir / "stage-01-reverse").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = cli(*_train(recipe, run_dir))  # the holder died: its lock is taken over
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "stage-01-reverse" / "manifest.json").exists()
+
+
+def test_a_stale_lock_file_of_a_dead_process_is_taken_over(run_copy):
+    recipe, run_dir = run_copy
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / "lock").write_text(json.dumps({"pid": int(dead.stdout), "host": "elsewhere", "command": "x"}))
+    result = cli(*_train(recipe, run_dir))
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "lock").read_text() == ""  # released
+
+
+# -- the environment: a full disk, a read-only file system ---------------------------------------------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_is_an_environment_error_and_keeps_the_finished_stage(run_copy, tmpfs):
+    recipe, run_dir = run_copy
+    shutil.copytree(run_dir, tmpfs / "run")
+    run_dir = tmpfs / "run"
+    before = fingerprint(run_dir / STAGE0)
+    filler = tmpfs / "filler"
+    with open(filler, "wb") as fh:  # leave 32 KiB: the lock and the ledger fit, stage 1's weights do not
+        free = shutil.disk_usage(tmpfs).free
+        fh.write(b"\0" * max(free - 32 * 1024, 0))
+    result = cli(*_train(recipe, run_dir))
+    assert_contract(result, 74, "no space left on device; free some space")
+    assert fingerprint(run_dir / STAGE0) == before
+    assert json.loads((run_dir / "ledger.json").read_text())["stages"][1]["status"] != "done"
+    filler.unlink()  # the way out works: the same command resumes
+    again = cli(*_train(recipe, run_dir))
+    assert again.exit_code == 0, again.output
+
+
+def test_read_only_run_dir_is_an_environment_error(run_copy, tmpfs):
+    recipe, run_dir = run_copy
+    shutil.copytree(run_dir, tmpfs / "run")
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    result = cli(*_train(recipe, tmpfs / "run"))
+    assert_contract(result, 74, "read-only file system; use a writable --run-dir")
+
+
+@pytest.mark.parametrize("code,text", [(errno.EACCES, "permission denied"), (errno.ENOSPC, "no space left"),
+                                       (errno.EROFS, "read-only"), (errno.EDQUOT, "disk quota exceeded")])
+def test_environment_errors_map_to_one_line(code, text):
+    """The errno mapping itself (a root test process cannot be refused permission for real)."""
+    from llmcl.errors import ENVIRONMENT_EXIT, environment_fault
+
+    fault = environment_fault(RuntimeError("saving failed"), None)
+    assert fault is None  # an unrelated error stays a bug (a traceback)
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = OSError(code, "x", "/runs/a/metrics.jsonl")
+    fault = environment_fault(wrapped)
+    assert fault.exit_code == ENVIRONMENT_EXIT and str(fault).startswith("/runs/a/metrics.jsonl: " + text)
+
+
+# -- signals from the first moment --------------------------------------------------------------------------
+
+def test_sigterm_in_the_first_second_stops_cleanly(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "llmcl", "train", str(recipe), "--run-dir", str(run_dir)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # still importing torch
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("stopped: SIGTERM")
+    stopped = json.loads((run_dir / "stopped.json").read_text())
+    assert stopped["step_checkpoint"] is False and "before anything was trained" in stopped["reason"]
+    assert not (run_dir / STAGE0).exists()
