@@ -71,7 +71,12 @@ def _check_choices(stage, index: int, fmt: str, seed: int) -> None:
     if fmt != "prompt_completion":
         raise RecipeError(key, message=f"recipe key '{key}': choices need prompt/completion data (format is {fmt})")
     choices = {c.strip() for c in stage.data.choices}
+    kept = 0
     for record in load_records(stage.data, "test", seed) or []:
         answer = render(stage.data, record)[1].strip()
-        if answer not in choices:
-            raise RecipeError(key, message=f"recipe key '{key}': test answer {answer!r} is not one of {sorted(choices)}")
+        kept += answer in choices
+        if answer not in choices and not stage.data.drop_unknown_answers:
+            raise RecipeError(key, message=f"recipe key '{key}': test answer {answer!r} is not one of {sorted(choices)} "
+                              f"(set stages.{index}.data.drop_unknown_answers: true to leave such items out)")
+    if stage.data.drop_unknown_answers and not kept:
+        raise RecipeError(key, message=f"recipe key '{key}': no test answer is one of {sorted(choices)}")

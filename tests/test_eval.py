@@ -66,7 +66,8 @@ def _rows(run_dir):
 def test_every_row_scores_every_task_with_version_count_metric_and_stderr(run_dir):
     rows = _rows(run_dir)
     assert set(rows) == {"base", "stage-00", "stage-01", "stage-02"}
-    expected = {"llmcl_stage_facts": "exact_match", "llmcl_stage_sentiment": "acc", "llmcl_stage_prose": "bits_per_byte"}
+    expected = {"llmcl_stage_facts": "exact_match", "llmcl_stage_sentiment": "exact_match",
+                "llmcl_stage_sentiment-choice": "acc", "llmcl_stage_prose": "bits_per_byte"}
     if HAS_EVAL_DATA:
         expected["llmcl_arc_easy"] = "acc"
     for name, row in rows.items():
@@ -84,8 +85,11 @@ def test_every_row_scores_every_task_with_version_count_metric_and_stderr(run_di
 
 def test_stage_task_yamls_have_the_right_output_types(run_dir):
     tasks = run_dir / "eval" / "tasks"
-    kinds = {p.stem: yaml.safe_load(p.read_text())["output_type"] for p in tasks.glob("*.yaml")}
-    assert kinds == {"facts": "generate_until", "sentiment": "multiple_choice", "prose": "loglikelihood_rolling"}
+    kinds = {p.relative_to(tasks).as_posix(): yaml.safe_load(p.read_text())["output_type"]
+             for p in tasks.rglob("*.yaml")}
+    # a classification stage (data.choices) both ways: its generated label and the label set's loglikelihood
+    assert kinds == {"facts.yaml": "generate_until", "sentiment.yaml": "generate_until",
+                     "choice/sentiment.yaml": "multiple_choice", "prose.yaml": "loglikelihood_rolling"}
     first = json.loads((tasks / "sentiment.jsonl").read_text().splitlines()[0])
     assert first["choices"] == [" negative", " positive"] and first["choices"][first["gold"]] == first["completion"]
 
@@ -112,7 +116,7 @@ def test_multiple_choice_accuracy_matches_an_independent_computation(run_dir):
     for doc in docs:
         lls = [_loglikelihood(model, tok, doc["prompt"], c) for c in doc["choices"]]
         correct += int(max(range(len(lls)), key=lls.__getitem__) == doc["gold"])
-    acc = _rows(run_dir)["stage-01"]["tasks"]["llmcl_stage_sentiment"]["value"]
+    acc = _rows(run_dir)["stage-01"]["tasks"]["llmcl_stage_sentiment-choice"]["value"]
     assert acc == pytest.approx(correct / len(docs))
 
 
@@ -138,6 +142,11 @@ def test_report_matrix_matches_an_independent_computation_from_the_eval_jsons(ru
     got = matrix["metrics"]
     assert (got["AA"], got["BWT"], got["FWT"], got["forgetting"]) == pytest.approx((aa, bwt, fwt, fgt))
     assert [a["stage"] for a in matrix["after_stage"]] == [0, 1, 2]
+    # the label-set view of the one classification stage (sentiment, stage 1): its own AA/BWT/FWT
+    c = [rows[r]["tasks"]["llmcl_stage_sentiment-choice"]["value"] for r in order]
+    got = matrix["metrics_choice"]
+    assert (got["AA"], got["BWT"], got["FWT"]) == pytest.approx((c[3], c[3] - c[2], c[1] - c[0]))
+    assert "sentiment (labels)" in [col["label"] for col in matrix["columns"]]
     if HAS_EVAL_DATA:
         arc = [rows[r]["tasks"]["llmcl_arc_easy"]["value"] for r in order]
         assert matrix["general_delta"]["llmcl_arc_easy"] == pytest.approx(arc[3] - arc[0])
@@ -217,7 +226,7 @@ def test_choices_must_contain_every_test_answer(tmp_path):
     stage = StageConfig(data=DataConfig(path="x.jsonl", prompt_template="{q}", completion_template=" {a}",
                                         choices=["yes", "no"]), name="s")
     kind, rows = render_test_records(stage, 0, [{"q": "is it?", "a": "no"}], tokenizer=None)
-    assert kind == "choice" and rows[0]["gold"] == 1 and rows[0]["choices"] == [" yes", " no"]
+    assert kind == "generate" and rows[0]["gold"] == 1 and rows[0]["choices"] == [" yes", " no"]
     with pytest.raises(LlmclError, match="'stages.0.data.choices': test completion 'maybe' is not one of"):
         render_test_records(stage, 0, [{"q": "is it?", "a": "maybe"}], tokenizer=None)
 

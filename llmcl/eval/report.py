@@ -22,7 +22,7 @@ from llmcl.rundir.integrity import read_json
 class Column:
     task: str
     label: str
-    kind: str  # stage | general
+    kind: str  # stage | stage_choice (a classification stage's label-set loglikelihood) | general
     stage: int | None
     metric: str
     higher_is_better: bool
@@ -41,6 +41,8 @@ class RunReport:
     values: list[list[Optional[float]]] = field(default_factory=list)  # rows x columns, raw metric values
     stderrs: list[list[Optional[float]]] = field(default_factory=list)
     summary: dict[str, float | None] = field(default_factory=dict)
+    summary_choice: dict[str, float | None] = field(default_factory=dict)
+    """AA, BWT, FWT, forgetting over the label-set views (stages with data.choices); empty without them."""
     after_stage: list[dict[str, Any]] = field(default_factory=list)
     general_delta: dict[str, float | None] = field(default_factory=dict)
     train_seconds: float = 0.0
@@ -53,6 +55,7 @@ class RunReport:
             "columns": [c.__dict__ for c in self.columns],
             "R": self.values, "stderr": self.stderrs,
             "metrics": {**self.summary, "general_delta": _mean_or_none(list(self.general_delta.values()))},
+            "metrics_choice": self.summary_choice,
             "after_stage": self.after_stage, "general_delta": self.general_delta,
             "train_seconds": round(self.train_seconds, 3), "stages_done": self.stages_done,
             "definitions": "AA, BWT, FWT (Lopez-Paz & Ranzato 2017, base model as reference), forgetting "
@@ -88,11 +91,13 @@ def collect(run_dir: Path) -> RunReport:
     for _, _, row in rows:
         for task, r in row["tasks"].items():
             if task not in seen:
-                label = r["stage_name"] if r["kind"] == "stage" else task.removeprefix("llmcl_")
+                label = {"stage": r["stage_name"], "stage_choice": f"{r['stage_name']} (labels)"}.get(
+                    r["kind"], task.removeprefix("llmcl_"))
                 seen[task] = Column(task, label, r["kind"], r["stage"], r["metric"], r["higher_is_better"])
     stage_cols = sorted((c for c in seen.values() if c.kind == "stage"), key=lambda c: c.stage)
+    choice_cols = sorted((c for c in seen.values() if c.kind == "stage_choice"), key=lambda c: c.stage)
     general_cols = [c for c in seen.values() if c.kind == "general"]
-    report.columns = stage_cols + general_cols
+    report.columns = stage_cols + choice_cols + general_cols
     for label, stage, row in rows:
         report.rows.append(label)
         report.row_stage.append(stage)
@@ -103,8 +108,24 @@ def collect(run_dir: Path) -> RunReport:
 
 
 def _compute_metrics(report: RunReport) -> None:
+    report.after_stage, report.summary = _summaries(report, "stage")
+    if any(c.kind == "stage_choice" for c in report.columns):
+        report.summary_choice = _summaries(report, "stage_choice")[1]
+    by_stage = {s: k for k, s in enumerate(report.row_stage) if s is not None}
+    done = len(report.after_stage)
+    base = report.row_stage and report.row_stage[0] is None
+    if base and done:
+        last = by_stage[done - 1]
+        for k, c in enumerate(report.columns):
+            if c.kind == "general":
+                now, before = (M.oriented(report.values[r][k], c.higher_is_better) for r in (last, 0))
+                report.general_delta[c.task] = None if now is None or before is None else now - before
+
+
+def _summaries(report: RunReport, kind: str) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
+    """(after each stage, at the end): AA, BWT, FWT, forgetting over the columns of `kind`."""
     T = len(report.stage_names)
-    stage_col = {c.stage: k for k, c in enumerate(report.columns) if c.kind == "stage"}
+    stage_col = {c.stage: k for k, c in enumerate(report.columns) if c.kind == kind}
     by_stage = {s: k for k, s in enumerate(report.row_stage) if s is not None}
 
     def score(row_index: int, stage: int) -> float | None:
@@ -120,16 +141,11 @@ def _compute_metrics(report: RunReport) -> None:
             break
         A.append([score(by_stage[i], j) for j in range(T)])
     base = [score(0, j) for j in range(T)] if report.row_stage and report.row_stage[0] is None else None
-    report.after_stage = [{"stage": k, "name": report.stage_names[k], **M.summary(A, base, k)} for k in range(len(A))]
-    report.summary = dict(report.after_stage[-1]) if A else {"AA": None, "BWT": None, "FWT": None, "forgetting": None}
-    report.summary.pop("stage", None)
-    report.summary.pop("name", None)
-    if base is not None and A:
-        last = by_stage[len(A) - 1]
-        for k, c in enumerate(report.columns):
-            if c.kind == "general":
-                now, before = (M.oriented(report.values[r][k], c.higher_is_better) for r in (last, 0))
-                report.general_delta[c.task] = None if now is None or before is None else now - before
+    after = [{"stage": k, "name": report.stage_names[k], **M.summary(A, base, k)} for k in range(len(A))]
+    summary = dict(after[-1]) if A else {"AA": None, "BWT": None, "FWT": None, "forgetting": None}
+    summary.pop("stage", None)
+    summary.pop("name", None)
+    return after, summary
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -156,6 +172,13 @@ def markdown(report: RunReport) -> str:
     lines += ["", "| AA | BWT | FWT | forgetting | general delta |", "|---|---|---|---|---|",
               f"| {_fmt(s.get('AA'))} | {_signed(s.get('BWT'))} | {_signed(s.get('FWT'))} | "
               f"{_fmt(s.get('forgetting'))} | {_signed(_mean_or_none(list(report.general_delta.values())))} |", ""]
+    if report.summary_choice:
+        c = report.summary_choice
+        lines += ["The same test items scored by loglikelihood over each stage's label set (the `acc` columns): "
+                  "a task forgotten here is forgotten; one lost only above answers in other labels.", "",
+                  "| AA | BWT | FWT | forgetting |", "|---|---|---|---|",
+                  f"| {_fmt(c.get('AA'))} | {_signed(c.get('BWT'))} | {_signed(c.get('FWT'))} | "
+                  f"{_fmt(c.get('forgetting'))} |", ""]
     if report.after_stage:
         lines += ["After each stage:", "", "| stage | AA | BWT | FWT | forgetting |", "|---|---|---|---|---|"]
         lines += [f"| {a['name']} | {_fmt(a['AA'])} | {_signed(a['BWT'])} | {_signed(a['FWT'])} | "
@@ -204,7 +227,14 @@ def tables(report: RunReport) -> list[Any]:
         summary.add_column(name, justify="right")
     summary.add_row(_fmt(s.get("AA")), _signed(s.get("BWT")), _signed(s.get("FWT")), _fmt(s.get("forgetting")),
                     _signed(_mean_or_none(list(report.general_delta.values()))))
-    return [matrix, summary]
+    if not report.summary_choice:
+        return [matrix, summary]
+    c = report.summary_choice
+    choice = Table(box=None, title="label-set loglikelihood (acc columns)", title_justify="left")
+    for name in ("AA", "BWT", "FWT", "forgetting"):
+        choice.add_column(name, justify="right")
+    choice.add_row(_fmt(c.get("AA")), _signed(c.get("BWT")), _signed(c.get("FWT")), _fmt(c.get("forgetting")))
+    return [matrix, summary, choice]
 
 
 def compare(reports: list[RunReport]) -> tuple[Any, str]:

@@ -98,8 +98,10 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
         general = []  # general ability only for the base model and the last stage
     names = [t.task for t in stage_tasks] + general
     if only:
-        aliases = {t.stage_name: t.task for t in stage_tasks}
-        wanted = [aliases.get(n, n) for n in only]
+        aliases: dict[str, list[str]] = {}
+        for t in stage_tasks:  # a stage's name stands for its every view
+            aliases.setdefault(t.stage_name, []).append(t.task)
+        wanted = [task for n in only for task in aliases.get(n, [n])]
         unknown = [n for n in wanted if n not in names and not n.startswith(STAGE_PREFIX)]
         if unknown:
             known = known_tasks(recipe, unknown, run_dir)
@@ -143,7 +145,7 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
     })
     for name, result in results.items():
         task = by_name.get(name)
-        payload["tasks"][name] = {"kind": "stage" if task else "general",
+        payload["tasks"][name] = {"kind": task.view if task else "general",
                                   "stage": task.stage if task else None,
                                   "stage_name": task.stage_name if task else None, **result.to_dict()}
     path = row_file(run_dir, row)

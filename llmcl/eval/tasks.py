@@ -34,9 +34,20 @@ class StageTask:
     kind: str  # generate | choice | perplexity
     n: int
 
+    @property
+    def view(self) -> str:
+        """How the report files it: 'stage' (the accuracy matrix: generated answers, or perplexity) or
+        'stage_choice' (the same items scored by loglikelihood over the stage's label set)."""
+        return "stage_choice" if self.kind == "choice" else "stage"
+
 
 def stage_task_name(stage_name: str) -> str:
     return STAGE_PREFIX + stage_name.replace("-", "_").replace(".", "_")
+
+
+def choice_task_name(stage_name: str) -> str:
+    """The label-set view of a stage with data.choices (no stage task name has a '-': no clash)."""
+    return stage_task_name(stage_name) + "-choice"
 
 
 def local_task_names() -> list[str]:
@@ -48,7 +59,8 @@ def _chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
 
 
 def render_test_records(stage: Any, index: int, records: list[dict[str, Any]], tokenizer: Any) -> tuple[str, list[dict]]:
-    """(kind, rows) with rows ready for the task YAML: prompt/completion(/choices, gold) or text."""
+    """(kind, rows) with rows ready for the task YAML: prompt/completion (kind 'generate'; with data.choices
+    also the label set and the gold index, for the 'choice' view of the same rows) or text ('perplexity')."""
     cfg = stage.data
     key = f"stages.{index}.data"
     fmt = detect_format(cfg, records[0], key)
@@ -70,14 +82,17 @@ def render_test_records(stage: Any, index: int, records: list[dict[str, Any]], t
     if cfg.choices is None:
         return "generate", rows
     choices = [c.strip() for c in cfg.choices]
+    if cfg.drop_unknown_answers:
+        rows = [row for row in rows if row["completion"].strip() in choices]
     for row in rows:
         gold = row["completion"].strip()
         if gold not in choices:
-            raise LlmclError(f"recipe key '{key}.choices': test completion {gold!r} is not one of the choices {choices}")
+            raise LlmclError(f"recipe key '{key}.choices': test completion {gold!r} is not one of the choices {choices} "
+                             f"(set {key}.drop_unknown_answers: true to leave such items out)")
         lead = row["completion"][: len(row["completion"]) - len(row["completion"].lstrip())]
         row["choices"] = [lead + c for c in choices]
         row["gold"] = choices.index(gold)
-    return "choice", rows
+    return "generate", rows
 
 
 def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer: Any, max_new_tokens: int) -> dict:
@@ -128,13 +143,20 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool
                                  f"within {cap} tokens")
         # a seeded shuffle: eval.limit (lm-eval takes the first N) then scores a random subset, not the head
         random.Random(f"llmcl-eval-order:{recipe.seed}:{i}").shuffle(rows)
-        task = stage_task_name(stage.name)
         data_file = out_dir / f"{stage.name}.jsonl"
         if write:
             data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            config = _yaml_for(task, kind, data_file, rows, tokenizer, recipe.eval.max_new_tokens)
-            (out_dir / f"{stage.name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-        written.append(StageTask(i, stage.name, task, kind, len(rows)))
+        # a classification stage is scored both ways: its generated label (exact match) and loglikelihood over
+        # its label set, so "forgot the task" and "answers in another task's labels" can be told apart
+        views = [(kind, stage_task_name(stage.name), out_dir / f"{stage.name}.yaml")]
+        if "choices" in rows[0]:
+            views.append(("choice", choice_task_name(stage.name), out_dir / "choice" / f"{stage.name}.yaml"))
+        for view, task, yaml_file in views:
+            if write:
+                config = _yaml_for(task, view, data_file, rows, tokenizer, recipe.eval.max_new_tokens)
+                yaml_file.parent.mkdir(exist_ok=True)
+                yaml_file.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+            written.append(StageTask(i, stage.name, task, view, len(rows)))
     return written
 
 

@@ -65,7 +65,9 @@ class DataConfig:
     holdout: int | float | None = None
     """Hold out this many training records (an integer) or this fraction (a float) as the test split, seeded; for sources without one."""
     choices: list[str] | None = None
-    """Score the test split as multiple choice over these completions (loglikelihood), e.g. the label set; null = generate and compare by exact match."""
+    """The label set of a classification stage: its test split is then scored both ways, the generated label by exact match (the accuracy matrix) and loglikelihood over these completions (the 'labels' columns); null = exact match only."""
+    drop_unknown_answers: bool = False
+    """With choices: leave out test items whose answer is none of them (e.g. MNLI's unlabeled '-' items) instead of refusing the recipe."""
 
     def check(self, key: KeyFn) -> None:
         from llmcl.data.sources import check_path
