@@ -112,6 +112,43 @@ def _pad(b, extra):
             "labels": torch.cat([b["labels"], torch.full((n, extra), -100)], 1)}
 
 
+@pytest.mark.parametrize("options,ce_weight", [({}, 1.0), ({"ce_weighting": "mean", "replay_from_stage": 1}, 0.5)])
+def test_ilora_objective_follows_its_loss_options(tmp_path, options, ce_weight):
+    """`loss` is the cross-entropy of the step's own batch (comparable with every other method's curve); what
+    I-LoRA backpropagates (`objective`), recomputed from its logged terms: w x (current CE + replay CE) + gamma x
+    consistency, w = 1 (sum) or 1/2 (the reference's mean); with replay_from_stage 1, stage 0 does not replay
+    (its objective is the current cross-entropy alone)."""
+    run = _run(tmp_path, "ilora", steps=3, r=4, buffer_size=16, consistency=0.5, **options)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = [r for r in rows if r["stage"] == 0]
+    if options.get("replay_from_stage"):
+        assert all(r["objective"] == pytest.approx(r["loss"]) and "ilora/replay_ce" not in r for r in first)
+    else:
+        assert any("ilora/replay_ce" in r for r in first)  # the reservoir has samples from the second step on
+    for r in (r for r in rows if r["stage"] == 1):
+        assert r["ilora/replay_ce"] > 0 and r["ilora/consistency"] >= 0
+        assert r["objective"] == pytest.approx(
+            ce_weight * (r["loss"] + r["ilora/replay_ce"]) + 0.5 * r["ilora/consistency"], rel=1e-5)
+    if not options:  # `loss` is the step's own cross-entropy, as every method logs it; a plain method has no objective
+        plain = _run(tmp_path, "seqft", name="plain", steps=2)
+        assert all("objective" not in json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines())
+
+
+def test_consistency_target_max_penalises_only_fast_states_below_the_slow_ones():
+    from llmcl.methods.ilora import masked_hidden_mse
+
+    fast = (torch.tensor([[[1.0, -2.0], [0.5, 3.0]]]),)
+    slow = (torch.tensor([[[2.0, -3.0], [0.5, 1.0]]]),)
+    mask = torch.tensor([[1, 1]])
+    below = ((1.0 - 2.0) ** 2) / 4  # only fast 1.0 < slow 2.0 counts; -2 > -3 and 3 > 1 are above, 0.5 equal
+    assert masked_hidden_mse(fast, slow, mask, "max").item() == pytest.approx(below)
+    both = ((1 - 2) ** 2 + (-2 + 3) ** 2 + 0 + (3 - 1) ** 2) / 4
+    assert masked_hidden_mse(fast, slow, mask, "slow").item() == pytest.approx(both)
+    f = fast[0].clone().requires_grad_(True)
+    masked_hidden_mse((f,), slow, mask, "max").backward()
+    assert f.grad[0, 0, 0] < 0 and torch.count_nonzero(f.grad) == 1  # pulls the one low state up, nothing else
+
+
 def test_ilora_three_stages_finish_and_resume_exactly(tmp_path, monkeypatch):
     clean = _run(tmp_path, "ilora", name="clean", steps=4, stages=THREE, save_every=2, buffer_size=6)
 
@@ -144,9 +181,9 @@ def test_ilora_three_stages_finish_and_resume_exactly(tmp_path, monkeypatch):
 
 # -- MoRA ---------------------------------------------------------------------------------------------
 
-def _layer(n_experts=4, top_k=2, tau=0.5, threshold=0.0):
+def _layer(n_experts=4, top_k=2, tau=0.5, threshold=0.0, signed=False):
     base = torch.nn.Linear(4, 3, bias=False)
-    layer = MoRALinear(base, top_k=top_k, tau=tau, threshold=threshold)
+    layer = MoRALinear(base, top_k=top_k, tau=tau, threshold=threshold, signed=signed)
     layer.add_experts(n_experts, torch.Generator().manual_seed(0))
     if n_experts == 4:
         with torch.no_grad():
@@ -167,6 +204,26 @@ def test_selection_is_top_k_by_absolute_relevance_with_signed_activations():
     delta = layer(x) - layer.base(x)
     manual = w[0, 0] * 3.0 * layer.new_b[:, 0] + w[0, 1] * -5.0 * layer.new_b[:, 1]
     assert torch.allclose(delta[0], manual, atol=1e-6)
+
+
+def test_signed_selection_is_top_k_by_the_signed_relevance_as_the_reference():
+    layer = _layer(top_k=2, tau=0.5, signed=True)
+    x = torch.tensor([[3.0, -5.0, 1.0, 0.5]])
+    with torch.no_grad():
+        z, w = layer.gates(x)
+    s = z / z.norm()
+    assert torch.equal(w[0] != 0, torch.tensor([True, False, True, False]))  # 3 then 1: -5 is never preferred
+    expected_w = torch.softmax(torch.tensor([s[0, 0], s[0, 2]]) / 0.5, dim=0)
+    assert torch.allclose(w[0, [0, 2]], expected_w)
+
+
+def test_the_selection_rule_is_saved_with_the_experts(tmp_path):
+    run = _run(tmp_path, "mora", steps=2, r=2, select="signed")
+    config = json.loads((run / "stage-01-reverse" / "mora" / "mora_config.json").read_text())
+    assert config["signed"] is True
+    manifest = json.loads((run / "stage-01-reverse" / "manifest.json").read_text())
+    model = artifacts.load(run, manifest, TINY, 0, trainable=False)
+    assert all(m.signed for m in model.modules() if isinstance(m, MoRALinear))
 
 
 def test_inference_threshold_drops_weak_experts_only_in_eval():

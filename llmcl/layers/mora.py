@@ -7,7 +7,9 @@ For an input x and experts (a_i, b_i), i = 1..n (the frozen bank, then the stage
   s_i = z_i / ||z||_2                relevance: activations normalised over the experts
   S   = the top_k experts by |s_i|   an expert counts whether it fires positively or negatively; z_i keeps its
                                      sign, so b_i is added with the sign of the input's projection
-  w   = softmax(|s_S| / tau) on S, 0 elsewhere        (tau: temperature, default 0.03)
+                                     (signed=True: the top_k by s_i itself, the reference code's rule, which
+                                     never prefers a negative projection)
+  w   = softmax(|s_S| / tau) on S, 0 elsewhere        (tau: temperature, default 0.03; signed: s_S)
   with an inference threshold delta > 0 (eval mode only), experts of S with |s_i| < delta are dropped from the
   softmax; if none is left the layer adds nothing
   y   = W x + scale * sum_i w_i z_i b_i
@@ -17,7 +19,7 @@ as they are (no rescaling), so freezing never changes an output. Adding experts 
 competition over the whole bank at once (their b is zero, but they take gate weight), which is how MoRA lets a
 new stage route some tokens to new experts without a router.
 
-The "mora" artifact kind (what `save_artifact` writes, the registered loader reads): mora_config.json {targets, top_k, tau, threshold, scale} and
+The "mora" artifact kind (what `save_artifact` writes, the registered loader reads): mora_config.json {targets, top_k, tau, threshold, scale, signed} and
 mora_model.safetensors {"<module>.bank_a": n x in, "<module>.bank_b": out x n}.
 """
 
@@ -37,10 +39,11 @@ from llmcl.rundir import artifacts
 
 
 class MoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, top_k: int, tau: float, threshold: float = 0.0, scale: float = 1.0):
+    def __init__(self, base: nn.Linear, top_k: int, tau: float, threshold: float = 0.0, scale: float = 1.0,
+                 signed: bool = False):
         super().__init__()
         self.base = base
-        self.top_k, self.tau, self.threshold, self.scale = top_k, tau, threshold, scale
+        self.top_k, self.tau, self.threshold, self.scale, self.signed = top_k, tau, threshold, scale, signed
         dtype, device = base.weight.dtype, base.weight.device
         # the frozen bank is a buffer, not a parameter: never trained, and DeepSpeed ZeRO-3 neither shards it nor
         # chokes on it while it is empty (stage 0)
@@ -92,7 +95,7 @@ class MoRALinear(nn.Module):
         z = torch.cat([nn.functional.linear(x, self.bank_a), nn.functional.linear(x, self.new_a)], dim=-1)
         s = z / (z.norm(dim=-1, keepdim=True) + 1e-12)
         k = min(self.top_k, z.shape[-1])
-        top, idx = s.abs().topk(k, dim=-1)
+        top, idx = (s if self.signed else s.abs()).topk(k, dim=-1)
         logits = top / self.tau
         if self.threshold > 0 and not self.training:
             logits = logits.masked_fill(top < self.threshold, float("-inf"))
@@ -130,19 +133,19 @@ def _targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
 
 
 def inject(model: nn.Module, target_modules: str | list[str], top_k: int, tau: float, threshold: float,
-           scale: float) -> list[str]:
+           scale: float, signed: bool = False) -> list[str]:
     """Wrap the target linear layers (in place); returns their names. Already-wrapped layers are kept."""
     wrapped = [n for n, m in model.named_modules() if isinstance(m, MoRALinear)]
     if wrapped:
         for n in wrapped:
             m = model.get_submodule(n)
-            m.top_k, m.tau, m.threshold, m.scale = top_k, tau, threshold, scale
+            m.top_k, m.tau, m.threshold, m.scale, m.signed = top_k, tau, threshold, scale, signed
         return wrapped
     names = _targets(model, target_modules)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MoRALinear(getattr(parent, child), top_k, tau, threshold, scale))
+        setattr(parent, child, MoRALinear(getattr(parent, child), top_k, tau, threshold, scale, signed))
     return names
 
 
@@ -174,7 +177,8 @@ def save_artifact(model: nn.Module, out_dir: Path, config: dict[str, Any], keep:
 def load_into(model: nn.Module, directory: Path) -> nn.Module:
     """Wrap `model` as saved in `directory` and load its expert bank."""
     cfg = json.loads((directory / "mora_config.json").read_text())
-    inject(model, cfg["targets"], cfg["top_k"], cfg["tau"], cfg.get("threshold", 0.0), cfg.get("scale", 1.0))
+    inject(model, cfg["targets"], cfg["top_k"], cfg["tau"], cfg.get("threshold", 0.0), cfg.get("scale", 1.0),
+           cfg.get("signed", False))
     tensors = load_file(str(directory / "mora_model.safetensors"))
     for name, m in layers(model).items():
         w = m.base.weight

@@ -7,9 +7,11 @@ two LoRA learners over one frozen base model.
                 (k counts optimizer steps over the whole run, so the warm-up happens once)
   replay        a reservoir buffer over every training sample seen so far (all stages, every rank: one
                 reservoir, the same on every rank; `buffer_size`), saved with the method state; each step also trains on a replay batch as large as the current one
-  loss          cross-entropy on the current and the replay samples + consistency x the mean squared
-                difference between the fast and the slow learner's hidden states on the replay samples, over all
-                layers, padding masked out (the slow pass runs without gradient)
+  loss          cross-entropy on the current and the replay samples (summed; `ce_weighting: mean` averages
+                them as the reference code does) + consistency x the mean squared difference between the fast
+                learner's hidden states on the replay samples and the slow learner's (`consistency_target: max`:
+                the elementwise max of both, the reference's), over all layers, padding masked out (the slow pass
+                runs without gradient); `replay_from_stage: 1` replays from the second stage on, as the reference
 
 The slow learner is what each stage saves and evaluates (`evaluate: fast` to change that); both learners and
 the buffer go into the method state, so the next stage, and an interrupted one, continue exactly.
@@ -52,6 +54,12 @@ class ILoRAConfig(LoraStyleConfig):
     """gamma: weight of the hidden-state consistency loss."""
     evaluate: Literal["slow", "fast"] = "slow"
     """Which learner a stage saves and evaluates."""
+    replay_from_stage: int = 0
+    """The first stage (0-based) whose steps replay; earlier stages only fill the reservoir (the reference code: 1, from the second task)."""
+    consistency_target: Literal["slow", "max"] = "slow"
+    """What the fast learner's hidden states are pulled toward: the slow learner's, or their elementwise max with the fast ones (the reference code's: only a fast state below the slow one is penalised)."""
+    ce_weighting: Literal["sum", "mean"] = "sum"
+    """How the current and the replay cross-entropy combine: their sum, or their mean (the reference code's)."""
 
     def check(self, key: KeyFn) -> None:
         super().check(key)
@@ -60,13 +68,17 @@ class ILoRAConfig(LoraStyleConfig):
         require(self.replay_batch is None or self.replay_batch > 0, key("replay_batch"), self.replay_batch,
                 "a positive integer or null")
         require(self.consistency >= 0, key("consistency"), self.consistency, "a number >= 0")
+        require(self.replay_from_stage >= 0, key("replay_from_stage"), self.replay_from_stage, "a stage index >= 0")
 
 
-def masked_hidden_mse(fast: tuple[torch.Tensor, ...], slow: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of the mean squared difference per hidden unit, over non-padding tokens only."""
+def masked_hidden_mse(fast: tuple[torch.Tensor, ...], slow: tuple[torch.Tensor, ...], mask: torch.Tensor,
+                      target: str = "slow") -> torch.Tensor:
+    """Mean over layers of the mean squared difference per hidden unit between the fast states and their target
+    (the slow states, or with target='max' the elementwise max of both), over non-padding tokens only."""
     m = mask.unsqueeze(-1).to(fast[0].dtype)
     denom = m.sum() * fast[0].shape[-1]
-    per_layer = [(((f - s.detach()) ** 2) * m).sum() / denom for f, s in zip(fast, slow)]
+    goal = (lambda f, s: s.detach()) if target == "slow" else (lambda f, s: torch.maximum(f, s).detach())
+    per_layer = [(((f - goal(f, s)) ** 2) * m).sum() / denom for f, s in zip(fast, slow)]
     return torch.stack(per_layer).mean()
 
 
@@ -85,7 +97,7 @@ class ILora(Method):
         # adapter could not follow at 1 - lam = 0.01 per step) and written into its adapter; the fast learner's
         # are the optimizer's master weights as of the last step (read by state_dict, without a collective)
         self.values: dict[str, torch.Tensor] = {}
-        self.rank, self.seed = 0, 0
+        self.rank, self.seed, self.stage_index = 0, 0, 0
         self.gather: Any = lambda obj: [obj]
         self._metrics: dict[str, torch.Tensor] = {}  # read when a metrics line is written, not every step
 
@@ -112,7 +124,7 @@ class ILora(Method):
         for p in self.slow.values():
             p.requires_grad_(False)
         self.values = {n: p.detach().float().clone() for n, p in {**self.fast, **self.slow}.items()}
-        self.rank, self.seed, self.gather = stage.rank, stage.seed, stage.gather
+        self.rank, self.seed, self.gather, self.stage_index = stage.rank, stage.seed, stage.gather, stage.index
         return model
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -146,8 +158,10 @@ class ILora(Method):
 
     # -- the loss -------------------------------------------------------------------------------------
     def loss(self, step: StepInputs) -> torch.Tensor:
-        batch = step.batch
-        replay = self._replay_batch(self.config.replay_batch or batch["input_ids"].shape[0], batch["input_ids"].device)
+        batch, c = step.batch, self.config
+        replay = None
+        if self.stage_index >= c.replay_from_stage:
+            replay = self._replay_batch(c.replay_batch or batch["input_ids"].shape[0], batch["input_ids"].device)
         self._offer(batch)
         if replay is None:
             return step.outputs.loss
@@ -161,11 +175,13 @@ class ILora(Method):
                 step.model.set_adapter(FAST)
                 for p in self.slow.values():
                     p.requires_grad_(False)
-        consistency = masked_hidden_mse(fast_out.hidden_states, slow_out.hidden_states, replay["attention_mask"])
+        consistency = masked_hidden_mse(fast_out.hidden_states, slow_out.hidden_states, replay["attention_mask"],
+                                        c.consistency_target)
         self._metrics = {"consistency": consistency.detach(), "replay_ce": fast_out.loss.detach()}
         # the replay terms are means over this micro-batch's replay samples: StepInputs.scale makes them a mean
         # over the step's micro-batches and ranks, like outputs.loss
-        return step.outputs.loss + (fast_out.loss + self.config.consistency * consistency) / step.scale
+        w = 0.5 if c.ce_weighting == "mean" else 1.0
+        return w * step.outputs.loss + (w * fast_out.loss + c.consistency * consistency) / step.scale
 
     def step_metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in self._metrics.items()}

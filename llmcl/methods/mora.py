@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -40,6 +40,8 @@ class MoRAConfig(AdapterConfig):
     were trained with it."""
     prune_below: float = 0.0
     """At a stage's end, prune its experts selected for fewer than this fraction of tokens (0 = keep all)."""
+    select: Literal["absolute", "signed"] = "absolute"
+    """Which experts fire: the top_k by |s| (an expert whose projection is strongly negative counts too), or by the signed s (the reference code's)."""
 
     def check(self, key: KeyFn) -> None:
         super().check(key)
@@ -68,13 +70,14 @@ class MoRA(Method):
 
     def _layer_config(self) -> dict[str, Any]:
         c = self.config
-        return {"top_k": c.top_k, "tau": c.tau, "threshold": c.threshold, "scale": c.scale}
+        return {"top_k": c.top_k, "tau": c.tau, "threshold": c.threshold, "scale": c.scale,
+                "signed": c.select == "signed"}
 
     def prepare(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
         c = self.config
         for p in model.parameters():
             p.requires_grad_(False)
-        mora_layers.inject(model, c.target_modules, c.top_k, c.tau, c.threshold, c.scale)
+        mora_layers.inject(model, c.target_modules, c.top_k, c.tau, c.threshold, c.scale, c.select == "signed")
         generator = torch.Generator().manual_seed(stage.seed)
         self.layers, self.stage, self.reduce_sum = mora_layers.layers(model), stage.index, stage.reduce_sum
         for name, layer in sorted(self.layers.items()):

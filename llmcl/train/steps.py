@@ -6,7 +6,10 @@ checkpoint holds only the trainable parameters, the optimizer, the RNG and the m
 The loss of a step is the mean over every trained token of the step, across micro-batches and ranks: the model
 gets the step's token count (num_items_in_batch), and the loss is multiplied by `scale` = grad_accum x
 processes before backward, undoing Accelerate's division by grad_accum and DDP's average over ranks. That is
-the one place the scaling happens; `StepInputs.scale` tells a method's extra loss terms about it.
+the one place the scaling happens; `StepInputs.scale` tells a method's extra loss terms about it. The logged
+`loss` is that cross-entropy of the step's own batch for every method, so loss curves compare across methods;
+a method that adds terms (I-LoRA: replay cross-entropy and consistency) also logs what it backpropagates as
+`objective`, and its terms through `step_metrics`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from llmcl.data.batching import collate, fetch
 from llmcl.errors import LlmclError
-from llmcl.methods.base import StepInputs
+from llmcl.methods.base import Method, StepInputs
 from llmcl.rundir import artifacts
 from llmcl.rundir.steps import save_step, save_step_sharded
 from llmcl.schedules import lr_at
@@ -37,7 +40,7 @@ def train_steps(ctx: StageContext) -> None:
     scale = cfg.grad_accum * accelerator.num_processes
     unwrapped = accelerator.unwrap_model(model)
     params = [p for _, p in ctx.named]
-    window = _Window(device)
+    window = _Window(device, objective=type(method).loss is not Method.loss)
     t_stage = time.perf_counter()
     model.train()
     for step in range(ctx.start, total):
@@ -51,6 +54,7 @@ def train_steps(ctx: StageContext) -> None:
         window.replayed += sum(1 for src, _ in items if src)
         window.seen += 1
         step_loss = torch.zeros((), device=device)
+        step_objective = torch.zeros((), device=device) if window.objective is not None else None
         for micro in range(cfg.grad_accum):
             batch = collate(fetch(ctx.pools, ctx.batches.micro_items(step, micro, rank)), run.tokenizer.pad_token_id)
             window.tokens += int(batch["attention_mask"].sum())
@@ -60,7 +64,9 @@ def train_steps(ctx: StageContext) -> None:
                     outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
                     loss = method.loss(StepInputs(batch, outputs, unwrapped, scale))
                 distributed.backward(accelerator, loss * scale)
-            step_loss += loss.detach()
+            step_loss += outputs.loss.detach()  # the step's own cross-entropy: comparable across methods
+            if step_objective is not None:
+                step_objective += loss.detach()
         method.after_backward(model)
         grad_norm = distributed.step(accelerator, optimizer, params, cfg.max_grad_norm,
                                      take=lambda norm: _finite_or_skip(ctx, norm, step))
@@ -68,6 +74,8 @@ def train_steps(ctx: StageContext) -> None:
         if ctx.skipped_at != step:
             method.after_step(model)
             window.loss += step_loss
+            if step_objective is not None:
+                window.objective += step_objective
             window.steps += 1
 
         done = step + 1
@@ -115,6 +123,8 @@ class _Window:
     """What happened since the last metrics line."""
 
     device: Any
+    objective: Any = False
+    """The method's own loss (what it backpropagates), when it adds terms to the cross-entropy; else None."""
     loss: torch.Tensor = field(init=False)
     tokens: int = 0
     replayed: int = 0
@@ -125,20 +135,24 @@ class _Window:
 
     def __post_init__(self) -> None:
         self.loss = torch.zeros((), device=self.device)
+        self.objective = torch.zeros((), device=self.device) if self.objective else None
 
 
 def _log(ctx: StageContext, w: _Window, done: int, lr: float, grad_norm: Any) -> None:
     run = ctx.run
-    totals = run.accelerator.reduce(torch.stack([w.loss, torch.tensor(float(w.tokens), device=w.device)]), "sum")
+    parts = [w.loss, torch.tensor(float(w.tokens), device=w.device)] + ([w.objective] if w.objective is not None else [])
+    totals = run.accelerator.reduce(torch.stack(parts), "sum")
     now = time.perf_counter()
     ctx.tokens_done += int(totals[1])
     loss = float(totals[0]) / w.steps if w.steps else None  # None: every step of the window was skipped
-    if loss is not None and not math.isfinite(loss):  # a backend that cannot tell the gradient norm (DeepSpeed unclipped)
-        raise _diverged(ctx, f"loss {loss}", done)
+    objective = float(totals[2]) / w.steps if w.steps and w.objective is not None else None
+    for what, value in (("loss", loss), ("objective", objective)):
+        if value is not None and not math.isfinite(value):  # a backend that hides the gradient norm (DeepSpeed)
+            raise _diverged(ctx, f"{what} {value}", done)
     record = {
         "stage": ctx.index, "stage_name": ctx.name, "step": done,
         "global_step": run.ledger.steps_before(ctx.index) + done,
-        "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+        "loss": loss, **({"objective": objective} if w.objective is not None else {}), "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
         "tokens": ctx.tokens_done, "tokens_per_s": float(totals[1]) / max(now - w.t_log, 1e-9),
         "replay_fraction": w.replayed / (w.seen * ctx.batches.global_batch),
         "elapsed_s": ctx.wall_seconds,
@@ -148,6 +162,8 @@ def _log(ctx: StageContext, w: _Window, done: int, lr: float, grad_norm: Any) ->
     run.metrics.log(record)
     run.display.update(done, float("nan") if loss is None else loss, lr, record["tokens_per_s"])
     w.loss.zero_()
+    if w.objective is not None:
+        w.objective.zero_()
     w.tokens, w.replayed, w.steps, w.seen, w.t_log = 0, 0, 0, 0, now
 
 
