@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/llmcl report runs/quickstart
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

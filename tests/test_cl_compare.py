@@ -22,12 +22,12 @@ spec.loader.exec_module(cl_compare)
 
 def _args(**kw):
     base = dict(model="builtin:smollm2-135m", steps=None, batch=None, train_samples=1000, limit=None, general=None,
-                general_limit=None, full=False, out=Path("/nonexistent"))
+                general_limit=None, full=False, out=Path("/nonexistent"), seed_offset=0, benchmark="standard")
     return argparse.Namespace(**{**base, **kw})
 
 
 def _recipes(args, tmp_path):
-    return {m: cl_compare.recipe_for(m, args, 0, tmp_path / "tasks") for m in cl_compare.METHODS}
+    return {m: cl_compare.recipe_for(m, args, 1, tmp_path / "tasks") for m in cl_compare.METHODS}
 
 
 def _samples_per_step(r):
@@ -84,22 +84,23 @@ def test_the_cpu_size_is_the_shipped_recipes_and_they_validate(tmp_path, monkeyp
 
 def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path, monkeypatch):
     chdir_beside_shared_data(tmp_path, monkeypatch)  # the recipes' data paths are validated
-    r = cl_compare.recipe_for("lora", _args(), 0, tmp_path / "tasks")
+    r = cl_compare.recipe_for("lora", _args(), 1, tmp_path / "tasks")
     run_dir = tmp_path / "lora-s0"
     run_dir.mkdir()
     assert cl_compare._settings_changed(run_dir, r) is None  # nothing run yet
     (run_dir / "recipe.yaml").write_text(recipe_mod.dump(recipe_mod.from_dict(r)))
     assert cl_compare._settings_changed(run_dir, r) is None
-    assert cl_compare._settings_changed(run_dir, cl_compare.recipe_for("lora", _args(limit=100), 0, tmp_path)) == \
+    assert cl_compare._settings_changed(run_dir, cl_compare.recipe_for("lora", _args(limit=100), 1, tmp_path)) == \
         "eval.limit"
-    assert cl_compare._settings_changed(run_dir, cl_compare.recipe_for("lora", _args(steps=3), 0, tmp_path)) == \
+    assert cl_compare._settings_changed(run_dir, cl_compare.recipe_for("lora", _args(steps=3), 1, tmp_path)) == \
         "train.max_steps"
 
 
 def test_the_base_row_is_shared_only_when_scored_with_the_same_limits_and_tasks(tmp_path):
-    r = cl_compare.recipe_for("mora", _args(), 0, tmp_path / "tasks")
+    r = cl_compare.recipe_for("mora", _args(), 1, tmp_path / "tasks")
     ev = r["eval"]
-    tasks = [f"llmcl_stage_{st['name']}" for st in r["stages"]] + ev["tasks"]
+    generated = [f"llmcl_stage_{st['name']}" for st in r["stages"]]
+    tasks = generated + [f"{t}-choice" for t in generated] + ev["tasks"]  # every task scored both ways
     base = tmp_path / "base.json"
     assert not cl_compare._shareable_base(base, r)  # no base row yet
     row = {"limit": ev["limit"], "tasks_limit": ev["tasks_limit"], "tasks": {t: {} for t in tasks}}
@@ -109,6 +110,160 @@ def test_the_base_row_is_shared_only_when_scored_with_the_same_limits_and_tasks(
     assert not cl_compare._shareable_base(base, r)
     base.write_text(json.dumps({**row, "tasks": {t: {} for t in tasks[1:]}}))
     assert not cl_compare._shareable_base(base, r)
-    mt = cl_compare.recipe_for("multitask", _args(), 0, tmp_path / "tasks")  # names the stage tasks in eval.tasks
+    base.write_text(json.dumps({**row, "tasks": {t: {} for t in tasks if not t.endswith("-choice")}}))
+    assert not cl_compare._shareable_base(base, r)  # a base row from before the label-set view
+    mt = cl_compare.recipe_for("multitask", _args(), 1, tmp_path / "tasks")  # names the stage tasks in eval.tasks
     base.write_text(json.dumps(row))
     assert cl_compare._shareable_base(base, mt)
+
+
+@pytest.mark.parametrize("order", cl_compare.BENCHMARKS["standard"][1])
+def test_each_order_is_olora_s_with_its_own_seed(order, tmp_path):
+    """The three orders of the standard benchmark, each with its own seed; every method sees the same order."""
+    shipped = [st["name"] for st in recipe_mod.read_yaml(REPO / "recipes" / "benchmarks" / "cl_standard.yaml")["stages"]]
+    rs = {m: cl_compare.recipe_for(m, _args(seed_offset=100), order, tmp_path) for m in cl_compare.METHODS}
+    for m, r in rs.items():
+        assert r["seed"] == order - 1 + 100, m
+        if m != "multitask":
+            assert [st["name"] for st in r["stages"]] == cl_compare.ORDERS[order], m
+    assert sorted(cl_compare.ORDERS[order]) == sorted(shipped)
+    assert cl_compare.ORDERS[1] == shipped  # the shipped recipes are order 1
+    assert len({tuple(o) for o in cl_compare.ORDERS.values()}) == len(cl_compare.ORDERS) == 6
+    assert cl_compare.run_dir_of(tmp_path, "seqft+replay", order, 7).name == f"seqft_replay-o{order}-s7"
+
+
+def test_differences_to_seqft_are_paired_by_order_with_a_t_interval():
+    from scipy import stats
+
+    method, seqft = [0.52, 0.61, 0.47], [0.40, 0.44, 0.41]
+    diffs = [m - s for m, s in zip(method, seqft)]
+    mean, half = cl_compare.paired_difference(method, seqft)
+    sd = (sum((d - sum(diffs) / 3) ** 2 for d in diffs) / 2) ** 0.5
+    assert mean == pytest.approx(sum(diffs) / 3)
+    assert half == pytest.approx(stats.t.ppf(0.975, 2) * sd / 3 ** 0.5, rel=1e-3)
+    assert cl_compare.paired_difference([0.5], [0.4]) is None  # one run: no interval
+    assert cl_compare.paired_difference([0.5, None, 0.6], [0.4, 0.4, None]) is None  # one complete pair
+    runs = [{"method": m, "order": k, "seed": k - 1, "AA": a, "BWT": -a / 2, "FWT": 0.0, "general_delta": None,
+             "train_s": 1.0, "wall_s": 2.0, "peak_rss_mib": 3.0}
+            for m, values in (("seqft", seqft), ("ilora", method)) for k, a in zip((3, 1, 2), values)]
+    lines = cl_compare.table(runs)
+    row = next(line for line in lines if line.startswith("| ilora |"))
+    # runs are paired by order, not by their place in the list: order 3's ilora run minus order 3's seqft run, ...
+    paired = cl_compare.paired_difference([0.61, 0.47, 0.52], [0.44, 0.41, 0.40])
+    assert f"| 3 | {sum(method) / 3:.3f} ± " in row
+    assert f"{paired[0]:+.3f} [{paired[0] - paired[1]:+.3f}, {paired[0] + paired[1]:+.3f}]" in row
+
+
+# -- the long 15-task sequence ------------------------------------------------------------------------------
+
+def _long_recipes_module():
+    spec = importlib.util.spec_from_file_location("long_recipes", REPO / "scripts" / "dev" / "long_recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("order", [4, 5, 6])
+def test_the_long_recipes_are_what_their_generator_writes_in_olora_s_orders(order, tmp_path, monkeypatch):
+    chdir_beside_shared_data(tmp_path, monkeypatch)
+    long_recipes = _long_recipes_module()
+    monkeypatch.setattr(long_recipes, "DATA", Path("../shared/data/cl_benchmark").resolve())
+    path = REPO / "recipes" / "benchmarks" / f"cl_long_order{order}.yaml"
+    assert path.read_text() == long_recipes.recipe(order)  # regenerate: python scripts/dev/long_recipes.py
+    r = recipe_mod.load(path)
+    assert [s.name for s in r.stages] == cl_compare.ORDERS[order] == long_recipes.ORDERS[order]
+    checks.check(r)  # every record of the 15 datasets, every test answer one of its stage's labels
+    assert all(s.data.choices for s in r.stages)  # every stage is classification: scored both ways
+    assert {s.name for s in r.stages if s.data.holdout} == {"multirc", "imdb", "yelp"}  # no test split shared
+
+
+def test_the_long_benchmark_runs_every_method_with_its_standard_settings_on_the_15_tasks(tmp_path):
+    args = _args(benchmark="long")
+    std = {m: cl_compare.recipe_for(m, _args(), 1, tmp_path) for m in cl_compare.METHODS}
+    for order in (4, 5, 6):
+        for m, r in {m: cl_compare.recipe_for(m, args, order, tmp_path) for m in cl_compare.METHODS}.items():
+            assert r["method"] == std[m]["method"], m
+            assert r["train"]["lr"] == std[m]["train"]["lr"] and r["train"]["seq_len"] == 512, m
+            assert r.get("replay") == std[m].get("replay") or m == "multitask", m
+            if m != "multitask":
+                assert [s["name"] for s in r["stages"]] == cl_compare.ORDERS[order], m
+    mt = cl_compare.recipe_for("multitask", args, 4, tmp_path)
+    assert len(mt["replay"]["datasets"]) == 14 and mt["train"]["max_steps"] == 15 * 10
+    assert len([t for t in mt["eval"]["tasks"] if t.endswith("-choice")]) == 15
+
+
+def test_a_long_recipe_trains_its_15_stages_on_the_tiny_model(tmp_path, monkeypatch):
+    chdir_beside_shared_data(tmp_path, monkeypatch)
+    from conftest import run_cli
+
+    res = run_cli("train", str(REPO / "recipes" / "benchmarks" / "cl_long_order5.yaml"), "--run-dir",
+                  str(tmp_path / "run"), "model.path=builtin:tiny", "train.max_steps=1", "train.batch_size=2",
+                  "eval.after_each_stage=false", *[f"stages.{i}.data.max_train_samples=16" for i in range(15)])
+    assert res.exit_code == 0, res.output
+    ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    assert [s["name"] for s in ledger["stages"]] == cl_compare.ORDERS[5]
+    assert all(s["status"] == "done" for s in ledger["stages"])
+
+
+def test_an_ablation_override_reaches_every_method_that_takes_it(tmp_path):
+    args = _args(set=["method.ema=0.25", "method.consistency=0.5", "train.warmup=0"])
+    rs = {m: cl_compare.recipe_for(m, args, 1, tmp_path) for m in cl_compare.METHODS}
+    assert rs["ilora"]["method"]["ema"] == 0.25 and rs["ilora"]["method"]["consistency"] == 0.5
+    for m, r in rs.items():
+        assert r["train"]["warmup"] == 0, m
+        if m != "ilora":
+            assert "ema" not in r["method"] and "consistency" not in r["method"], m
+        recipe_mod.from_dict(r)  # still a valid recipe
+
+
+def _compare(tmp_path, *options):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "cl_compare.py"), "--model", "builtin:tiny",
+                          "--steps", "1", "--batch", "2", "--limit", "2", "--general", "--out", str(out), *options],
+                         cwd=REPO, capture_output=True, text=True, timeout=3600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out, json.loads((out / "summary.json").read_text()), (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_comparison_runs_end_to_end_over_two_orders_on_the_tiny_model(tmp_path, monkeypatch):
+    chdir_beside_shared_data(tmp_path, monkeypatch)
+    out, results, md = _compare(tmp_path, "--methods", "seqft", "lora", "multitask", "--orders", "1", "2")
+    assert sorted((r["method"], r["order"], r["seed"]) for r in results) == sorted(
+        (m, k, k - 1) for m in ("seqft", "lora", "multitask") for k in (1, 2))
+    assert all(r["AA_labels"] is not None for r in results)  # every task scored both ways
+    lora = sorted((r for r in results if r["method"] == "lora"), key=lambda r: r["order"])
+    seq = sorted((r for r in results if r["method"] == "seqft"), key=lambda r: r["order"])
+    mean, half = cl_compare.paired_difference([r["AA"] for r in lora], [r["AA"] for r in seq])
+    assert "| lora | 2 |" in md and f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" in md
+    matrix = json.loads((out / "lora-o2-s1" / "report" / "matrix.json").read_text())
+    assert [c["label"] for c in matrix["columns"] if c["kind"] == "stage"] == cl_compare.ORDERS[2]
+
+
+@pytest.mark.slow
+def test_the_long_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
+    chdir_beside_shared_data(tmp_path, monkeypatch)
+    out, results, md = _compare(tmp_path, "--benchmark", "long", "--methods", "seqft", "--orders", "4")
+    assert [(r["method"], r["order"]) for r in results] == [("seqft", 4)]
+    matrix = json.loads((out / "seqft-o4-s3" / "report" / "matrix.json").read_text())
+    assert [c["label"] for c in matrix["columns"] if c["kind"] == "stage"] == cl_compare.ORDERS[4]
+    assert len([c for c in matrix["columns"] if c["kind"] == "stage_choice"]) == 15
+    assert len(matrix["rows"]) == 16 and results[0]["BWT"] is not None
+
+
+def test_every_ablation_is_a_valid_recipe_that_carries_its_overrides(tmp_path):
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("ablate", REPO / "scripts" / "bench" / "ablate.py")
+    ablate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablate)
+    for method, variants in ablate.ABLATIONS.items():
+        for variant, overrides in variants:
+            parsed = recipe_mod.from_dict(cl_compare.recipe_for(method, _args(set=overrides), 1, tmp_path))
+            assert parsed.method.name == method
+            for text in overrides:
+                key, value = text.split("=", 1)
+                assert getattr(parsed.method, key.split(".")[1]) == yaml.safe_load(value), (method, variant, key)

@@ -107,6 +107,16 @@ def references(tmp_path_factory):
     return runs
 
 
+_HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from llmcl.rundir.lock import acquire
+lock = acquire(Path(sys.argv[1]), command="llmcl train elsewhere.yaml")
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     """One launch of 2 gloo processes: every method with 2 samples per rank (the references' global batch), and
@@ -115,8 +125,17 @@ def ddp_runs(tmp_path_factory):
     variants = SUPPORTED["ddp_cpu"] + VARIANTS + ["seqft_replay_eval"]
     pairs = [(_recipe(tmp, m, 2), tmp / f"ddp-{m}") for m in variants]
     agreement = _agreement_recipes(tmp)
-    _launch("ddp_cpu", pairs + agreement, 2, tmp, dump_ranks=True)
-    return {"runs": {m: tmp / f"ddp-{m}" for m in variants}, "agreement": [run for _, run in agreement]}
+    locked = tmp / "locked"  # a run dir another process holds: every rank refuses it, the launch goes on
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(locked)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = _launch("ddp_cpu", [(pairs[0][0], locked)] + pairs + agreement, 2, tmp, dump_ranks=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    return {"runs": {m: tmp / f"ddp-{m}" for m in variants}, "agreement": [run for _, run in agreement],
+            "locked": (locked, holder.pid, out)}
 
 
 def _check_same_training(ref, run, loss_tol, weight_tol):
@@ -425,30 +444,12 @@ def test_llmcl_eval_under_accelerate_launch_shares_the_requests_among_the_proces
         assert b[task]["n"] == a[task]["n"] and b[task]["metrics"] == pytest.approx(a[task]["metrics"], rel=1e-12)
 
 
-_HOLD_LOCK = """
-import sys, time
-from pathlib import Path
-from llmcl.rundir.lock import acquire
-lock = acquire(Path(sys.argv[1]), command="llmcl train elsewhere.yaml")
-print("held", flush=True)
-time.sleep(600)
-"""
-
-
-def test_a_locked_run_dir_refuses_every_rank_and_the_launch_goes_on(tmp_path):
+def test_a_locked_run_dir_refuses_every_rank_and_the_launch_goes_on(ddp_runs):
     """Rank 0 finds the run dir locked by another process: every rank refuses in one line (none waits in a
-    collective for the others), and the same process group then trains the next run."""
-    recipe = _recipe(tmp_path, "seqft", 2)
-    locked, free = tmp_path / "locked", tmp_path / "free"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(locked)], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        out = _launch("ddp_cpu", [(recipe, locked), (recipe, free)], 2, tmp_path)
-    finally:
-        holder.kill()
-        holder.wait()
-    assert f"refused: {locked}: {locked} is in use by PID {holder.pid}" in out
+    collective for the others), and the same process group then trains the next runs."""
+    locked, pid, out = ddp_runs["locked"]
+    assert f"refused: {locked}: {locked} is in use by PID {pid}" in out
     assert "llmcl train elsewhere.yaml" in out
     assert not (locked / "stage-00-facts").exists()
-    assert all(Path(f"{free}.rank{k}.done").exists() for k in (0, 1))
+    first = next(iter(ddp_runs["runs"].values()))
+    assert all(Path(f"{first}.rank{k}.done").exists() for k in (0, 1))

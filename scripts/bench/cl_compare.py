@@ -1,7 +1,15 @@
 """The continual-learning comparison: every llmcl method on the standard CL benchmark, plus the multitask bound.
 
-SmolLM2-135M-Instruct learns dbpedia -> amazon -> yahoo -> agnews (O-LoRA's order; ../shared/data/cl_benchmark),
-each task as generation of its label scored by exact match, with every method at the same training budget:
+SmolLM2-135M-Instruct learns the four tasks of the standard benchmark (../shared/data/cl_benchmark) in each of
+O-LoRA's three task orders, as the CL papers average them:
+
+  order 1   dbpedia -> amazon -> yahoo -> agnews
+  order 2   dbpedia -> amazon -> agnews -> yahoo
+  order 3   yahoo -> amazon -> agnews -> dbpedia
+
+each order with its own seed (order k: seed k - 1 + --seed-offset; the seed sets the initialisation, the training
+sample and its order, and the test items scored). Each task is generation of its label scored by exact match,
+with every method at the same training budget:
 
   seqft          full fine-tuning, nothing against forgetting (the baseline that must forget)
   seqft+replay   seqft with 20% compute-equivalent replay of the earlier stages' data
@@ -13,25 +21,28 @@ each task as generation of its label scored by exact match, with every method at
   multitask      the upper bound: one stage that mixes all four tasks (same total samples), scored on all four
 
 Every method is a shipped recipe (recipes/benchmarks/cl_standard*.yaml, listed in METHODS), so
-`llmcl train recipes/benchmarks/cl_standard_<method>.yaml` reproduces one row. Every run has the same samples
-per step and the same steps per stage (multitask: 4x the steps of one stage in one stage), so every method trains
-on the same number of samples; with replay part of them are replayed (seqft+replay: 20% from the second stage
-on; I-LoRA: half of every step, from its reservoir). The CPU size (the recipes'): 10 steps x 8 samples per task at lr 2e-4 (full
-fine-tuning) / 1e-3 (adapters), 30 test items per task whose prompt fits the 192-token training length, general
-ability on 50 items each of local lm-eval tasks built from ../shared/data/eval (arc_easy, piqa, winogrande) for
-the base model and the last stage. The base model's row is the same for every method: scored once, shared.
+`llmcl train recipes/benchmarks/cl_standard_<method>.yaml` reproduces one row of order 1. Every run has the same
+samples per step and the same steps per stage (multitask: 4x the steps of one stage in one stage), so every
+method trains on the same number of samples; with replay part of them are replayed (seqft+replay: 20% from the
+second stage on; I-LoRA: half of every step, from its reservoir). The CPU size (the recipes'): 10 steps x 8
+samples per task at lr 2e-4 (full fine-tuning) / 1e-3 (adapters); 100 test items per task (one item = 0.01)
+whose prompt fits the 192-token training length; general ability on 50 items each of local lm-eval tasks built
+from ../shared/data/eval (arc_easy, piqa, winogrande) for the base model and the last stage. The base model's
+row is the same for every method of an order: scored once, shared.
 
-    python scripts/bench/cl_compare.py                 # CPU size: about 70 minutes on 2 cores
+    python scripts/bench/cl_compare.py                 # the three orders, every method
+    python scripts/bench/cl_compare.py --quick         # order 1 only, 30 test items a task (the recipes' size)
+    python scripts/bench/cl_compare.py --orders 1 --seed-offset 100 --methods seqft ilora   # an ablation run
     python scripts/bench/cl_compare.py --full          # the papers' sizes: 1000 samples/task once, 512 tokens,
                                                        # whole test splits (prompts <= 504 tokens; a GPU job)
-    python scripts/bench/cl_compare.py --seeds 3       # mean +- std over seeds 0, 1, 2
     python scripts/bench/cl_compare.py --methods seqft lora --model builtin:tiny --steps 2 --limit 4   # smoke
 
 Each method runs as `python -m llmcl train` in its own process (its peak resident memory is its own), into
-<out>/<method>-s<seed>/; finished runs are skipped, so an interrupted comparison continues where it stopped.
-Prints the table (AA, BWT, FWT, general-ability delta, wall time, peak RSS) and writes <out>/summary.md (the
-table and every run's accuracy matrix), <out>/summary.json and <out>/heatmaps.png; `llmcl report <out>/<run>`
-gives one run's full report.
+<out>/<method>-o<order>-s<seed>/; finished runs are skipped, so an interrupted comparison continues where it
+stopped. Prints the table (per method: mean ± standard deviation over the orders of AA, BWT, FWT and the
+general-ability delta; the difference to SeqFT paired by order with its 95% t-interval; wall time, peak RSS) and
+writes <out>/summary.md (the table and every run's accuracy matrix), <out>/summary.json and <out>/heatmaps.png;
+`llmcl report <out>/<run>` gives one run's full report.
 """
 
 from __future__ import annotations
@@ -52,8 +63,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from llmcl import recipe as recipe_mod  # noqa: E402
-from llmcl.eval.tasks import STAGE_PREFIX, stage_task_name  # noqa: E402
-from llmcl.recipe import first_difference, read_yaml  # noqa: E402  (inherit: resolved as llmcl resolves it)
+from llmcl.eval.tasks import STAGE_PREFIX, choice_task_name, stage_task_name  # noqa: E402
+from llmcl.recipe import apply_override, first_difference, parse_override, read_yaml  # noqa: E402
 
 BENCH = REPO / "recipes" / "benchmarks"
 # every method is a shipped recipe: `llmcl train recipes/benchmarks/<file>` reproduces its row of the table
@@ -69,15 +80,75 @@ METHODS: dict[str, str] = {
 }
 
 
-def run_dir_of(out: Path, method: str, seed: int) -> Path:
-    return out / f"{method.replace('+', '_')}-s{seed}"
+# O-LoRA's task orders (Wang et al. 2023, after Progressive Prompts), as the CL papers average them: 1-3 for the
+# standard benchmark's four tasks, 4-6 for the long 15-task sequence (sources: scripts/dev/long_recipes.py)
+ORDERS: dict[int, list[str]] = {
+    1: ["dbpedia", "amazon", "yahoo", "agnews"],
+    2: ["dbpedia", "amazon", "agnews", "yahoo"],
+    3: ["yahoo", "amazon", "agnews", "dbpedia"],
+    4: "mnli cb wic copa qqp boolqa rte imdb yelp amazon sst2 dbpedia agnews multirc yahoo".split(),
+    5: "multirc boolqa wic mnli cb copa qqp rte imdb sst2 dbpedia agnews yelp amazon yahoo".split(),
+    6: "yelp amazon mnli cb copa qqp rte imdb sst2 dbpedia agnews yahoo multirc boolqa wic".split(),
+}
+# benchmark -> (the recipe whose stages and sizes it runs, its orders); the methods' recipes are written against
+# cl_standard.yaml, and what each changes there (method, lr, replay) is applied to the long sequence's recipe
+BENCHMARKS: dict[str, tuple[str, list[int]]] = {"standard": ("cl_standard.yaml", [1, 2, 3]),
+                                                 "long": ("cl_long_order4.yaml", [4, 5, 6])}
 
 
-def recipe_for(name: str, args: argparse.Namespace, seed: int, tasks_dir: Path | None) -> dict:
-    """The recipe of one method: its shipped recipe, at this comparison's size where an option changes it."""
+def _changes(base: dict, child: dict) -> dict:
+    """What `child` sets differently from `base` (mappings compared key by key)."""
+    out = {}
+    for k, v in child.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            sub = _changes(base[k], v)
+            if sub:
+                out[k] = sub
+        elif base.get(k) != v:
+            out[k] = v
+    return out
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in changes.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def method_recipe(name: str, benchmark: str) -> dict:
+    """A method's shipped recipe, on the benchmark's stages and sizes."""
     r = read_yaml(BENCH / METHODS[name])
+    if benchmark == "standard":
+        return r
+    standard = read_yaml(BENCH / BENCHMARKS["standard"][0])
+    changes = {k: v for k, v in _changes(standard, r).items() if k not in ("name", "description")}
+    return _merged(read_yaml(BENCH / BENCHMARKS[benchmark][0]), changes)
+
+
+def run_dir_of(out: Path, method: str, order: int, seed: int) -> Path:
+    return out / f"{method.replace('+', '_')}-o{order}-s{seed}"
+
+
+def seed_of(order: int, args: argparse.Namespace) -> int:
+    """Each order has its own seed (the training sample, the data order and the test items scored change with it):
+    order k runs with seed k - 1 + --seed-offset."""
+    return order - 1 + args.seed_offset
+
+
+def in_order(stages: list[dict], order: int) -> list[dict]:
+    """The recipe's stages (named after their tasks) in O-LoRA's order `order`."""
+    by_name = {st["name"]: st for st in stages}
+    return [by_name[name] for name in ORDERS[order]]
+
+
+def recipe_for(name: str, args: argparse.Namespace, order: int, tasks_dir: Path | None) -> dict:
+    """The recipe of one method: its shipped recipe, at this comparison's size where an option changes it, its
+    stages in task order `order`, with that order's seed."""
+    r = method_recipe(name, getattr(args, "benchmark", "standard"))
     r["name"] = f"cl_compare_{name.replace('+', '_')}"
-    r["seed"] = seed
+    r["seed"] = seed_of(order, args)
+    r["stages"] = in_order(r["stages"], order)
     r["model"] = {**r.get("model", {}), "path": args.model}
     train, ev = r["train"], r.setdefault("eval", {})
     train["save_every"] = 0  # no step checkpoints: they would be timed
@@ -103,6 +174,10 @@ def recipe_for(name: str, args: argparse.Namespace, seed: int, tasks_dir: Path |
         ev["tasks_limit"] = args.general_limit
     if args.general is not None:
         ev["tasks"] = list(args.general)
+    for text in getattr(args, "set", None) or []:  # an ablation: the same override on every recipe it fits
+        parts, value = parse_override(text)
+        if parts[0] != "method" or parts[1] in option_names(r["method"]["name"]):
+            apply_override(r, parts, value)
     if name == "multitask":
         stages = r["stages"]
         r["stages"] = [{"name": "multitask", "data": copy.deepcopy(stages[-1]["data"])}]
@@ -111,9 +186,24 @@ def recipe_for(name: str, args: argparse.Namespace, seed: int, tasks_dir: Path |
         train["max_steps"] = len(stages) * train["max_steps"]
         # scored on every task's test split: the stage tasks that the seqft run wrote
         ev.update(stage_tasks=False, include_path=[str(tasks_dir)],
-                  tasks=[stage_task_name(st["name"]) for st in stages] + list(ev.get("tasks", [])),
-                  tasks_every_stage=True)
+                  tasks=stage_tasks_of(stages) + list(ev.get("tasks", [])), tasks_every_stage=True)
     return r
+
+
+def option_names(method: str) -> set[str]:
+    """The recipe keys under `method:` that a method takes."""
+    import dataclasses
+
+    from llmcl import methods
+
+    return {f.name for f in dataclasses.fields(methods.get(method).config_class)}
+
+
+def stage_tasks_of(stages: list[dict]) -> list[str]:
+    """The lm-eval tasks llmcl writes for these stages: each stage's, then the label-set view of those with
+    data.choices (llmcl.eval.tasks)."""
+    return [stage_task_name(st["name"]) for st in stages] + \
+        [choice_task_name(st["name"]) for st in stages if st["data"].get("choices")]
 
 
 def _settings_changed(run_dir: Path, recipe: dict) -> str | None:
@@ -133,16 +223,17 @@ def _shareable_base(shared_base: Path, recipe: dict) -> bool:
     if not shared_base.exists():
         return False
     row, ev = json.loads(shared_base.read_text()), recipe["eval"]
-    stage_tasks = [stage_task_name(st["name"]) for st in recipe["stages"]] if ev.get("stage_tasks", True) else []
+    stage_tasks = stage_tasks_of(recipe["stages"]) if ev.get("stage_tasks", True) else []
     needed = set(stage_tasks) | set(ev.get("tasks", []))
     return (row.get("limit"), row.get("tasks_limit")) == (ev.get("limit"), ev.get("tasks_limit")) and \
         needed <= set(row["tasks"])
 
 
-def run_one(name: str, args: argparse.Namespace, seed: int) -> dict:
-    run_dir = run_dir_of(args.out, name, seed)
-    tasks_dir = run_dir_of(args.out, "seqft", seed) / "eval" / "tasks"
-    recipe = recipe_for(name, args, seed, tasks_dir)
+def run_one(name: str, args: argparse.Namespace, order: int) -> dict:
+    seed = seed_of(order, args)
+    run_dir = run_dir_of(args.out, name, order, seed)
+    tasks_dir = run_dir_of(args.out, "seqft", order, seed) / "eval" / "tasks"
+    recipe = recipe_for(name, args, order, tasks_dir)
     changed = _settings_changed(run_dir, recipe)
     if changed is not None:
         sys.exit(f"{run_dir} was run with other settings (first difference at '{changed}'); use the same options, "
@@ -153,7 +244,7 @@ def run_one(name: str, args: argparse.Namespace, seed: int) -> dict:
     stats_path = run_dir / "bench.json"
     if not stats_path.exists():
         own_base = run_dir / "eval" / "base.json"
-        shared_base = run_dir_of(args.out, "seqft", seed) / "eval" / "base.json"
+        shared_base = run_dir_of(args.out, "seqft", order, seed) / "eval" / "base.json"
         if name != "seqft" and not own_base.exists() and _shareable_base(shared_base, recipe):
             # the base model's row is the same for every method (same model, tasks and limits): score it once
             own_base.parent.mkdir(exist_ok=True)
@@ -168,7 +259,7 @@ def run_one(name: str, args: argparse.Namespace, seed: int) -> dict:
             _, status, usage = os.wait4(proc.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
-            sys.exit(f"{name} (seed {seed}) failed with exit {code}; see {log.name}")
+            sys.exit(f"{name} (order {order}, seed {seed}) failed with exit {code}; see {log.name}")
         wall = time.perf_counter() - t0
         if scored_here:  # the base row was scored in this run: leave it out, so every method's wall time compares
             wall -= json.loads(own_base.read_text()).get("seconds", 0.0)
@@ -182,20 +273,26 @@ def run_one(name: str, args: argparse.Namespace, seed: int) -> dict:
     matrix = json.loads((run_dir / "report" / "matrix.json").read_text())
     ledger = json.loads((run_dir / "ledger.json").read_text())
     train_s = sum(s.get("wall_seconds", 0) for s in ledger["stages"])
-    out = {"method": name, "seed": seed, **stats, "train_s": train_s, **_scores(name, matrix, run_dir)}
+    out = {"method": name, "order": order, "seed": seed, **stats, "train_s": train_s, **_scores(name, matrix, run_dir)}
     return out
 
 
 def _scores(name: str, matrix: dict, run_dir: Path) -> dict:
-    m = matrix["metrics"]
+    """AA, BWT, FWT, general delta of the accuracy matrix (generated labels, exact match), and AA/BWT of the
+    label-set view (loglikelihood over each task's labels) as AA_labels, BWT_labels."""
+    m, c = matrix["metrics"], matrix.get("metrics_choice") or {}
     if name != "multitask":
-        return {k: m.get(k) for k in ("AA", "BWT", "FWT", "general_delta")}
+        return {**{k: m.get(k) for k in ("AA", "BWT", "FWT", "general_delta")},
+                "AA_labels": c.get("AA"), "BWT_labels": c.get("BWT")}
     # multitask: one row after the single stage; its accuracy on each task's split, no sequence -> no BWT/FWT
     row, base, stage = _multitask_rows(run_dir)
+    views = [t for t in stage if t.endswith("-choice")]
+    generated = [t for t in stage if t not in views]
     general = [t for t in row if t not in stage]
-    aa = statistics.mean(row[t]["value"] for t in stage)
+    aa = statistics.mean(row[t]["value"] for t in generated)
     gd = statistics.mean(row[t]["value"] - base[t]["value"] for t in general) if general else None
-    return {"AA": aa, "BWT": None, "FWT": None, "general_delta": gd}
+    aa_labels = statistics.mean(row[t]["value"] for t in views) if views else None
+    return {"AA": aa, "BWT": None, "FWT": None, "general_delta": gd, "AA_labels": aa_labels, "BWT_labels": None}
 
 
 def _multitask_rows(run_dir: Path) -> tuple[dict, dict, list[str]]:
@@ -215,14 +312,39 @@ def _cell(values: list, digits: int = 3, signed: bool = False) -> str:
     return f"{fmt.format(statistics.mean(vals))} ± {statistics.stdev(vals):.{digits}f}"
 
 
+# two-sided 95% Student-t quantiles by degrees of freedom (the interval of a mean over a few runs)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_difference(values: list[float | None], reference: list[float | None]) -> tuple[float, float] | None:
+    """Mean of the per-run differences (run k of a method minus run k of the reference: the same order and
+    seed) and the half-width of its 95% t-interval; None with fewer than two pairs."""
+    diffs = [v - r for v, r in zip(values, reference) if v is not None and r is not None]
+    if len(diffs) < 2:
+        return None
+    return statistics.mean(diffs), _T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
+def _diff_cell(d: tuple[float, float] | None) -> str:
+    return "—" if d is None else f"{d[0]:+.3f} [{d[0] - d[1]:+.3f}, {d[0] + d[1]:+.3f}]"
+
+
 def table(results: list[dict]) -> list[str]:
-    head = "| method | AA | BWT | FWT | general Δ | train time (s) | wall incl. eval (s)* | peak RSS (MiB) |"
+    """Mean ± standard deviation over the runs (orders) of each method, and each method's difference to SeqFT
+    (paired by run) with its 95% interval."""
+    head = ("| method | runs | AA | BWT | FWT | general Δ | AA − SeqFT (95% CI) | BWT − SeqFT (95% CI) | "
+            "AA (labels) | BWT (labels) | train time (s) | wall incl. eval (s)* | peak RSS (MiB) |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    runs_of = lambda name: sorted((r for r in results if r["method"] == name), key=lambda r: r["order"])  # noqa: E731
+    seq = {r["order"]: r for r in runs_of("seqft")}
     for name in dict.fromkeys(r["method"] for r in results):
-        rs = [r for r in results if r["method"] == name]
-        col = lambda k: [r[k] for r in rs]  # noqa: E731
-        lines.append(f"| {name} | {_cell(col('AA'))} | {_cell(col('BWT'), signed=True)} | "
+        rs = runs_of(name)
+        col = lambda k: [r.get(k) for r in rs]  # noqa: E731
+        ref = lambda k: [seq[r["order"]][k] if r["order"] in seq else None for r in rs]  # noqa: E731
+        diffs = ["—", "—"] if name == "seqft" else [_diff_cell(paired_difference(col(k), ref(k))) for k in ("AA", "BWT")]
+        lines.append(f"| {name} | {len(rs)} | {_cell(col('AA'))} | {_cell(col('BWT'), signed=True)} | "
                      f"{_cell(col('FWT'), signed=True)} | {_cell(col('general_delta'), signed=True)} | "
+                     f"{diffs[0]} | {diffs[1]} | {_cell(col('AA_labels'))} | {_cell(col('BWT_labels'), signed=True)} | "
                      f"{_cell(col('train_s'), 0)} | {_cell(col('wall_s'), 0)}"
                      f"{' (resumed: last part only)' if any(r.get('resumed') for r in rs) else ''} | "
                      f"{_cell(col('peak_rss_mib'), 0)} |")
@@ -233,17 +355,17 @@ def matrices(out: Path, results: list[dict]) -> list[str]:
     """Each run's accuracy matrix (rows: base, then after each stage; columns: the four tasks) as markdown."""
     lines = []
     for r in results:
-        run_dir = run_dir_of(out, r["method"], r["seed"])
+        run_dir = run_dir_of(out, r["method"], r["order"], r["seed"])
         m = json.loads((run_dir / "report" / "matrix.json").read_text())
-        cols = [k for k, c in enumerate(m["columns"]) if c["kind"] == "stage"]
+        cols = [k for k, c in enumerate(m["columns"]) if c["kind"] in ("stage", "stage_choice")]
         if r["method"] == "multitask":  # one stage: its row and the base row
             row, base, names = _multitask_rows(run_dir)
-            lines += [f"**multitask** (seed {r['seed']})", "", "| after \\ task | " + " | ".join(
-                n.removeprefix(STAGE_PREFIX) for n in names) + " |", "|---" * (len(names) + 1) + "|",
+            lines += [f"**multitask** (order {r['order']}, seed {r['seed']})", "", "| after \\ task | " + " | ".join(
+                _column_label(n) for n in names) + " |", "|---" * (len(names) + 1) + "|",
                 "| base | " + " | ".join(f"{base[n]['value']:.2f}" for n in names) + " |",
                 "| all four at once | " + " | ".join(f"{row[n]['value']:.2f}" for n in names) + " |", ""]
             continue
-        lines += [f"**{r['method']}** (seed {r['seed']})", "",
+        lines += [f"**{r['method']}** (order {r['order']}: {' -> '.join(ORDERS[r['order']])}, seed {r['seed']})", "",
                   "| after \\ task | " + " | ".join(m["columns"][k]["label"] for k in cols) + " |",
                   "|---" * (len(cols) + 1) + "|"]
         for name, values in zip(m["rows"], m["R"]):
@@ -253,8 +375,14 @@ def matrices(out: Path, results: list[dict]) -> list[str]:
     return lines
 
 
+def _column_label(task: str) -> str:
+    """'llmcl_stage_yahoo' -> 'yahoo', 'llmcl_stage_yahoo-choice' -> 'yahoo (labels)' (as llmcl report labels them)."""
+    name = task.removeprefix(STAGE_PREFIX)
+    return f"{name.removesuffix('-choice')} (labels)" if name.endswith("-choice") else name
+
+
 def heatmaps(out: Path, results: list[dict]) -> Path | None:
-    """One figure with every sequential run's accuracy matrix (seed 0), side by side."""
+    """One figure with every sequential run's accuracy matrix (the first order run), side by side."""
     try:
         import matplotlib
 
@@ -263,7 +391,8 @@ def heatmaps(out: Path, results: list[dict]) -> Path | None:
         import numpy as np
     except ImportError:
         return None
-    runs = [r for r in results if r["seed"] == 0 and r["method"] != "multitask"]
+    first = min((r["order"] for r in results), default=None)
+    runs = [r for r in results if r["order"] == first and r["method"] != "multitask"]
     if not runs:
         return None
     ncol = min(4, len(runs))
@@ -272,7 +401,7 @@ def heatmaps(out: Path, results: list[dict]) -> Path | None:
     for ax in axes.flat[len(runs):]:
         ax.axis("off")
     for ax, r in zip(axes.flat, runs):
-        m = json.loads((run_dir_of(out, r["method"], 0) / "report" / "matrix.json").read_text())
+        m = json.loads((run_dir_of(out, r["method"], r["order"], r["seed"]) / "report" / "matrix.json").read_text())
         cols = [k for k, c in enumerate(m["columns"]) if c["kind"] == "stage"]
         values = np.array([[np.nan if row[k] is None else row[k] for k in cols] for row in m["R"]], dtype=float)
         ax.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
@@ -297,45 +426,67 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="optimizer steps per stage (default: the recipes' 10)")
     p.add_argument("--batch", type=int, help="samples per step (default: the recipes' 8)")
     p.add_argument("--train-samples", type=int, default=1000, help="training samples read per task (default 1000)")
-    p.add_argument("--limit", type=int, help="test samples per task (default: the recipes' 30; --full: all)")
+    p.add_argument("--limit", type=int, default=None, help="test samples per task (default 100: one item = 0.01; "
+                                                            "--quick: the recipes' 30; --full: all)")
     p.add_argument("--general", nargs="*", help="general-ability lm-eval tasks (default: the recipes' arc_easy, "
                                                 "piqa, winogrande from ../shared/data/eval)")
     p.add_argument("--general-limit", type=int, help="samples per general task (default: the recipes' 50)")
-    p.add_argument("--seeds", type=int, default=1, help="run seeds 0..N-1 and report mean ± std (a seed sets the "
-                                                       "initialisation, the training samples and order, and the "
-                                                       "test subset scored)")
+    p.add_argument("--benchmark", choices=list(BENCHMARKS), default="standard",
+                   help="standard: the four tasks (orders 1-3); long: the 15-task sequence (orders 4-6, "
+                        "recipes/benchmarks/cl_long_order*.yaml; a GPU job at its full size)")
+    p.add_argument("--orders", type=int, nargs="+", choices=list(ORDERS),
+                   help="O-LoRA's task orders to run, each with its own seed (default: the benchmark's three, as the "
+                        "papers average them)")
+    p.add_argument("--seed-offset", type=int, default=0, help="order k runs with seed k - 1 + this (e.g. 100 for "
+                                                              "ablations on seeds the published runs do not use)")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="recipe overrides for an ablation, applied to every "
+                   "method's recipe (method.* keys only to the methods that take them), e.g. method.ema=0.25; use "
+                   "another --out")
+    p.add_argument("--quick", action="store_true", help="order 1 only, 30 test items per task (about 70 minutes "
+                                                       "on 2 cores)")
     p.add_argument("--full", action="store_true", help="the papers' sizes: 1000 samples per task (replayed ones included), "
                                                       "512 tokens, the whole test split (a GPU job)")
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "cl_compare")
+    p.add_argument("--out", type=Path, help="where the runs go (default: runs/cl_compare, runs/cl_compare_long)")
     args = p.parse_args()
     if args.batch is not None and args.batch < 2:
         p.error("--batch must be at least 2 (I-LoRA's step is half current, half replayed samples)")
-    args.out = args.out.resolve()
+    args.out = (args.out or REPO / "runs" / ("cl_compare" if args.benchmark == "standard" else "cl_compare_long")).resolve()
     methods = list(args.methods)
     if "multitask" in methods and "seqft" not in methods:
         methods.insert(0, "seqft")  # multitask is scored on the stage tasks the seqft run writes
     methods.sort(key=lambda m: m != "seqft")
+    allowed = BENCHMARKS[args.benchmark][1]
+    args.orders = args.orders or allowed
+    if any(k not in allowed for k in args.orders):
+        p.error(f"--orders: the {args.benchmark} benchmark has orders {allowed}")
+    if args.quick:
+        args.orders = [allowed[0]]
+        args.limit = args.limit or 30
+    elif args.limit is None and not args.full:
+        args.limit = 100
     results = []
-    for seed in range(args.seeds):
+    for order in args.orders:
         for name in methods:
             t0 = time.perf_counter()
-            results.append(run_one(name, args, seed))
+            results.append(run_one(name, args, order))
             r = results[-1]
-            print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: AA {_cell([r['AA']])} BWT "
+            print(f"[{time.strftime('%H:%M:%S')}] {name} order {order} (seed {r['seed']}): AA {_cell([r['AA']])} BWT "
                   f"{_cell([r['BWT']], signed=True)} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    ref = recipe_for("seqft", args, 0, None)
+    ref = recipe_for("seqft", args, args.orders[0], None)
     t, e = ref["train"], ref["eval"]
     size = (f"{t['max_steps']} steps x {t['batch_size']} samples per task at seq_len {t['seq_len']}"
             + (" (--full: one epoch)" if args.full else "")
             + f", {e.get('limit') or 'all'} test samples per task (prompts <= {e.get('max_prompt_tokens')} tokens), "
             f"{e.get('tasks_limit') or 'all'} per general task")
-    header = [f"{args.model}, dbpedia -> amazon -> yahoo -> agnews, {size}, "
-              f"general: {', '.join(e.get('tasks', [])) or 'none'}, seeds: {args.seeds}"]
+    orders = "; ".join(f"order {k}: {' -> '.join(ORDERS[k])} (seed {seed_of(k, args)})" for k in args.orders)
+    header = [f"{args.model}, {size}, general: {', '.join(e.get('tasks', [])) or 'none'}; {orders}"
+              + (f"; overrides: {' '.join(args.set)}" if args.set else "")]
     lines = header + [""] + table(results) + [
         "", "\\* `llmcl train` from start to end, the evaluation after every stage included; the base model's row is "
         "scored once (in the seqft run) and shared, and left out of every wall time."]
     print("\n" + "\n".join(lines))
-    lines += ["", "Accuracy matrices (exact match; rows: the model after each stage):", ""] + matrices(args.out, results)
+    lines += ["", "Accuracy matrices (rows: the model after each stage; columns: each task's generated label by exact match, "
+              "then '(labels)': loglikelihood over its label set):", ""] + matrices(args.out, results)
     figure = heatmaps(args.out, results)
     if figure:
         print(f"heatmaps: {figure}")
