@@ -76,7 +76,7 @@ def main() -> None:
         for variant, overrides in [("default", [])] + ABLATIONS[method]:
             r = default if variant == "default" else run_variant(method, variant, overrides, args)
             keys = ("AA", "BWT", "AA_labels", "BWT_labels")
-            values = [_fmt(r.get(k)) for k in keys]
+            values = [_fmt(r.get(k), signed=k.startswith("BWT")) for k in keys]
             deltas = [_fmt(None if r.get(k) is None or default.get(k) is None else r[k] - default[k], signed=True)
                       for k in keys]
             lines.append(f"| {method} | {variant} | " + " | ".join(values + deltas) + " |")
