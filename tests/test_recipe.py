@@ -135,6 +135,9 @@ def test_every_config_field_has_a_docstring(cls):
 
 
 SHIPPED = catalog.shipped()
+# the long sequence's orders 5 and 6 are order 4's stages permuted (tests/test_cl_compare.py checks that the three
+# are one generator's output): training order 4 stands for them
+TRAINED = [p for p in SHIPPED if p.stem not in ("cl_long_order5", "cl_long_order6")]
 
 
 def test_shipped_recipes_exist():
@@ -187,9 +190,10 @@ def test_choices_are_checked_against_the_test_answers_before_training(tiny_recip
         checks.check(r)
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+@pytest.mark.parametrize("path", TRAINED, ids=[p.stem for p in TRAINED])
 def test_every_shipped_recipe_trains_two_steps_on_the_tiny_model(path: Path, tmp_path, monkeypatch):
-    """Runnable, not just valid: each shipped recipe, its model swapped for builtin:tiny, 2 steps a stage."""
+    """Runnable, not just valid: each shipped recipe, its model swapped for builtin:tiny, 2 steps a stage (from
+    16 training records a stage where the recipe reads a sample of its data)."""
     from conftest import run_cli
 
     _with_shared_data(path, tmp_path, monkeypatch)
@@ -197,6 +201,7 @@ def test_every_shipped_recipe_trains_two_steps_on_the_tiny_model(path: Path, tmp
     overrides = ["model.path=builtin:tiny", "train.max_steps=2", "train.max_tokens=null", "train.save_every=0",
                  "eval.after_each_stage=false"]
     overrides += [f"stages.{i}.train.max_steps=2" for i, s in enumerate(r.stages) if "max_steps" in s.train]
+    overrides += [f"stages.{i}.data.max_train_samples=16" for i, s in enumerate(r.stages) if s.data.max_train_samples]
     if r.train.schedule == "infinite":
         overrides += ["train.warmup=0", "train.cooldown=0", "train.anneal=1"]
     res = run_cli("train", str(path), *overrides, "--run-dir", str(tmp_path / "run"))
