@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from llmcl.errors import LlmclError, environment_fault
-from llmcl.train.signals import RESUMABLE_EXIT, Stopped, defer_from_start
+from llmcl.train.signals import RESUMABLE_EXIT, Stopped, defer_from_start, stop_deferring
 
 
 class _Group(click.Group):
@@ -90,7 +90,10 @@ def train(recipe_file: str, overrides: tuple[str, ...], run_dir: str | None, sta
                        "started llmcl, and its settings win", err=True)
     directory = _run_dir(r, run_dir)
     display = Display()
-    run(r, directory, only_stage=stage, display=display, hooks=EvalHooks(r, directory, display))
+    try:
+        run(r, directory, only_stage=stage, display=display, hooks=EvalHooks(r, directory, display))
+    finally:
+        stop_deferring()
 
 
 def _run_dir(r, run_dir: str | None) -> Path:

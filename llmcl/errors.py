@@ -59,14 +59,21 @@ def environment_fault(exc: BaseException, path: Any = None) -> EnvironmentFault 
         if isinstance(seen, OSError) and seen.errno in _ENVIRONMENT:
             code = seen.errno
             path = path or seen.filename
-        elif not isinstance(seen, OSError):
+        elif _library_io_error(seen):
             code = next((c for text, c in _MESSAGES.items() if text in str(seen)), None)
         if code is not None:
             what, way_out = _ENVIRONMENT[code]
             where = f"{path}: " if path else ""
             return EnvironmentFault(f"{where}{what}; {way_out} (finished stages are kept)")
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
     return None
+
+
+def _library_io_error(exc: BaseException) -> bool:
+    """An I/O failure reported without an errno: safetensors' (Rust) errors and torch's zip writer."""
+    if type(exc).__name__ == "SafetensorError":
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc) for t in ("PytorchStreamWriter", "inline_container"))
 
 
 def did_you_mean(name: str, options: Iterable[str], prefix: str = "") -> str:

@@ -340,3 +340,22 @@ def test_max_prompt_tokens_leaves_out_longer_test_prompts_and_names_the_key(tmp_
     for bad in (0, True):
         with pytest.raises(LlmclError, match="eval.max_prompt_tokens"):
             recipe_mod.load(write_recipe(tmp_path / "r.yaml", stages=[stage], eval={"max_prompt_tokens": bad}))
+
+
+def test_a_cell_scored_with_another_metric_than_its_column_is_missing_not_mixed(run_dir, tmp_path):
+    """A row from before a task changed (e.g. a classification stage scored by loglikelihood, now by exact match)
+    does not enter the column's metrics: the cell is empty until `llmcl eval` scores it again."""
+    import shutil
+
+    from llmcl.eval import report as report_mod
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    path = copy / "eval" / "stage-01.json"
+    row = json.loads(path.read_text())
+    row["tasks"]["llmcl_stage_facts"]["metric"] = "acc"  # scored another way
+    path.write_text(json.dumps(row))
+    rep = report_mod.collect(copy)
+    k = [c.task for c in rep.columns].index("llmcl_stage_facts")
+    assert rep.values[rep.rows.index("sentiment")][k] is None
+    assert rep.values[rep.rows.index("prose")][k] is not None

@@ -353,6 +353,14 @@ def test_environment_errors_map_to_one_line(code, text):
 
     fault = environment_fault(RuntimeError("saving failed"), None)
     assert fault is None  # an unrelated error stays a bug (a traceback)
+    assert environment_fault(RuntimeError("connect() failed: Permission denied")) is None  # not a file's I/O
+    try:
+        try:
+            raise OSError(code, "x", "/runs/a/f")
+        except OSError:
+            raise KeyError("a bug while handling it") from None
+    except KeyError as bug:
+        assert environment_fault(bug) is None  # `from None`: the OSError is not its cause
     wrapped = RuntimeError("save failed")
     wrapped.__cause__ = OSError(code, "x", "/runs/a/metrics.jsonl")
     fault = environment_fault(wrapped)

@@ -101,8 +101,12 @@ def collect(run_dir: Path) -> RunReport:
     for label, stage, row in rows:
         report.rows.append(label)
         report.row_stage.append(stage)
-        report.values.append([row["tasks"].get(c.task, {}).get("value") for c in report.columns])
-        report.stderrs.append([row["tasks"].get(c.task, {}).get("stderr") for c in report.columns])
+        # a cell scored with another metric than its column's (a row from before a task changed) is missing:
+        # `llmcl eval RUN_DIR --stage N` scores it again
+        same = [row["tasks"].get(c.task, {}) if row["tasks"].get(c.task, {}).get("metric") == c.metric else {}
+                for c in report.columns]
+        report.values.append([cell.get("value") for cell in same])
+        report.stderrs.append([cell.get("stderr") for cell in same])
     _compute_metrics(report)
     return report
 

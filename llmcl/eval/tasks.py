@@ -84,6 +84,8 @@ def render_test_records(stage: Any, index: int, records: list[dict[str, Any]], t
     choices = [c.strip() for c in cfg.choices]
     if cfg.drop_unknown_answers:
         rows = [row for row in rows if row["completion"].strip() in choices]
+        if not rows:
+            raise LlmclError(f"recipe key '{key}.choices': no test answer is one of {choices}")
     for row in rows:
         gold = row["completion"].strip()
         if gold not in choices:

@@ -22,8 +22,7 @@ from typing import Any, Callable
 
 from llmcl.errors import LlmclError
 from llmcl.rundir.atomic import save_tree, write_dir, write_json
-from llmcl.rundir.integrity import fingerprint, reading
-from llmcl.rundir.ledger import stage_way_out
+from llmcl.rundir.integrity import fingerprint
 from llmcl.rundir.layout import (CONTINUE, MANIFEST, METHOD_STATE, OPTIMIZER, STAGE_INFO, branch_dir_name,
                                  stage_dir_name)
 
@@ -52,8 +51,7 @@ def load(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, *, 
         raise LlmclError(f"unknown checkpoint kind {kind!r} in {run_dir}; was it written by a newer llmcl?")
     from llmcl.models import whole
 
-    stage_dir = run_dir / Path(manifest["path"]).parts[0]
-    with whole(), reading(stage_dir, stage_way_out(stage_dir)):
+    with whole():  # the stage's files were checked against its manifest (Ledger.manifest) before this
         model = LOADERS[kind](run_dir, manifest, model_cfg, seed, trainable)
     if not trainable:
         model.eval()

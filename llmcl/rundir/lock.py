@@ -113,21 +113,22 @@ def _command() -> str:
 def locked(run_dir: Path, accelerator: Any = None) -> Iterator[None]:
     """Hold the run directory's lock for the block. With a launch of several processes rank 0 takes it and
     every rank learns whether it did (all ranks call this at the same point)."""
-    lock, error = None, None
-    if accelerator is None or accelerator.is_main_process:
-        try:
-            lock = acquire(run_dir)
-        except LlmclError as exc:
-            error = exc
-    if accelerator is not None and accelerator.num_processes > 1:
-        import torch
-
-        flag = torch.tensor([1.0 if error else 0.0], device=accelerator.device)
-        if float(accelerator.reduce(flag, "max")) > 0 and error is None:
-            error = LlmclError(f"{run_dir} is in use by another process (rank 0 says which)")
-    if error is not None:
-        raise error
+    lock: RunLock | None = None
+    error: BaseException | None = None
     try:
+        if accelerator is None or accelerator.is_main_process:
+            try:
+                lock = acquire(run_dir)
+            except Exception as exc:  # noqa: BLE001  (whatever it is, the other ranks must hear of it)
+                error = exc
+        if accelerator is not None and accelerator.num_processes > 1:
+            import torch
+
+            flag = torch.tensor([1.0 if error else 0.0], device=accelerator.device)
+            if float(accelerator.reduce(flag, "max")) > 0 and error is None:
+                error = LlmclError(f"{run_dir} is in use by another process (rank 0 says which)")
+        if error is not None:
+            raise error
         yield
     finally:
         if lock is not None:

@@ -157,10 +157,8 @@ def step(accelerator: Any, optimizer: Any, params: list[Any], max_grad_norm: flo
         return grad_norm
     if max_grad_norm > 0:
         grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
-    else:  # the same norm, unclipped (grads are already all-reduced: every rank gets the same number)
-        import torch
-
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    else:  # the same norm, unclipped (an infinite bound clips nothing; grads are all-reduced: every rank agrees)
+        grad_norm = accelerator.clip_grad_norm_(params, float("inf"))
     if take(grad_norm):
         optimizer.step()
     return grad_norm

@@ -42,6 +42,14 @@ def defer_from_start() -> None:
             signal.signal(sig, _record_early)
 
 
+def stop_deferring() -> None:
+    """After `llmcl train` is done with the run: SIGTERM/SIGUSR1 end the process again."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            if signal.getsignal(sig) is _record_early:
+                signal.signal(sig, signal.SIG_DFL)
+
+
 def early_signal() -> str | None:
     """The signal `defer_from_start` recorded, if any."""
     return _early
