@@ -382,3 +382,35 @@ def test_sigterm_in_the_first_second_stops_cleanly(tmp_path):
     stopped = json.loads((run_dir / "stopped.json").read_text())
     assert stopped["step_checkpoint"] is False and "before anything was trained" in stopped["reason"]
     assert not (run_dir / STAGE0).exists()
+
+
+def test_a_failed_stage_write_keeps_the_pre_anneal_branch(tmp_path, monkeypatch):
+    """The branch waits beside the stage directory and moves into it while the stage is written: a write that
+    fails after that (a full disk) puts it back, so the rerun still continues from the pre-anneal weights."""
+    from llmcl.rundir import artifacts, integrity
+
+    class Tok:
+        def save_pretrained(self, path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            (Path(path) / "tokenizer.json").write_text("{}")
+
+    def artifact(out):
+        (out / "model").mkdir()
+        (out / "model" / "weights.bin").write_bytes(b"w")
+        return {"kind": "full", "path": "model"}
+
+    artifacts.write_stage(tmp_path, 0, "a", artifact=artifact, tokenizer=Tok(), method_state={}, branch=True)
+    pending = tmp_path / "stage-00-a.continue"
+    before = integrity.fingerprint(pending)
+    real = integrity.fingerprint
+
+    def full_disk(directory, skip=()):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(artifacts, "fingerprint", full_disk)
+    with pytest.raises(Exception, match="no space left"):
+        artifacts.write_stage(tmp_path, 0, "a", artifact=artifact, tokenizer=Tok(), method_state={})
+    assert integrity.fingerprint(pending) == before and not (tmp_path / "stage-00-a").exists()
+    monkeypatch.setattr(artifacts, "fingerprint", real)  # the rerun writes the stage with its branch inside
+    artifacts.write_stage(tmp_path, 0, "a", artifact=artifact, tokenizer=Tok(), method_state={})
+    assert not pending.exists() and (tmp_path / "stage-00-a" / "continue" / "manifest.json").exists()

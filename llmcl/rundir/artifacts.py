@@ -119,14 +119,21 @@ def write_stage(run_dir: Path, index: int, name: str, *, artifact: Callable[[Pat
         if save_optimizer is not None:
             save_optimizer(tmp / OPTIMIZER)
         manifest["path"] = f"{prefix}/{manifest['path']}"
-        if not branch:
-            manifest.update(manifest_extra or {})
-            if pending.exists():  # the pre-anneal weights the next stage continues from
-                os.replace(pending, tmp / CONTINUE)
-                manifest[CONTINUE] = json.loads((tmp / CONTINUE / MANIFEST).read_text())
-            write_json(tmp / STAGE_INFO, stage_info or {})
-        manifest["files"] = fingerprint(tmp, skip=(MANIFEST,))  # checked before the stage is loaded
-        write_json(tmp / MANIFEST, manifest)
+        moved = False
+        try:
+            if not branch:
+                manifest.update(manifest_extra or {})
+                if pending.exists():  # the pre-anneal weights the next stage continues from
+                    os.replace(pending, tmp / CONTINUE)
+                    moved = True
+                    manifest[CONTINUE] = json.loads((tmp / CONTINUE / MANIFEST).read_text())
+                write_json(tmp / STAGE_INFO, stage_info or {})
+            manifest["files"] = fingerprint(tmp, skip=(MANIFEST,))  # checked before the stage is loaded
+            write_json(tmp / MANIFEST, manifest)
+        except BaseException:
+            if moved:  # a failed write (a full disk) must not take the branch with it: it goes back (a rename)
+                os.replace(tmp / CONTINUE, pending)
+            raise
 
     write_dir(pending if branch else run_dir / dirname, write)
     return dirname
