@@ -50,14 +50,20 @@ def write_recipe(path: Path, **changes) -> Path:
         "stages": [{"data": {"path": "builtin:facts"}}, {"data": {"path": "builtin:reverse"}}],
         "eval": {"after_each_stage": False},  # training tests; tests/test_eval.py turns it on
     }
+    set_keys(recipe, changes)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def set_keys(recipe: dict, changes: dict) -> dict:
+    """Set `a__b__0__c=value` style keys (list indices as numbers) in a recipe dict, in place."""
     for key, value in changes.items():
         node = recipe
         parts = key.split("__")
         for p in parts[:-1]:
             node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
         node[parts[-1]] = value
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
+    return recipe
 
 
 @pytest.fixture

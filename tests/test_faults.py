@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, Crash, crash_after, write_recipe
+from conftest import REPO, Crash, crash_after, set_keys, write_recipe
 from llmcl.rundir.integrity import fingerprint
 
 STAGE0 = "stage-00-facts"
@@ -102,13 +102,7 @@ def _train(recipe, run_dir, *extra):
 
 
 def _recipe_with(tmp, recipe, **changes):
-    data = yaml.safe_load(Path(recipe).read_text())
-    for key, value in changes.items():
-        node = data
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
-        node[parts[-1]] = value
+    data = set_keys(yaml.safe_load(Path(recipe).read_text()), changes)
     out = tmp / "changed.yaml"
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out

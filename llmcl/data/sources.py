@@ -72,13 +72,19 @@ def read_file(path: Path) -> list[dict[str, Any]]:
             return pq.read_table(path).to_pylist()
         if suffix == ".txt":
             return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (ValueError, csv.Error) as exc:  # JSON, Unicode, CSV
-        raise LlmclError(f"cannot read data file {path}: {' '.join(str(exc).split())[:160]}") from None
-    except Exception as exc:  # noqa: BLE001  (pyarrow's errors on a damaged parquet file)
-        if type(exc).__module__.startswith("pyarrow"):
-            raise LlmclError(f"cannot read data file {path}: {' '.join(str(exc).split())[:160]}") from None
-        raise
+    except Exception as exc:  # noqa: BLE001
+        raise unreadable(path, exc) from None
     raise LlmclError(f"data file {path}: unsupported extension {suffix!r} (use {', '.join(EXTENSIONS)})")
+
+
+def unreadable(path: Path, exc: Exception, where: str = "") -> Exception:
+    """What to raise when parsing a data file failed: one line for a damaged file (JSON, Unicode, CSV, pyarrow's
+    errors on a damaged parquet file), the exception itself for anything else."""
+    if isinstance(exc, LlmclError):
+        return exc
+    if isinstance(exc, (ValueError, csv.Error)) or type(exc).__module__.startswith("pyarrow"):
+        return LlmclError(f"cannot read data file {path}{where}: {' '.join(str(exc).split())[:160]}")
+    return exc
 
 
 def _split_file(directory: Path, split: str) -> Path | None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from llmcl.data import builtin
 from llmcl.data.formatting import Example
-from llmcl.data.sources import is_builtin, is_local, read_file
+from llmcl.data.sources import is_builtin, is_local, read_file, unreadable
 from llmcl.errors import LlmclError
 
 DTYPE = np.uint32
@@ -84,15 +84,9 @@ def _local_records(p: Path) -> Iterator[dict[str, Any]]:
                     yield record
         else:  # .json arrays cannot be streamed
             yield from read_file(p)
-    except LlmclError:
-        raise
-    except (ValueError, csv.Error) as exc:  # JSON, Unicode, CSV
+    except Exception as exc:  # noqa: BLE001
         where = f" (line {n})" if n and p.suffix in (".jsonl", ".txt") else ""
-        raise LlmclError(f"cannot read data file {p}{where}: {' '.join(str(exc).split())[:160]}") from None
-    except Exception as exc:  # noqa: BLE001  (pyarrow's errors on a damaged parquet file)
-        if type(exc).__module__.startswith("pyarrow"):
-            raise LlmclError(f"cannot read data file {p}: {' '.join(str(exc).split())[:160]}") from None
-        raise
+        raise unreadable(p, exc, where) from None
 
 
 def _cache_key(cfg: Any, split: str, tokenizer: Any, seed: int) -> str:

@@ -146,22 +146,24 @@ def backward(accelerator: Any, loss: Any) -> None:
 
 
 def step(accelerator: Any, optimizer: Any, params: list[Any], max_grad_norm: float,
-         take: Callable[[Any], bool]) -> Any:
+         take: Callable[[Any], bool]) -> tuple[Any, bool]:
     """Clip (max_grad_norm > 0) and take the optimizer step if `take(grad_norm)` says so; returns the gradient
-    norm before clipping. Under DeepSpeed the engine clips and steps (gradient_clipping in its config, filled by
-    configure_stage) and `take` sees the norm only afterwards (it can stop the run, not skip the step)."""
+    norm before clipping and whether the step was taken. Under DeepSpeed the engine clips and steps
+    (gradient_clipping in its config, filled by configure_stage) and `take` sees the norm only afterwards (it can
+    stop the run, not skip the step)."""
     if deepspeed_plugin(accelerator) is not None:
         accelerator.deepspeed_engine_wrapped.engine.step()
         grad_norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
         take(grad_norm)
-        return grad_norm
+        return grad_norm, True
     if max_grad_norm > 0:
         grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
     else:  # the same norm, unclipped (an infinite bound clips nothing; grads are all-reduced: every rank agrees)
         grad_norm = accelerator.clip_grad_norm_(params, float("inf"))
-    if take(grad_norm):
+    taken = take(grad_norm)
+    if taken:
         optimizer.step()
-    return grad_norm
+    return grad_norm, taken
 
 
 def shard_saver(engine: Any):

@@ -84,8 +84,6 @@ class StageContext:
     wall_seconds: float = field(default=0.0)
     skipped: int = 0
     """Optimizer steps skipped for a non-finite gradient norm (train.on_nonfinite=skip)."""
-    skipped_at: int | None = None
-    """The last skipped step (0-based)."""
 
     @property
     def name(self) -> str:

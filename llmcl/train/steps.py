@@ -68,10 +68,10 @@ def train_steps(ctx: StageContext) -> None:
             if step_objective is not None:
                 step_objective += loss.detach()
         method.after_backward(model)
-        grad_norm = distributed.step(accelerator, optimizer, params, cfg.max_grad_norm,
-                                     take=lambda norm: _finite_or_skip(ctx, norm, step))
+        grad_norm, taken = distributed.step(accelerator, optimizer, params, cfg.max_grad_norm,
+                                            take=lambda norm: _finite_or_skip(ctx, norm, step))
         optimizer.zero_grad(set_to_none=True)
-        if ctx.skipped_at != step:
+        if taken:
             method.after_step(model)
             window.loss += step_loss
             if step_objective is not None:
@@ -106,7 +106,6 @@ def _finite_or_skip(ctx: StageContext, grad_norm: Any, step: int) -> bool:
         return True
     if ctx.cfg.on_nonfinite == "skip":
         ctx.skipped += 1
-        ctx.skipped_at = step
         return False
     raise _diverged(ctx, f"gradient norm {float(grad_norm)}", step + 1)
 
