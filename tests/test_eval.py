@@ -359,3 +359,27 @@ def test_a_cell_scored_with_another_metric_than_its_column_is_missing_not_mixed(
     k = [c.task for c in rep.columns].index("llmcl_stage_facts")
     assert rep.values[rep.rows.index("sentiment")][k] is None
     assert rep.values[rep.rows.index("prose")][k] is not None
+
+
+@pytest.mark.parametrize("dtype,train_precision,expected", [
+    ("auto", "fp32", torch.float32), ("auto", "auto", torch.float32), ("auto", "bf16", torch.bfloat16),
+    ("auto", "fp16", torch.float16), ("float32", "bf16", torch.float32), ("bfloat16", "fp32", torch.bfloat16)])
+def test_a_stage_is_evaluated_in_eval_dtype_and_auto_follows_training(run_dir, dtype, train_precision, expected):
+    """eval.dtype is the dtype the loaded stage is scored in (auto = the half precision training ran in; CPU has no
+    GPU bf16, so auto with train.precision auto stays float32 here): the weights and what the model's linear
+    layers return during lm-eval scoring."""
+    from llmcl.eval import harness
+    from llmcl.eval.scoring import _load_model, load_run_recipe
+
+    recipe = load_run_recipe(run_dir)
+    recipe.eval.dtype, recipe.train.precision = dtype, train_precision
+    model = _load_model(run_dir, recipe, 1, "cpu")
+    assert {p.dtype for p in model.parameters()} == {expected}
+    seen = set()
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+    result = harness.evaluate(model, load_tokenizer(recipe.model), ["llmcl_stage_sentiment-choice"],
+                              include_path=[str(run_dir / "eval" / "tasks")], include_defaults=False, limit=4,
+                              batch_size=4, num_fewshot=None)
+    assert seen == {expected}
+    assert result["llmcl_stage_sentiment-choice"].n == 4

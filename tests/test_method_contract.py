@@ -185,3 +185,58 @@ def test_a_method_is_prepared_on_the_training_device(name, tmp_path):
     elsewhere = {t.device.type for t in held} - {"meta"}
     assert not elsewhere, f"{name} keeps tensors on {elsewhere}"
     run.metrics.close()
+
+
+def _hflm(lm_class, model, tokenizer):
+    return lm_class(pretrained=model, tokenizer=tokenizer, batch_size=3, max_length=model.config.max_position_embeddings)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", METHODS)
+def test_shared_context_scoring_gives_lm_eval_s_loglikelihoods_for_every_method(name, attention, tmp_path):
+    """The model evaluation loads after a stage, scored by lm-eval's HFLM and by llmcl's packed rows (one row per
+    context with all its continuations): the same log-likelihood (1e-5) and greedy flag for every request.
+    Contexts of several lengths, 1- to 4-token continuations, a context with one continuation, and the model's own
+    greedy continuation (flag true); continuations that could see each other would change the values."""
+    from lm_eval.models.huggingface import HFLM
+
+    from llmcl.eval.scoring import _load_model
+    from llmcl.eval.shared_context import SharedContextScoring, shared_context_lm
+    from llmcl.models import load_tokenizer
+
+    r = recipe_mod.load(_recipe(tmp_path, name))
+    run_dir = tmp_path / "run"
+    run = run_context(r, run_dir, make_accelerator(r, run_dir, fresh=True), Ledger.open(run_dir, r),
+                      Display(enabled=False))
+    ctx = build_stage(run, 0)
+    train_steps(ctx)
+    finish_stage(ctx)
+    model = _load_model(run_dir, r, 0, "cpu")
+    model.set_attn_implementation(attention)
+    g = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (9, 23, 4, 31)]
+    requests = []
+    for k, context in enumerate(contexts):
+        for length in ([1, 2, 4, 3, 1] if k != 2 else [3]):
+            requests.append((None, context, torch.randint(5, 400, (length,), generator=g).tolist()))
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([contexts[1]]), max_new_tokens=3, do_sample=False,
+                                attention_mask=torch.ones(1, len(contexts[1]), dtype=torch.long))[0, -3:].tolist()
+    requests.append((None, contexts[1], greedy))
+    tok = load_tokenizer(r.model)
+    lm_class = shared_context_lm(HFLM)
+    with torch.no_grad():
+        expected = _hflm(HFLM, model, tok)._loglikelihood_tokens(requests)
+        lm = _hflm(lm_class, model, tok)
+        assert all(SharedContextScoring._packable(lm, c, x) for _, c, x in requests)
+        got = lm._loglikelihood_tokens(requests)
+    assert [flag for _, flag in got] == [flag for _, flag in expected]
+    assert got[-1][1] is True
+    torch.testing.assert_close(torch.tensor([v for v, _ in got]), torch.tensor([v for v, _ in expected]),
+                               rtol=1e-5, atol=1e-5)
+    if attention == "sdpa":  # eval.dtype bfloat16 (the GPU default): the method's modules run in it, to bf16 rounding
+        model.to(torch.bfloat16)
+        with torch.no_grad():
+            half = _hflm(lm_class, model, tok)._loglikelihood_tokens(requests)
+        torch.testing.assert_close(torch.tensor([v for v, _ in half]), torch.tensor([v for v, _ in expected]),
+                                   rtol=0.03, atol=0.05)

@@ -129,8 +129,9 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list
     by rank and gathers the per-sample metrics on rank 0, which gets the results; the other ranks get {}."""
     import lm_eval
     import lm_eval.evaluator  # noqa: F401  (the modules whose progress bars are silenced)
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from llmcl.eval.shared_context import hflm_class
 
     if not tasks:
         return {}
@@ -140,7 +141,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list
         with offline_and_quiet(), preserved_rng(), torch.no_grad():
             manager = TaskManager(include_path=include_path, include_defaults=include_defaults,
                                   metadata=metadata or {})
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+            lm = hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                       max_length=getattr(model.config, "max_position_embeddings", None))
             if accelerator is not None and accelerator.num_processes > 1:  # data-parallel: lm-eval shards by rank
                 lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes

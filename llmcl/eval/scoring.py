@@ -71,7 +71,20 @@ def _load_model(run_dir: Path, recipe: Recipe, row: str | int, device: Any = Non
         if hasattr(model, "merge_and_unload"):  # a PEFT model: score the merged weights
             model = model.merge_and_unload()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval()
+    return model.to(device=device, dtype=eval_dtype(recipe)).eval()
+
+
+def eval_dtype(recipe: Recipe) -> Any:
+    """The dtype a stage is evaluated in: eval.dtype, where auto = the half precision that train.precision trains
+    in (bf16/fp16 mixed precision), else the dtype the model was loaded in (None)."""
+    import torch
+
+    from llmcl.models import torch_dtype
+    from llmcl.train.distributed import mixed_precision
+
+    if recipe.eval.dtype != "auto":
+        return torch_dtype(recipe.eval.dtype)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(recipe.train.precision))
 
 
 def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, tokenizer: Any = None,

@@ -264,6 +264,8 @@ class EvalConfig:
     train.seq_len the stages train at; applied before the seeded shuffle and eval.limit."""
     num_fewshot: int | None = None
     """Few-shot examples for every task (null = each task's default)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype the model is evaluated in (lm-eval's dtype): auto = bfloat16/float16 where train.precision trains in bf16/fp16 mixed precision (auto: bf16 on GPUs that support it), else model.dtype."""
 
     def check(self, key: KeyFn) -> None:
         require(self.limit is None or self.limit > 0, key("limit"), self.limit, "a positive integer or null")

@@ -108,6 +108,7 @@ def recipe(order: int) -> str:
         "  max_steps: 10",
         "  batch_size: 8",
         "  seq_len: 512",
+        "  precision: bf16   # bf16 mixed precision (a GPU's default): 1.6x the fp32 step on a CPU with avx512_bf16",
         "eval:",
         "  limit: 30",
         "  max_prompt_tokens: 504   # test items whose prompt fits train.seq_len with its label",

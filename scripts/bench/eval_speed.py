@@ -1,0 +1,84 @@
+"""Evaluation speed: one row of the CL benchmark's accuracy matrix scored by lm-eval's HFLM, by llmcl's
+shared-context scoring (one packed row per context), and by that in bfloat16 (eval.dtype, what a bf16 training
+run evaluates in), in one process on the same model and test items.
+
+Every stage task of recipes/benchmarks/cl_standard.yaml both ways (generated label by exact match; loglikelihood
+over the label set) at --limit items a task. Prints seconds per way of scoring and the ratios, and checks that
+the scores agree (HFLM and shared-context: equal; bfloat16: reported).
+
+    python scripts/bench/eval_speed.py                 # SmolLM2-135M, 30 items a task (about 5 minutes on 2 cores)
+    python scripts/bench/eval_speed.py --limit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from llmcl import recipe as recipe_mod  # noqa: E402
+from llmcl.eval import harness, shared_context  # noqa: E402
+from llmcl.eval.tasks import write_stage_tasks  # noqa: E402
+from llmcl.models import load_base_model, load_tokenizer  # noqa: E402
+
+
+def score(model, tokenizer, tasks, tasks_dir, limit, lm_class) -> tuple[float, dict, dict]:
+    """Seconds, the scores by task and the seconds by kind (generation, loglikelihood) with `lm_class`."""
+    original = shared_context.hflm_class
+    shared_context.hflm_class = lambda: lm_class
+    try:
+        seconds, values = {}, {}
+        for kind in ("generate", "choice"):
+            names = [t for t in tasks if t.endswith("-choice") == (kind == "choice")]
+            t0 = time.perf_counter()
+            res = harness.evaluate(model, tokenizer, names, include_path=[str(tasks_dir)], include_defaults=False,
+                                   limit=limit, batch_size=16, num_fewshot=None)
+            seconds[kind] = time.perf_counter() - t0
+            values.update({k: v.value for k, v in res.items()})
+    finally:
+        shared_context.hflm_class = original
+    return sum(seconds.values()), values, seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--limit", type=int, default=30, help="test items per task (default 30)")
+    p.add_argument("--model", default="builtin:smollm2-135m")
+    args = p.parse_args()
+    from lm_eval.models.huggingface import HFLM
+
+    recipe = recipe_mod.load(REPO / "recipes" / "benchmarks" / "cl_standard.yaml", [f"model.path={args.model}"])
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_base_model(recipe.model, recipe.seed).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks = [t.task for t in write_stage_tasks(recipe, Path(tmp), tokenizer)]
+        tasks_dir = Path(tmp) / "eval" / "tasks"
+        shared = shared_context.hflm_class()
+        rows = {"HFLM, float32": score(model, tokenizer, tasks, tasks_dir, args.limit, HFLM),
+                "shared context, float32": score(model, tokenizer, tasks, tasks_dir, args.limit, shared)}
+        model.to(torch.bfloat16)
+        rows["shared context, bfloat16"] = score(model, tokenizer, tasks, tasks_dir, args.limit, shared)
+    base = rows["HFLM, float32"]
+    print(f"{args.model}, {len(tasks)} tasks ({len(tasks) // 2} stages both ways), {args.limit} items a task, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| scoring | generation (s) | label-set loglikelihood (s) | row (s) | speed-up | scores equal to HFLM's |")
+    print("|---|---|---|---|---|---|")
+    for name, (total, values, seconds) in rows.items():
+        diff = [t for t in tasks if abs(values[t] - base[1][t]) > 1e-9]
+        print(f"| {name} | {seconds['generate']:.1f} | {seconds['choice']:.1f} | {total:.1f} | "
+              f"{base[0] / total:.2f}x | {'yes' if not diff else 'no: ' + ', '.join(f'{t} {base[1][t]:.2f} -> {values[t]:.2f}' for t in diff)} |")
+
+
+if __name__ == "__main__":
+    main()
