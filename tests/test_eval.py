@@ -292,6 +292,33 @@ def test_general_tasks_only_on_base_and_last_stage_when_asked(run_dir, tmp_path)
     assert ends["general_delta"]["llmcl_arc_easy"] == pytest.approx(delta)
 
 
+def test_unseen_stages_next_scores_only_what_fwt_reads_and_keeps_every_metric(run_dir, tmp_path):
+    """eval.unseen_stages: next leaves out the stages more than one ahead of a row (the base row scores all), and
+    AA, BWT and FWT of both views equal the whole matrix's; `llmcl eval --tasks` still scores one ahead."""
+    import shutil
+
+    other = tmp_path / "next"
+    shutil.copytree(run_dir, other)
+    data = yaml.safe_load((other / "recipe.yaml").read_text())
+    data["eval"]["unseen_stages"] = "next"
+    (other / "recipe.yaml").write_text(yaml.safe_dump(data))
+    for p in (other / "eval").glob("*.json"):
+        p.unlink()
+    assert run_cli("eval", str(other)).exit_code == 0
+    rows = _rows(other)
+    stages = lambda row: {v["stage_name"] for v in row["tasks"].values() if v["stage_name"]}  # noqa: E731
+    assert [stages(rows[k]) for k in ("base", "stage-00", "stage-01", "stage-02")] == [
+        {"facts", "sentiment", "prose"}, {"facts", "sentiment"}, {"facts", "sentiment", "prose"},
+        {"facts", "sentiment", "prose"}]
+    assert run_cli("report", str(run_dir)).exit_code == 0 and run_cli("report", str(other)).exit_code == 0
+    full = json.loads((run_dir / "report" / "matrix.json").read_text())
+    ahead = json.loads((other / "report" / "matrix.json").read_text())
+    for key in ("metrics", "metrics_choice"):
+        assert ahead[key] == pytest.approx(full[key]), key
+    assert run_cli("eval", str(other), "--stage", "0", "--tasks", "prose").exit_code == 0
+    assert "prose" in stages(_rows(other)["stage-00"])
+
+
 @pytest.mark.skipif(not HAS_EVAL_DATA, reason="needs ../shared/data/eval")
 def test_another_runs_stage_tasks_get_the_stage_limit_not_tasks_limit(run_dir, tmp_path):
     """A run scored on stage tasks it includes by name (cl_compare's multitask bound) uses eval.limit for them."""

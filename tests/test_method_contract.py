@@ -191,13 +191,14 @@ def _hflm(lm_class, model, tokenizer):
     return lm_class(pretrained=model, tokenizer=tokenizer, batch_size=3, max_length=model.config.max_position_embeddings)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", METHODS)
-def test_shared_context_scoring_gives_lm_eval_s_loglikelihoods_for_every_method(name, attention, tmp_path):
+def test_shared_context_scoring_gives_lm_eval_s_loglikelihoods_for_every_method(name, tmp_path):
     """The model evaluation loads after a stage, scored by lm-eval's HFLM and by llmcl's packed rows (one row per
-    context with all its continuations): the same log-likelihood (1e-5) and greedy flag for every request.
-    Contexts of several lengths, 1- to 4-token continuations, a context with one continuation, and the model's own
-    greedy continuation (flag true); continuations that could see each other would change the values."""
+    context with all its continuations), with sdpa and eager attention: the same log-likelihood (1e-5) and greedy
+    flag for every request. Contexts of several lengths, 1- to 4-token continuations, a context with one
+    continuation, and the model's own greedy continuation (flag true); continuations that could see each other, or
+    that sat at other positions, would change the values. In bfloat16 (eval.dtype) the method's modules run and
+    agree to bf16 rounding."""
     from lm_eval.models.huggingface import HFLM
 
     from llmcl.eval.scoring import _load_model
@@ -212,7 +213,6 @@ def test_shared_context_scoring_gives_lm_eval_s_loglikelihoods_for_every_method(
     train_steps(ctx)
     finish_stage(ctx)
     model = _load_model(run_dir, r, 0, "cpu")
-    model.set_attn_implementation(attention)
     g = torch.Generator().manual_seed(0)
     contexts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (9, 23, 4, 31)]
     requests = []
@@ -225,18 +225,18 @@ def test_shared_context_scoring_gives_lm_eval_s_loglikelihoods_for_every_method(
     requests.append((None, contexts[1], greedy))
     tok = load_tokenizer(r.model)
     lm_class = shared_context_lm(HFLM)
+    values = lambda answers: torch.tensor([v for v, _ in answers])  # noqa: E731
     with torch.no_grad():
         expected = _hflm(HFLM, model, tok)._loglikelihood_tokens(requests)
-        lm = _hflm(lm_class, model, tok)
-        assert all(SharedContextScoring._packable(lm, c, x) for _, c, x in requests)
-        got = lm._loglikelihood_tokens(requests)
-    assert [flag for _, flag in got] == [flag for _, flag in expected]
-    assert got[-1][1] is True
-    torch.testing.assert_close(torch.tensor([v for v, _ in got]), torch.tensor([v for v, _ in expected]),
-                               rtol=1e-5, atol=1e-5)
-    if attention == "sdpa":  # eval.dtype bfloat16 (the GPU default): the method's modules run in it, to bf16 rounding
+        assert expected[-1][1] is True
+        for attention in ("sdpa", "eager"):
+            model.set_attn_implementation(attention)
+            lm = _hflm(lm_class, model, tok)
+            assert all(SharedContextScoring._packable(lm, c, x) for _, c, x in requests)
+            got = lm._loglikelihood_tokens(requests)
+            assert [flag for _, flag in got] == [flag for _, flag in expected], attention
+            torch.testing.assert_close(values(got), values(expected), rtol=1e-5, atol=1e-5, msg=attention)
+        model.set_attn_implementation("sdpa")
         model.to(torch.bfloat16)
-        with torch.no_grad():
-            half = _hflm(lm_class, model, tok)._loglikelihood_tokens(requests)
-        torch.testing.assert_close(torch.tensor([v for v, _ in half]), torch.tensor([v for v, _ in expected]),
-                                   rtol=0.03, atol=0.05)
+        half = _hflm(lm_class, model, tok)._loglikelihood_tokens(requests)
+    torch.testing.assert_close(values(half), values(expected), rtol=0.03, atol=0.05)

@@ -135,13 +135,14 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list
 
     if not tasks:
         return {}
+    lm_class = hflm_class()  # imported before the progress bars of lm-eval's modules are silenced
     was_training = model.training
     model.eval()
     try:
         with offline_and_quiet(), preserved_rng(), torch.no_grad():
             manager = TaskManager(include_path=include_path, include_defaults=include_defaults,
                                   metadata=metadata or {})
-            lm = hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+            lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                       max_length=getattr(model.config, "max_position_embeddings", None))
             if accelerator is not None and accelerator.num_processes > 1:  # data-parallel: lm-eval shards by rank
                 lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes

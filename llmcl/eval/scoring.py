@@ -110,6 +110,8 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
     if not recipe.eval.tasks_every_stage and row != BASE and int(row) != len(recipe.stages) - 1:
         general = []  # general ability only for the base model and the last stage
     names = [t.task for t in stage_tasks] + general
+    if not only and row != BASE and recipe.eval.unseen_stages == "next":  # FWT reads only the next stage's cell
+        names = [n for n in names if n not in by_name or by_name[n].stage <= int(row) + 1]
     if only:
         aliases: dict[str, list[str]] = {}
         for t in stage_tasks:  # a stage's name stands for its every view

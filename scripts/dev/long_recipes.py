@@ -116,6 +116,7 @@ def recipe(order: int) -> str:
         "  tasks: [llmcl_arc_easy, llmcl_piqa, llmcl_winogrande]",
         "  tasks_limit: 50",
         "  tasks_every_stage: false",
+        "  unseen_stages: next   # a row scores the stages up to the next one (all that FWT reads): 40% fewer cells",
         "stages:",
     ]
     for name in names:
