@@ -17,8 +17,6 @@ class ModelConfig:
 
     path: str = "builtin:smollm2-135m"
     """A hub id (org/name), a local model directory, builtin:smollm2-135m or builtin:tiny."""
-    unseen_stages: Literal["all", "next"] = "all"
-    """Which stages not trained yet a row scores: all (the whole matrix) or next (only the next stage's task, all that FWT reads: the matrix above that stays empty; the base row scores every stage)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype. auto = float32 master weights (bf16 autocast on GPUs that support it)."""
     trust_remote_code: bool = False
