@@ -96,25 +96,30 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path, monk
         "train.max_steps"
 
 
-def test_the_base_row_is_shared_only_when_scored_with_the_same_limits_and_tasks(tmp_path):
+def test_the_base_row_is_shared_only_when_scored_with_the_same_model_dtype_limits_and_tasks(tmp_path):
     r = cl_compare.recipe_for("mora", _args(), 1, tmp_path / "tasks")
     ev = r["eval"]
     generated = [f"llmcl_stage_{st['name']}" for st in r["stages"]]
     tasks = generated + [f"{t}-choice" for t in generated] + ev["tasks"]  # every task scored both ways
     base = tmp_path / "base.json"
-    assert not cl_compare._shareable_base(base, r)  # no base row yet
-    row = {"limit": ev["limit"], "tasks_limit": ev["tasks_limit"], "tasks": {t: {} for t in tasks}}
+    assert not cl_compare.shareable_base(base, r)  # no base row yet
+    row = {"limit": ev["limit"], "tasks_limit": ev["tasks_limit"], "model": r["model"]["path"], "dtype": "bfloat16",
+           "tasks": {t: {} for t in tasks}}
     base.write_text(json.dumps(row))
-    assert cl_compare._shareable_base(base, r)
+    assert cl_compare.shareable_base(base, r)  # the benchmark trains in bf16 mixed precision: scored in bfloat16
+    for key, other in (("dtype", "float32"), ("model", "builtin:tiny")):
+        base.write_text(json.dumps({**row, key: other}))
+        assert not cl_compare.shareable_base(base, r), key
     base.write_text(json.dumps({**row, "limit": ev["limit"] + 1}))
-    assert not cl_compare._shareable_base(base, r)
+    assert not cl_compare.shareable_base(base, r)
     base.write_text(json.dumps({**row, "tasks": {t: {} for t in tasks[1:]}}))
-    assert not cl_compare._shareable_base(base, r)
+    assert not cl_compare.shareable_base(base, r)
     base.write_text(json.dumps({**row, "tasks": {t: {} for t in tasks if not t.endswith("-choice")}}))
-    assert not cl_compare._shareable_base(base, r)  # a base row from before the label-set view
+    assert not cl_compare.shareable_base(base, r)  # a base row from before the label-set view
+    (tmp_path / "tasks").mkdir()  # the seqft run's task YAMLs
     mt = cl_compare.recipe_for("multitask", _args(), 1, tmp_path / "tasks")  # names the stage tasks in eval.tasks
     base.write_text(json.dumps(row))
-    assert cl_compare._shareable_base(base, mt)
+    assert cl_compare.shareable_base(base, mt)
 
 
 @pytest.mark.parametrize("order", cl_compare.BENCHMARKS["standard"][1])

@@ -16,6 +16,7 @@ from llmcl.models import load_tokenizer
 from llmcl.rundir import artifacts
 from llmcl.recipe import ModelConfig
 
+GPU_BF16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 HAS_EVAL_DATA = (SHARED_DATA / "eval" / "arc_easy" / "arc_easy.jsonl").exists()
 WORDS = "good great fine bad awful poor lovely dull superb boring".split()
 
@@ -389,7 +390,8 @@ def test_a_cell_scored_with_another_metric_than_its_column_is_missing_not_mixed(
 
 
 @pytest.mark.parametrize("dtype,train_precision,expected", [
-    ("auto", "fp32", torch.float32), ("auto", "auto", torch.float32), ("auto", "bf16", torch.bfloat16),
+    ("auto", "fp32", torch.float32), ("auto", "auto", torch.bfloat16 if GPU_BF16 else torch.float32),
+    ("auto", "bf16", torch.bfloat16),
     ("auto", "fp16", torch.float16), ("float32", "bf16", torch.float32), ("bfloat16", "fp32", torch.bfloat16)])
 def test_a_stage_is_evaluated_in_eval_dtype_and_auto_follows_training(run_dir, dtype, train_precision, expected):
     """eval.dtype is the dtype the loaded stage is scored in (auto = the half precision training ran in; CPU has no
@@ -402,6 +404,9 @@ def test_a_stage_is_evaluated_in_eval_dtype_and_auto_follows_training(run_dir, d
     recipe.eval.dtype, recipe.train.precision = dtype, train_precision
     model = _load_model(run_dir, recipe, 1, "cpu")
     assert {p.dtype for p in model.parameters()} == {expected}
+    # RoPE's inverse frequencies stay float32, as when transformers loads a model in a half dtype
+    assert {n: b.dtype for n, b in model.named_buffers()} == {"model.rotary_emb.inv_freq": torch.float32,
+                                                              "model.rotary_emb.original_inv_freq": torch.float32}
     seen = set()
     linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
     linear.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))

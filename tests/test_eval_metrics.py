@@ -44,6 +44,12 @@ def test_forgetting_uses_the_best_earlier_score_not_the_diagonal():
     assert M.backward_transfer(m, 2) == pytest.approx(((0.5 - 0.6) + (0.7 - 0.7)) / 2)
 
 
+def test_forgetting_ignores_scores_from_before_a_task_was_learned():
+    # task 1 scored 0.9 before stage 1 trained it (transfer), 0.6 after: only 0.6 can be forgotten
+    m = [[0.8, 0.9, 0.1], [0.8, 0.6, 0.1], [0.8, 0.5, 0.7]]
+    assert M.forgetting(m, 2) == pytest.approx(((0.8 - 0.8) + (0.6 - 0.5)) / 2)
+
+
 def test_lower_is_better_metrics_enter_negated():
     bpb = [[1.0, 3.0], [1.5, 1.2]]  # bits per byte: stage 2 made task 0 worse (1.0 -> 1.5)
     scores = [[M.oriented(v, higher_is_better=False) for v in row] for row in bpb]

@@ -197,11 +197,10 @@ def test_shared_context_scoring_gives_lm_eval_s_loglikelihoods_for_every_method(
     context with all its continuations), with sdpa and eager attention: the same log-likelihood (1e-5) and greedy
     flag for every request. Contexts of several lengths, 1- to 4-token continuations, a context with one
     continuation, and the model's own greedy continuation (flag true); continuations that could see each other, or
-    that sat at other positions, would change the values. In bfloat16 (eval.dtype) the method's modules run and
-    agree to bf16 rounding."""
+    that sat at other positions, would change the values. The same in bfloat16 (eval.dtype), to its rounding."""
     from lm_eval.models.huggingface import HFLM
 
-    from llmcl.eval.scoring import _load_model
+    from llmcl.eval.scoring import _load_model, cast
     from llmcl.eval.shared_context import SharedContextScoring, shared_context_lm
     from llmcl.models import load_tokenizer
 
@@ -226,17 +225,22 @@ def test_shared_context_scoring_gives_lm_eval_s_loglikelihoods_for_every_method(
     tok = load_tokenizer(r.model)
     lm_class = shared_context_lm(HFLM)
     values = lambda answers: torch.tensor([v for v, _ in answers])  # noqa: E731
+    packed_rows = []
+    spy = lambda lm: setattr(lm, "_score_rows", lambda batch, reqs: packed_rows.extend(batch) or  # noqa: E731
+                             SharedContextScoring._score_rows(lm, batch, reqs))
     with torch.no_grad():
-        expected = _hflm(HFLM, model, tok)._loglikelihood_tokens(requests)
-        assert expected[-1][1] is True
-        for attention in ("sdpa", "eager"):
-            model.set_attn_implementation(attention)
-            lm = _hflm(lm_class, model, tok)
-            assert all(SharedContextScoring._packable(lm, c, x) for _, c, x in requests)
-            got = lm._loglikelihood_tokens(requests)
-            assert [flag for _, flag in got] == [flag for _, flag in expected], attention
-            torch.testing.assert_close(values(got), values(expected), rtol=1e-5, atol=1e-5, msg=attention)
-        model.set_attn_implementation("sdpa")
-        model.to(torch.bfloat16)
-        half = _hflm(lm_class, model, tok)._loglikelihood_tokens(requests)
-    torch.testing.assert_close(values(half), values(expected), rtol=0.03, atol=0.05)
+        for dtype in (torch.float32, torch.bfloat16):  # eval.dtype bfloat16: the GPU default
+            cast(model, dtype)
+            expected = _hflm(HFLM, model, tok)._loglikelihood_tokens(requests)
+            assert expected[-1][1] is True
+            for attention in ("sdpa", "eager"):
+                model.set_attn_implementation(attention)
+                lm = _hflm(lm_class, model, tok)
+                spy(lm)
+                packed_rows.clear()
+                got = lm._loglikelihood_tokens(requests)
+                assert lm._packing is True and len({c for c, _ in packed_rows}) == 3, attention  # all but k=2
+                tol = 1e-5 if dtype == torch.float32 else 0.03  # bf16: packed and HFLM's rows round differently
+                torch.testing.assert_close(values(got), values(expected), rtol=tol, atol=tol, msg=attention)
+                if dtype == torch.float32:
+                    assert [flag for _, flag in got] == [flag for _, flag in expected], attention

@@ -142,7 +142,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list
         with offline_and_quiet(), preserved_rng(), torch.no_grad():
             manager = TaskManager(include_path=include_path, include_defaults=include_defaults,
                                   metadata=metadata or {})
-            lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+            lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype="float32",
                       max_length=getattr(model.config, "max_position_embeddings", None))
             if accelerator is not None and accelerator.num_processes > 1:  # data-parallel: lm-eval shards by rank
                 lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes

@@ -46,10 +46,12 @@ def forward_transfer(A: Matrix, base: list[Optional[float]] | None, k: int) -> f
 
 
 def forgetting(A: Matrix, k: int) -> float | None:
-    """Mean over tasks j<k of the best earlier score max_{l<k} A[l][j] minus the score after stage k."""
+    """Mean over tasks j<k of the best score since it was learned, max_{j<=l<k} A[l][j], minus the score after
+    stage k (Chaudhry et al. 2018 over the rows where task j is known: scores before stage j are not knowledge
+    that can be forgotten, and eval.unseen_stages: next leaves them out)."""
     values = []
     for j in range(k):
-        earlier = [A[l][j] for l in range(k) if A[l][j] is not None]
+        earlier = [A[l][j] for l in range(j, k) if A[l][j] is not None]
         if earlier and A[k][j] is not None:
             values.append(max(earlier) - A[k][j])
     return _mean(values)

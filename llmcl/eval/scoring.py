@@ -71,12 +71,23 @@ def _load_model(run_dir: Path, recipe: Recipe, row: str | int, device: Any = Non
         if hasattr(model, "merge_and_unload"):  # a PEFT model: score the merged weights
             model = model.merge_and_unload()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device=device, dtype=eval_dtype(recipe)).eval()
+    return cast(model.to(device), eval_dtype(recipe)).eval()
+
+
+def cast(model: Any, dtype: Any) -> Any:
+    """`model` in `dtype` as transformers loads it in that dtype: parameters and saved buffers cast, computed ones
+    (RoPE's inverse frequencies: non-persistent buffers) kept in their precision."""
+    kept = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
+            if b is not None and b.is_floating_point() and name in m._non_persistent_buffers_set]
+    model.to(dtype)
+    for m, name, b in kept:
+        m._buffers[name] = b
+    return model
 
 
 def eval_dtype(recipe: Recipe) -> Any:
     """The dtype a stage is evaluated in: eval.dtype, where auto = the half precision that train.precision trains
-    in (bf16/fp16 mixed precision), else the dtype the model was loaded in (None)."""
+    in (bf16/fp16 mixed precision), else model.dtype."""
     import torch
 
     from llmcl.models import torch_dtype
@@ -84,7 +95,8 @@ def eval_dtype(recipe: Recipe) -> Any:
 
     if recipe.eval.dtype != "auto":
         return torch_dtype(recipe.eval.dtype)
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(recipe.train.precision))
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(recipe.train.precision))
+    return half or torch_dtype(recipe.model.dtype)
 
 
 def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, tokenizer: Any = None,
@@ -155,6 +167,7 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
         "stage_name": None if row == BASE else recipe.stages[int(row)].name,
         "checkpoint": None if row == BASE else ledger_entry["checkpoint"],
         "lm_eval_version": harness.lm_eval_version(), "limit": e.limit, "tasks_limit": general_limit,
+        "model": recipe.model.path, "dtype": str(eval_dtype(recipe)).removeprefix("torch."),
         "created_at": now(),
         "seconds": round(seconds, 3),
     })

@@ -10,9 +10,9 @@ after it in the same row:
 
 so every continuation sees exactly the tokens it would see alone, at the same positions. The token sequences
 are HFLM's own (its `_encode_pair` and left truncation), so the log-likelihoods and greedy flags are HFLM's up
-to float rounding (tests/test_eval.py compares them for every method). Rows that cannot be packed this way
-(a model whose attention takes no custom mask, a context longer than a sliding window, a pair longer than the
-model) go through HFLM unchanged.
+to float rounding (tests/test_method_contract.py compares them for every method). Requests that cannot be packed
+this way (a model whose attention takes no custom mask or whose positions do not come from position_ids, a pair
+longer than a sliding window or the model, batch_size auto) go through HFLM unchanged.
 """
 
 from __future__ import annotations
@@ -60,45 +60,77 @@ def branch_mask(branch: list[int], length: int) -> torch.Tensor:
 
 
 class SharedContextScoring:
-    """Mixin for lm-eval's HFLM: `_loglikelihood_tokens` packs the requests of each context into one row."""
+    """Mixin for lm-eval's HFLM: `_loglikelihood_tokens` packs the requests of each context into one row.
+
+    Packing needs a model whose tokens interact only through attention that honours a custom mask and whose
+    positions come from position_ids: `_model_packs` checks what it can read (attention implementation, a
+    position_ids argument, no ALiBi, only attention layers, no prompt-learning adapter), and the first packed row
+    of every call is also scored HFLM's way: a model that does not give the same values is scored HFLM's way
+    from then on."""
+
+    _packing: bool | None = None  # None until the first packed row was checked against HFLM
+
+    def _model_packs(self) -> bool:
+        import inspect
+
+        config = getattr(self.model, "config", None)
+        if (self.backend != "causal" or not isinstance(self.batch_size, int)  # 'auto' sizes batches collectively
+                or getattr(config, "_attn_implementation", None) not in MASKABLE):
+            return False
+        if getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"):
+            return False
+        if any(t not in ("full_attention", "sliding_attention") for t in getattr(config, "layer_types", None) or []):
+            return False
+        peft = getattr(self.model, "active_peft_config", None)
+        if peft is not None and getattr(peft, "is_prompt_learning", False):
+            return False
+        return "position_ids" in inspect.signature(self.model.forward).parameters
 
     def _packable(self, context: list[int], continuation: list[int]) -> bool:
-        config = getattr(self.model, "config", None)
-        if self.backend != "causal" or getattr(config, "_attn_implementation", None) not in MASKABLE:
-            return False
-        window = getattr(config, "sliding_window", None)
+        window = getattr(self.model.config, "sliding_window", None)
         length = len(context) + len(continuation)
-        return length <= self.max_length + 1 and (not window or length <= window)
+        return 0 < len(context) and 0 < len(continuation) and length <= self.max_length + 1 and \
+            (not window or length <= window)
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         groups: dict[tuple[int, ...], list[int]] = {}
         alone = []
+        packs = self._packing is not False and self._model_packs()
         for i, (_, context, continuation) in enumerate(requests):
-            if self._packable(context, continuation):
+            if packs and self._packable(context, continuation):
                 groups.setdefault(tuple(context), []).append(i)
             else:
                 alone.append(i)
         for context, members in list(groups.items()):  # packing pays where the context is the larger part
             unpacked = sum(len(context) + len(requests[i][2]) - 1 for i in members)
-            if len(context) + sum(len(requests[i][2]) - 1 for i in members) > SAVING * unpacked:
+            packed = len(context) + sum(len(requests[i][2]) - 1 for i in members)
+            if packed > SAVING * unpacked or packed > self.max_length:
                 alone += groups.pop(context)
+        rows = sorted(groups.items(), key=lambda g: -(len(g[0]) + sum(len(requests[i][2]) - 1 for i in g[1])))
+        if rows and self._packing is None:  # the first packed row, checked against HFLM's way
+            first = rows[0][1]
+            expected = super()._loglikelihood_tokens([requests[i] for i in first], disable_tqdm=True)  # type: ignore[misc]
+            atol, rtol = (1e-3, 1e-4) if self.model.dtype == torch.float32 else (0.1, 0.02)  # half: rounding
+            self._packing = all(abs(got[0] - want[0]) <= atol + rtol * abs(want[0])
+                                for (_, got), want in zip(self._score_rows(rows[:1], requests), expected))
+            if not self._packing:
+                alone += [i for _, members in rows for i in members]
+                rows = []
         if alone:
             alone.sort()
             for i, answer in zip(alone, super()._loglikelihood_tokens(  # type: ignore[misc]
                     [requests[i] for i in alone], disable_tqdm=True, override_bs=override_bs)):
                 results[i] = answer
-        rows = sorted(groups.items(), key=lambda g: -(len(g[0]) + sum(len(requests[i][2]) - 1 for i in g[1])))
-        per_batch = self.batch_size if isinstance(self.batch_size, int) else (override_bs or 1)
-        for start in range(0, len(rows), max(1, per_batch)):
-            batch = rows[start:start + max(1, per_batch)]
-            for i, answer in self._score_rows(batch, requests):
+        for start in range(0, len(rows), self.batch_size):
+            for i, answer in self._score_rows(rows[start:start + self.batch_size], requests):
                 results[i] = answer
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
         return results  # type: ignore[return-value]
 
+    @torch.no_grad()
     def _score_rows(self, batch: list[tuple[tuple[int, ...], list[int]]], requests: list[Request]) -> list[tuple[int, tuple[float, bool]]]:
         packed = [packed_row(list(context), [requests[i][2] for i in members]) for context, members in batch]
         length = max(len(p[0]) for p in packed)
@@ -120,7 +152,7 @@ class SharedContextScoring:
         for r, ((_, members), (_, _, _, predictors)) in enumerate(zip(batch, packed)):
             for i, where in zip(members, predictors):
                 cont = torch.tensor(requests[i][2], device=logits.device)
-                logp = F.log_softmax(logits[r, where], dim=-1, dtype=self.softmax_dtype or torch.float32)
+                logp = F.log_softmax(logits[r, where], dim=-1, dtype=self.softmax_dtype)
                 greedy = bool((logp.argmax(-1) == cont).all())
                 out.append((i, (float(logp.gather(1, cont[:, None]).sum()), greedy)))
         return out

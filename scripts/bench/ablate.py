@@ -26,7 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1].parent
 sys.path.insert(0, str(REPO / "scripts" / "bench"))
-from cl_compare import run_dir_of  # noqa: E402
+from cl_compare import parser as cl_compare_parser, recipe_for, run_dir_of, shareable_base  # noqa: E402
+
+cl_compare_defaults = cl_compare_parser().parse_args(["--orders", "1"])
 
 # method -> [(variant, recipe overrides)], the first one run first (with "default", the shipped recipe): the
 # reference code's choices together, or the one that matters most. Sources: docs/deviations.md
@@ -64,14 +66,14 @@ def schedule(methods: list[str], variants: list[str] | None) -> list[tuple[str, 
     return [r for r in runs if variants is None or r[1] in variants]
 
 
-def share_base(run_dir: Path, out: Path, limit: int) -> None:
-    """Copy the base model's row from an earlier variant scored with the same test items (the same model, tasks,
-    order and seed), so that it is scored once."""
+def share_base(run_dir: Path, out: Path, recipe: dict) -> None:
+    """Copy the base model's row from an earlier variant scored the same way (model, dtype, tasks, items; the
+    same order and seed), so that it is scored once."""
     target = run_dir / "eval" / "base.json"
     if target.exists():
         return
     for row in sorted(out.glob(f"*/*-o1-s{SEED_OFFSET}/eval/base.json")):
-        if json.loads(row.read_text()).get("limit") == limit:
+        if shareable_base(row, recipe):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(row, target)
             return
@@ -79,7 +81,9 @@ def share_base(run_dir: Path, out: Path, limit: int) -> None:
 
 def run_variant(method: str, variant: str, overrides: list[str], args: argparse.Namespace) -> dict:
     out = args.out / f"{method}-{variant}"
-    share_base(run_dir_of(out, method, 1, SEED_OFFSET), args.out, args.limit)
+    compare_args = argparse.Namespace(**{**vars(cl_compare_defaults), "model": args.model, "limit": args.limit,
+                                         "set": overrides})
+    share_base(run_dir_of(out, method, 1, SEED_OFFSET), args.out, recipe_for(method, compare_args, 1, None))
     cmd = [sys.executable, str(REPO / "scripts" / "bench" / "cl_compare.py"), "--orders", "1", "--seed-offset",
            str(SEED_OFFSET), "--methods", method, "--out", str(out), "--limit", str(args.limit),
            "--model", args.model]

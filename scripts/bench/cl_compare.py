@@ -218,15 +218,19 @@ def _settings_changed(run_dir: Path, recipe: dict) -> str | None:
     return first_difference(stored, wanted)
 
 
-def _shareable_base(shared_base: Path, recipe: dict) -> bool:
-    """Whether seqft's base row was scored with this run's limits and has every task this run scores."""
+def shareable_base(shared_base: Path, recipe: dict) -> bool:
+    """Whether a base row was scored the way this run would score it: the same model in the same dtype, the same
+    limits, every task this run scores."""
+    from llmcl.eval.scoring import eval_dtype
+
     if not shared_base.exists():
         return False
     row, ev = json.loads(shared_base.read_text()), recipe["eval"]
     stage_tasks = stage_tasks_of(recipe["stages"]) if ev.get("stage_tasks", True) else []
     needed = set(stage_tasks) | set(ev.get("tasks", []))
-    return (row.get("limit"), row.get("tasks_limit")) == (ev.get("limit"), ev.get("tasks_limit")) and \
-        needed <= set(row["tasks"])
+    dtype = str(eval_dtype(recipe_mod.from_dict(copy.deepcopy(recipe)))).removeprefix("torch.")
+    return (row.get("limit"), row.get("tasks_limit"), row.get("model"), row.get("dtype")) == \
+        (ev.get("limit"), ev.get("tasks_limit"), recipe["model"]["path"], dtype) and needed <= set(row["tasks"])
 
 
 def run_one(name: str, args: argparse.Namespace, order: int) -> dict:
@@ -245,7 +249,7 @@ def run_one(name: str, args: argparse.Namespace, order: int) -> dict:
     if not stats_path.exists():
         own_base = run_dir / "eval" / "base.json"
         shared_base = run_dir_of(args.out, "seqft", order, seed) / "eval" / "base.json"
-        if name != "seqft" and not own_base.exists() and _shareable_base(shared_base, recipe):
+        if name != "seqft" and not own_base.exists() and shareable_base(shared_base, recipe):
             # the base model's row is the same for every method (same model, tasks and limits): score it once
             own_base.parent.mkdir(exist_ok=True)
             shutil.copyfile(shared_base, own_base)
@@ -419,7 +423,7 @@ def heatmaps(out: Path, results: list[dict]) -> Path | None:
     return path
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--model", default="builtin:smollm2-135m")
@@ -447,6 +451,11 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="the papers' sizes: 1000 samples per task (replayed ones included), "
                                                       "512 tokens, the whole test split (a GPU job)")
     p.add_argument("--out", type=Path, help="where the runs go (default: runs/cl_compare, runs/cl_compare_long)")
+    return p
+
+
+def main() -> None:
+    p = parser()
     args = p.parse_args()
     if args.batch is not None and args.batch < 2:
         p.error("--batch must be at least 2 (I-LoRA's step is half current, half replayed samples)")
