@@ -103,12 +103,13 @@ class SharedContextScoring:
                 groups.setdefault(tuple(context), []).append(i)
             else:
                 alone.append(i)
+        packed = {context: len(context) + sum(len(requests[i][2]) - 1 for i in members)  # a row's tokens
+                  for context, members in groups.items()}
         for context, members in list(groups.items()):  # packing pays where the context is the larger part
             unpacked = sum(len(context) + len(requests[i][2]) - 1 for i in members)
-            packed = len(context) + sum(len(requests[i][2]) - 1 for i in members)
-            if packed > SAVING * unpacked or packed > self.max_length:
+            if packed[context] > SAVING * unpacked or packed[context] > self.max_length:
                 alone += groups.pop(context)
-        rows = sorted(groups.items(), key=lambda g: -(len(g[0]) + sum(len(requests[i][2]) - 1 for i in g[1])))
+        rows = sorted(groups.items(), key=lambda g: -packed[g[0]])
         if rows and self._packing is None:  # the first packed row, checked against HFLM's way
             first = rows[0][1]
             expected = super()._loglikelihood_tokens([requests[i] for i in first], disable_tqdm=True)  # type: ignore[misc]
