@@ -257,3 +257,29 @@ def count_parameters(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+def why_not_packable(model: Any) -> str | None:
+    """Why several sequences cannot share one row of `model` with their positions restarting (None: they can).
+
+    Packing (training rows of several examples, the evaluation's shared-context rows) needs a model whose tokens
+    interact only through attention and whose positions come from position_ids: not ALiBi (bloom, mpt), not a
+    hybrid of attention and recurrent layers, not a prompt-learning adapter (its virtual tokens are prepended
+    to the whole row). What this reads is the config and the forward signature; a model that passes and still
+    mixes sequences is caught by the tests that compare packed with unpacked values."""
+    import inspect
+
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", "")
+    if getattr(config, "alibi", False) or kind in ("bloom", "mpt"):
+        return f"{kind or 'the model'} uses ALiBi position biases, not position_ids"
+    layers = sorted({t for t in getattr(config, "layer_types", None) or []} - {"full_attention", "sliding_attention"})
+    if layers:
+        return f"{kind or 'the model'} has {', '.join(map(str, layers))} layers, which carry state across a row"
+    peft = getattr(model, "active_peft_config", None)
+    if peft is not None and getattr(peft, "is_prompt_learning", False):
+        return "a prompt-learning adapter prepends its virtual tokens to the whole row"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes them on
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return f"{kind or type(base).__name__}'s forward takes no position_ids"
+    return None

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, write_recipe
 from llmcl import methods
+from llmcl.data.formatting import Example
 from llmcl.layers.mora import MoRALinear
 from llmcl.methods.base import StageInfo, StepInputs
 from llmcl.models import load_base_model
@@ -69,7 +70,6 @@ def test_slow_adapter_equals_an_independent_recomputation_of_the_interpolation(t
 
 def _batch(rows, pad_extra=0):
     from llmcl.data.batching import collate
-    from llmcl.data.formatting import Example
 
     b = collate([Example(r, r) for r in rows], pad_id=0)
     if pad_extra:
@@ -93,12 +93,12 @@ def test_padding_changes_nothing(monkeypatch):
         with torch.no_grad():  # make the learners differ so the consistency term is not zero
             for p in method.fast.values():
                 p.add_(0.01 * torch.randn_like(p))
-        method._offer(_batch([[1, 2, 3, 4], [20, 21, 22, 23, 24, 25]]))
+        method._offer([Example(r, r) for r in ([1, 2, 3, 4], [20, 21, 22, 23, 24, 25])])
         monkeypatch.setattr(ilora_mod, "collate", lambda ex, pad_id, e=extra: _pad(real(ex, pad_id), e))
         batch = _batch(rows, pad_extra=extra)
         n_items = sum(len(r) - 1 for r in rows)
         outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
-        losses.append(method.loss(StepInputs(batch, outputs, model, scale=1)))
+        losses.append(method.loss(StepInputs(batch, outputs, model, scale=1, examples=[Example(r, r) for r in rows])))
         assert method.step_metrics()["consistency"] > 0
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
 

@@ -134,6 +134,59 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def collate_packed(examples: list[Example], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """The same examples laid out as packed rows of at most `capacity` tokens (first-fit decreasing: longest
+    first, each into the first row it fits; ties in batch order), right-padded to the fullest row.
+
+    Every example keeps its tokens and labels, with its positions (`position_ids`) restarting at 0, and the
+    label of its first token IGNORE (in a row of its own that label is never a target; here it would be the
+    previous example's last prediction). A row's padding restarts its positions too, so it is a sequence of
+    its own. The model gets no attention_mask (`model_inputs`): transformers then confines attention to each
+    example from the position ids (sdpa/eager build a block-diagonal mask, flash-attention runs varlen).
+    `attention_mask` stays in the batch for the methods: 1 for every token of an example, 0 for padding."""
+    capacity = max([capacity] + [len(e.input_ids) for e in examples])
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for k in sorted(range(len(examples)), key=lambda k: (-len(examples[k].input_ids), k)):
+        n = len(examples[k].input_ids)
+        row = next((r for r in range(len(rows)) if fill[r] + n <= capacity), None)
+        if row is None:
+            rows.append([])
+            fill.append(0)
+            row = len(rows) - 1
+        rows[row].append(k)
+        fill[row] += n
+    width = max(fill)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for k in members:
+            e = examples[k]
+            n = len(e.input_ids)
+            ids[r, at:at + n] = torch.tensor(e.input_ids)
+            labels[r, at + 1:at + n] = torch.tensor(e.labels[1:])
+            positions[r, at:at + n] = torch.arange(n)
+            mask[r, at:at + n] = 1
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+
+
+def make_batch(examples: list[Example], pad_id: int, packing: bool, capacity: int) -> dict[str, torch.Tensor]:
+    """A micro-batch: packed rows (train.packing) or one right-padded row per example."""
+    return collate_packed(examples, pad_id, capacity) if packing else collate(examples, pad_id)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model gets of a batch: a packed batch goes without its attention_mask (see collate_packed)."""
+    if "position_ids" in batch:
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch
+
+
 def label_tokens(examples: list[Example]) -> int:
     """Tokens that contribute to the loss (labels are shifted by one inside the model)."""
     return sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in examples)

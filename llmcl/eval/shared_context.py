@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llmcl.models import why_not_packable
+
 # attention implementations that take a 4D mask as given (transformers returns a 4D mask unchanged)
 MASKABLE = ("sdpa", "eager")
 # a context's requests are packed when the row has at most this fraction of the tokens HFLM would run (a packed
@@ -71,20 +73,11 @@ class SharedContextScoring:
     _packing: bool | None = None  # None until the first packed row was checked against HFLM
 
     def _model_packs(self) -> bool:
-        import inspect
-
         config = getattr(self.model, "config", None)
         if (self.backend != "causal" or not isinstance(self.batch_size, int)  # 'auto' sizes batches collectively
                 or getattr(config, "_attn_implementation", None) not in MASKABLE):
             return False
-        if getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"):
-            return False
-        if any(t not in ("full_attention", "sliding_attention") for t in getattr(config, "layer_types", None) or []):
-            return False
-        peft = getattr(self.model, "active_peft_config", None)
-        if peft is not None and getattr(peft, "is_prompt_learning", False):
-            return False
-        return "position_ids" in inspect.signature(self.model.forward).parameters
+        return why_not_packable(self.model) is None
 
     def _packable(self, context: list[int], continuation: list[int]) -> bool:
         window = getattr(self.model.config, "sliding_window", None)

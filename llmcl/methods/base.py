@@ -5,7 +5,7 @@ The loop calls a method at fixed points, always in this order, and never knows w
     model = method.prepare(model, stage)          # freeze, wrap, add adapters, take SVDs
     method.load_state_dict(state)                 # the previous stage's state, then (resuming) the step's
     params = method.trainable_parameters(model)   # what the optimizer gets
-    every micro-batch:  loss = method.loss(StepInputs(...))      # the loop ran the forward pass
+    every micro-batch:  method.before_forward(batch); the loop's forward pass; loss = method.loss(StepInputs(...))
     every step:         backward; method.after_backward(model); optimizer step; method.after_step(model)
     model = method.end_stage(model, stage)        # merge, freeze experts, snapshot
     manifest = method.save(model, out_dir, stage) # the stage's model artifact (llmcl.rundir.artifacts)
@@ -110,7 +110,9 @@ class StepInputs:
     """What `Method.loss` gets for one micro-batch."""
 
     batch: dict[str, torch.Tensor]
-    """The micro-batch on the training device: input_ids, attention_mask, labels."""
+    """The micro-batch on the training device: input_ids, labels, attention_mask (1 = a token of an example).
+    With train.packing also position_ids: a row holds several examples (see llmcl.data.batching.collate_packed),
+    so rows are not examples, and the model got no attention_mask."""
     outputs: Any
     """The loop's forward pass on `batch` (through the distributed wrapper). outputs.loss is already this
     micro-batch's share of the step's mean over every trained token of every micro-batch and rank."""
@@ -121,6 +123,9 @@ class StepInputs:
     Accelerate's division by grad_accum and DDP's average over ranks. An extra term that is a mean over this
     micro-batch (a regulariser, a replay loss) is divided by `scale` to enter the step as a mean over
     micro-batches and ranks."""
+    examples: list[Any]
+    """The micro-batch's examples (llmcl.data.formatting.Example: input_ids, labels), in the plan's order,
+    whatever the layout of `batch`."""
 
     def forward(self, **inputs: Any) -> Any:
         """Another forward pass of the model in this step (same parameters, same autocast; its gradients join the
@@ -152,6 +157,9 @@ class Method:
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def before_forward(self, batch: dict[str, torch.Tensor]) -> None:
+        """Called with each micro-batch (see StepInputs.batch) just before the loop's forward pass on it."""
 
     def loss(self, step: StepInputs) -> torch.Tensor:
         return step.outputs.loss

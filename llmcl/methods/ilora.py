@@ -131,15 +131,11 @@ class ILora(Method):
         return list(self.fast.items())
 
     # -- replay ---------------------------------------------------------------------------------------
-    def _offer(self, batch: dict[str, torch.Tensor]) -> None:
+    def _offer(self, examples: list[Example]) -> None:
         """Reservoir sampling over every sample seen, by every rank (one reservoir, the same on every rank):
         the n-th sample replaces a random slot with chance size/(n+1)."""
         size = self.config.buffer_size
-        ids, labels, mask = (batch[k].detach().cpu() for k in ("input_ids", "labels", "attention_mask"))
-        mine = []
-        for row in range(ids.shape[0]):
-            n = int(mask[row].sum())
-            mine.append((ids[row, :n].tolist(), labels[row, :n].tolist()))
+        mine = [(list(e.input_ids), list(e.labels)) for e in examples]
         for example in (Example(*e) for rows in self.gather(mine) for e in rows):  # rank 0's rows first
             if len(self.buffer) < size:
                 self.buffer.append(example)
@@ -161,8 +157,8 @@ class ILora(Method):
         batch, c = step.batch, self.config
         replay = None
         if self.stage_index >= c.replay_from_stage:
-            replay = self._replay_batch(c.replay_batch or batch["input_ids"].shape[0], batch["input_ids"].device)
-        self._offer(batch)
+            replay = self._replay_batch(c.replay_batch or len(step.examples), batch["input_ids"].device)
+        self._offer(step.examples)
         if replay is None:
             return step.outputs.loss
         fast_out = step.forward(**replay, output_hidden_states=True, use_cache=False)

@@ -66,7 +66,6 @@ class MoRA(Method):
         # per layer, after end_stage: which of the stage's experts join the bank (None: all). The modules are not
         # changed (under ZeRO-3 they are sharded): save() writes the bank with them.
         self.keep: dict[str, torch.Tensor | None] = {}
-        self._hook: Any = None
 
     def _layer_config(self) -> dict[str, Any]:
         c = self.config
@@ -87,13 +86,12 @@ class MoRA(Method):
             layer.track = True
         self.selection = {name: torch.zeros(layer.n_experts + 1, dtype=torch.int64, device=layer.counts.device)
                           for name, layer in self.layers.items()}
-        # every forward tells the layers which tokens are real, so that padding is not counted
-        self._hook = model.register_forward_pre_hook(self._token_mask, with_kwargs=True)
         return model
 
-    def _token_mask(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def before_forward(self, batch: dict[str, torch.Tensor]) -> None:
+        """Tell the layers which tokens are real, so that padding is not counted (whatever the batch layout)."""
         for layer in self.layers.values():
-            layer.token_mask = kwargs.get("attention_mask")
+            layer.token_mask = batch["attention_mask"]
 
     def after_step(self, model: torch.nn.Module) -> None:
         """Collect the layers' selection counts of this step from every rank (one small all-reduce): every rank
@@ -128,9 +126,8 @@ class MoRA(Method):
             layer.track = False
             layer.reset_stats()
         self.selection = {}
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for layer in self.layers.values():
+            layer.token_mask = None
         self.records = [r for r in self.records if r["stage"] != stage.index]
         self.records.append({"stage": stage.index, "kept": kept, "pruned": pruned, "activation_frequency": freq_all})
         return model

@@ -23,7 +23,7 @@ from llmcl.data.mixing import build_pool, replay_plan, replay_sources
 from llmcl.data.sources import local_files
 from llmcl.errors import LlmclError
 from llmcl.methods.base import Method, StageInfo
-from llmcl.models import count_parameters, load_base_model
+from llmcl.models import count_parameters, load_base_model, why_not_packable
 from llmcl.recipe import Recipe
 from llmcl.rundir import CACHE, Ledger, artifacts, load_tree, now
 from llmcl.rundir.integrity import file_record
@@ -150,6 +150,10 @@ def build_stage(run: RunContext, i: int) -> StageContext:
                      seed=recipe.seed + i, origin=origin, batches=calibration_batches, rank=rank, world_size=world,
                      zero=distributed.zero_stage(accelerator), **distributed.collectives(accelerator))
     model = method.prepare(model, info)
+    if cfg.packing and (why := why_not_packable(model)) is not None:
+        key = f"stages.{i}.train" if "packing" in stage.train else "train"
+        raise LlmclError(f"{key}.packing: true needs a model whose positions come from position_ids, "
+                         f"and {why}; set it to false")
     if prev_dir is not None:
         method.load_state_dict(load_tree(prev_dir, METHOD_STATE))
     if method.describe_stage():

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llmcl.data.batching import collate, fetch
+from llmcl.data.batching import fetch, make_batch, model_inputs
 from llmcl.errors import LlmclError
 from llmcl.methods.base import Method, StepInputs
 from llmcl.rundir import artifacts
@@ -56,13 +56,13 @@ def train_steps(ctx: StageContext) -> None:
         step_loss = torch.zeros((), device=device)
         step_objective = torch.zeros((), device=device) if window.objective is not None else None
         for micro in range(cfg.grad_accum):
-            batch = collate(fetch(ctx.pools, ctx.batches.micro_items(step, micro, rank)), run.tokenizer.pad_token_id)
-            window.tokens += int(batch["attention_mask"].sum())
+            examples = fetch(ctx.pools, ctx.batches.micro_items(step, micro, rank))
+            batch = make_batch(examples, run.tokenizer.pad_token_id, cfg.packing, cfg.seq_len)
+            window.tokens += int(batch["attention_mask"].sum())  # the examples' tokens, never padding
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
-                    loss = method.loss(StepInputs(batch, outputs, unwrapped, scale))
+                    outputs, loss = forward_loss(model, unwrapped, method, batch, examples, n_items, scale)
                 distributed.backward(accelerator, loss * scale)
             step_loss += outputs.loss.detach()  # the step's own cross-entropy: comparable across methods
             if step_objective is not None:
@@ -91,6 +91,15 @@ def train_steps(ctx: StageContext) -> None:
         if run.stop is not None and done < total and (sig := run.stop.agreed(accelerator)) is not None:
             _stop(ctx, sig, done, saved)  # SIGTERM/SIGUSR1 (preemption, time limit): checkpoint and leave
     ctx.wall_seconds = ctx.wall_before + time.perf_counter() - t_stage
+
+
+def forward_loss(model: Any, unwrapped: Any, method: Method, batch: dict[str, torch.Tensor], examples: list[Any],
+                 n_items: int, scale: int) -> tuple[Any, torch.Tensor]:
+    """One micro-batch: the forward pass (the model's loss is this micro-batch's share of the step's token mean,
+    from `n_items`, the step's trained tokens) and the method's loss on it."""
+    method.before_forward(batch)
+    outputs = model(**model_inputs(batch), num_items_in_batch=n_items, use_cache=False)
+    return outputs, method.loss(StepInputs(batch, outputs, unwrapped, scale, examples))
 
 
 class Diverged(LlmclError):

@@ -10,6 +10,16 @@ and llmcl/Trainer (median of the per-repeat ratios, with their range).
     python scripts/bench/throughput.py --models builtin:llama-1b --json out.json   # on a GPU (llmcl doctor)
 
 On a GPU every loop runs there with bf16 autocast where the GPU supports it (what llmcl's precision: auto does).
+
+    python scripts/bench/throughput.py --packing                # train.packing against one padded row per example
+
+--packing measures instead what train.packing gives on instruction data: llmcl's loop on the standard CL
+benchmark's four tasks (recipes/benchmarks/cl_standard.yaml: its prompts, seq_len 192, batch 8, bf16), seqft and
+lora, packed and unpacked, as prompt/completion and through the chat template (chat_template: true), each run
+the same examples in the same order, interleaved over repeats. The rate is tokens of real data per second
+(every token of an example, padding excluded: what metrics.jsonl logs), over each stage's steps after its
+first; the ratio packed/unpacked is paired within a repeat. The final loss of the two is printed too: packing
+changes the layout, not the training.
 """
 
 from __future__ import annotations
@@ -139,6 +149,60 @@ def run_trainer(model_path: str, data: Path, args, tmp: Path) -> float:
     return steady_rate(ends, args.batch * args.seq_len, args.warmup)
 
 
+CL_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "benchmarks" / "cl_standard.yaml"
+
+
+def run_packing(method: str, chat: bool, packing: bool, args, tmp: Path, rep: int) -> tuple[float, float]:
+    """(real tokens/s over each stage's steps after its first, the last step's loss) of one llmcl run on the
+    CL benchmark's four tasks."""
+    from llmcl.train.distributed import make_accelerator
+    from llmcl.train.loop import run
+    from llmcl.train.progress import Display
+
+    r = recipe_mod.load(CL_RECIPE, [f"method.name={method}", f"train.packing={str(packing).lower()}",
+                                    f"train.max_steps={args.steps}", "eval.after_each_stage=false",
+                                    *(f"stages.{k}.data.chat_template=true" for k in range(4) if chat),
+                                    *([f"model.path={args.models[-1]}"] if args.models else []),
+                                    *(["train.lr=1e-3", "method.r=16"] if method == "lora" else [])])
+    run_dir = tmp / f"pack-{method}-{chat}-{packing}-{rep}"
+    run(r, run_dir, display=Display(enabled=False), accelerator=make_accelerator(r, run_dir, fresh=True))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tokens = seconds = 0.0
+    for stage in sorted({m["stage"] for m in metrics}):
+        rows = [m for m in metrics if m["stage"] == stage]
+        tokens += rows[-1]["tokens"] - rows[0]["tokens"]
+        seconds += rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
+    return tokens / seconds, metrics[-1]["loss"]
+
+
+def packing_table(args) -> None:
+    print(f"train.packing on {CL_RECIPE.name}'s four tasks: {args.steps} steps a task, batch 8 x <=192 tokens, "
+          f"{args.repeats} interleaved repeats", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        for method in ("seqft", "lora"):
+            for chat in (False, True):
+                rates: dict[bool, list[float]] = {False: [], True: []}
+                losses: dict[bool, float] = {}
+                for rep in range(args.repeats):
+                    for packing in ((False, True) if rep % 2 == 0 else (True, False)):
+                        gc.collect()
+                        rate, losses[packing] = run_packing(method, chat, packing, args, Path(d), rep)
+                        rates[packing].append(rate)
+                    print(f"  {method} {'chat' if chat else 'prompt/completion'} repeat {rep + 1}: unpacked "
+                          f"{rates[False][-1]:,.0f}, packed {rates[True][-1]:,.0f} tokens/s", flush=True)
+                ratios = sorted(a / b for a, b in zip(rates[True], rates[False]))
+                results.append((method, chat, statistics.median(rates[False]), statistics.median(rates[True]),
+                                ratios, losses))
+    print()
+    print(f"{'method':7} {'data':18} {'unpacked tok/s':>15} {'packed tok/s':>13} {'packed/unpacked (range)':>24} "
+          f"{'final loss unpacked, packed':>28}")
+    for method, chat, plain, packed, ratios, losses in results:
+        print(f"{method:7} {'chat template' if chat else 'prompt/completion':18} {plain:15,.0f} {packed:13,.0f} "
+              f"{f'{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})':>24} "
+              f"{f'{losses[False]:.4f}, {losses[True]:.4f}':>28}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["builtin:tiny", "builtin:smollm2-135m"])
@@ -148,7 +212,16 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="also write the table as JSON (used by llmcl doctor)")
+    p.add_argument("--packing", action="store_true", help="packed against unpacked on the CL benchmark's data "
+                   "(--steps a task; --models: the last one, default the recipe's SmolLM2)")
     args = p.parse_args()
+    if args.packing:
+        if "--steps" not in sys.argv:
+            args.steps = 4
+        if "--models" not in sys.argv:
+            args.models = []
+        packing_table(args)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq_len} "
           f"tokens, {args.steps} steps ({args.warmup} warm-up), {args.repeats} interleaved repeats", flush=True)
     with tempfile.TemporaryDirectory() as d:
