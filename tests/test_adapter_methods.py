@@ -88,7 +88,7 @@ def test_padding_changes_nothing(monkeypatch):
     losses = []
     for extra in (0, 7):
         torch.manual_seed(0)
-        method = _method("ilora", consistency=1.0)
+        method = _method("ilora", consistency=1.0, replay_from_stage=0)
         model = method.prepare(load_base_model(TINY, 0), StageInfo(0, "s", 1, 1, seed=0))
         with torch.no_grad():  # make the learners differ so the consistency term is not zero
             for p in method.fast.values():
@@ -112,16 +112,16 @@ def _pad(b, extra):
             "labels": torch.cat([b["labels"], torch.full((n, extra), -100)], 1)}
 
 
-@pytest.mark.parametrize("options,ce_weight", [({}, 1.0), ({"ce_weighting": "mean", "replay_from_stage": 1}, 0.5)])
+@pytest.mark.parametrize("options,ce_weight", [({"ce_weighting": "sum", "replay_from_stage": 0}, 1.0), ({}, 0.5)])
 def test_ilora_objective_follows_its_loss_options(tmp_path, options, ce_weight):
     """`loss` is the cross-entropy of the step's own batch (comparable with every other method's curve); what
     I-LoRA backpropagates (`objective`), recomputed from its logged terms: w x (current CE + replay CE) + gamma x
-    consistency, w = 1 (sum) or 1/2 (the reference's mean); with replay_from_stage 1, stage 0 does not replay
-    (its objective is the current cross-entropy alone)."""
+    consistency, w = 1/2 (the default, the reference's mean) or 1 (sum); by default (replay_from_stage 1) stage 0
+    does not replay (its objective is the current cross-entropy alone), with replay_from_stage 0 it does."""
     run = _run(tmp_path, "ilora", steps=3, r=4, buffer_size=16, consistency=0.5, **options)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first = [r for r in rows if r["stage"] == 0]
-    if options.get("replay_from_stage"):
+    if options.get("replay_from_stage", 1):
         assert all(r["objective"] == pytest.approx(r["loss"]) and "ilora/replay_ce" not in r for r in first)
     else:
         assert any("ilora/replay_ce" in r for r in first)  # the reservoir has samples from the second step on
@@ -129,7 +129,7 @@ def test_ilora_objective_follows_its_loss_options(tmp_path, options, ce_weight):
         assert r["ilora/replay_ce"] > 0 and r["ilora/consistency"] >= 0
         assert r["objective"] == pytest.approx(
             ce_weight * (r["loss"] + r["ilora/replay_ce"]) + 0.5 * r["ilora/consistency"], rel=1e-5)
-    if not options:  # `loss` is the step's own cross-entropy, as every method logs it; a plain method has no objective
+    if options:  # `loss` is the step's own cross-entropy, as every method logs it; a plain method has no objective
         plain = _run(tmp_path, "seqft", name="plain", steps=2)
         assert all("objective" not in json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines())
 
