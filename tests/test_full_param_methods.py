@@ -181,6 +181,10 @@ def test_osft_rank_rules():
     grown = _method("osft", rank_rule="uniform", uniform_ratio=0.25, growth=0.2)
     grown.prepare(_small("llama", layers=2), _stage(2))
     assert grown.records[-1]["ratios"] == pytest.approx([0.65, 0.65])
+    auto = _method("osft", rank_rule="uniform", uniform_ratio=0.4)  # the default growth: 1 / the 3 stages
+    for index, expected in ((0, 0.4), (1, 0.4 + 1 / 3), (2, 0.95)):  # 0.4 + 2/3 > 0.95: capped
+        auto.prepare(_small("llama", layers=2), _stage(index))
+        assert auto.records[-1]["ratios"] == pytest.approx([expected] * 2), index
     sched = _method("osft", stage_ratios=[0.2, 0.5])
     sched.prepare(_small("llama", layers=2), _stage(3))
     assert sched.records[-1]["ratios"] == [0.5, 0.5]
@@ -228,3 +232,80 @@ def test_without_the_post_step_correction_adam_leaks_into_the_protected_subspace
     base = load_base_model(ModelConfig(path="builtin:tiny"), 0).state_dict()
     leak, _ = _constraint_leak(run, 0, base, _weights(run, 0))
     assert leak > 1e-2
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+@pytest.mark.parametrize("ratio", [0.2, 0.8])
+def test_osft_projector_is_the_two_sided_projection_whichever_basis_it_uses(shape, ratio):
+    """The projector maps onto the complement of the k protected directions on each side, through U_k or,
+    where the SVD gives that side's whole basis and fewer directions remain, through the complement: the same
+    matrix as (I - U_k U_k^T) x (I - V_k V_k^T) either way, in place or not; the complement is taken exactly
+    on the short side(s) when k > half of it."""
+    from llmcl.methods.osft import Projector
+
+    torch.manual_seed(0)
+    m, n = shape
+    u, _, vh = torch.linalg.svd(torch.randn(m, n), full_matrices=False)
+    k = round(ratio * min(m, n))
+    uk, vk = u[:, :k], vh[:k].T
+    x = torch.randn(m, n)
+    expected = (torch.eye(m) - uk @ uk.T) @ x @ (torch.eye(n) - vk @ vk.T)
+    p = Projector(u, vh, k)
+    assert (p.left_keep, p.right_keep) == (ratio > 0.5 and m <= n, ratio > 0.5 and n <= m)
+    assert p.left.shape[1] + p.right.shape[1] < 2 * k if ratio > 0.5 else p.left.shape[1] == p.right.shape[1] == k
+    for inplace in (False, True):
+        y = x.clone()
+        out = p(y, inplace=inplace)
+        assert torch.allclose(out, expected, atol=1e-5), inplace
+        assert torch.equal(y, x) != inplace  # in place overwrites its input, otherwise it is left alone
+    plain = Projector(u, vh, k, complements=False)
+    assert not (plain.left_keep or plain.right_keep) and torch.allclose(plain(x), expected, atol=1e-5)
+
+
+def test_osft_projector_through_the_complement_is_the_more_accurate_when_most_is_protected():
+    """At 95% preserved, subtracting U_k U_k^T x from x cancels most of x; mapping onto the few remaining
+    directions does not: against a float64 projection, its fp32 error is the smaller."""
+    from llmcl.methods.osft import Projector
+
+    torch.manual_seed(0)
+    u, _, vh = torch.linalg.svd(torch.randn(64, 64, dtype=torch.float64))
+    x, k = torch.randn(64, 64, dtype=torch.float64), 61
+    eye = torch.eye(64, dtype=torch.float64)
+    exact = (eye - u[:, :k] @ u[:, :k].T) @ x @ (eye - vh[:k].T @ vh[:k])
+    error = {c: float((Projector(u.float(), vh.float(), k, complements=c)(x.float()).double() - exact).norm()
+                      / exact.norm()) for c in (True, False)}
+    assert error[True] < error[False] / 2, error
+
+
+def test_osft_with_complement_bases_trains_the_same_weights_as_with_the_protected_ones(tmp_path, monkeypatch):
+    """A run whose projections go through the complements where they are smaller (60% preserved: 13 of the
+    tiny model's 32 directions remain on each side of its square matrices, on the short side of the others)
+    ends at the weights of one that subtracts U_k and V_k everywhere, as before, to 1e-5. With a larger
+    adam_eps: at the default 1e-8 Adam's first steps divide every gradient element by its own magnitude, so
+    float rounding in elements near zero changes whole updates (two orderings of the old projection, a
+    subtraction and an addmm, already differ by 2e-4 after six steps of this run)."""
+    import llmcl.methods.osft as osft_mod
+
+    def run(name):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", method={"name": "osft", "rank_rule": "uniform",
+                                                                 "uniform_ratio": 0.6},
+                              train={"lr": 5e-3, "max_steps": 6, "batch_size": 4, "seq_len": 48, "warmup": 0,
+                                     "weight_decay": 0.1, "adam_eps": 1e-4},
+                              stages=[{"name": "facts", "data": {"path": "builtin:facts"}}])
+        assert run_cli("train", str(recipe), "--run-dir", str(tmp_path / name)).exit_code == 0
+        return _weights(tmp_path / name, 0)
+
+    real, made = osft_mod.Projector, {True: [], False: []}
+
+    def recording(complements):
+        return lambda u, vh, k, **_: made[complements].append(real(u, vh, k, complements=complements)) or made[complements][-1]
+
+    monkeypatch.setattr(osft_mod, "Projector", recording(True))
+    fast = run("fast")
+    monkeypatch.setattr(osft_mod, "Projector", recording(False))
+    plain = run("plain")
+    assert len(made[True]) == len(made[False]) == 14
+    assert all(p.left_keep or p.right_keep for p in made[True])  # every matrix has a short side with 13 < 19 left
+    assert not any(p.left_keep or p.right_keep for p in made[False])
+    worst = max(float((fast[k] - plain[k]).abs().max() / plain[k].abs().max()) for k in plain)
+    assert worst < 1e-5 and any(not torch.equal(fast[k], plain[k]) for k in plain), worst

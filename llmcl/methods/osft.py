@@ -18,7 +18,8 @@ k per matrix = round(r x min(m, n)), with the preserved ratio r chosen per decod
             to r = min_ratio + importance x (max_ratio - min_ratio). `importance: similarity` protects layers
             that change their input least the most (our reading of the paper); `change` uses 1 - similarity.
   uniform   r = uniform_ratio for every layer.
-Either way `growth` x stage index is added (the preserved fraction grows stage by stage), or `stage_ratios`
+Either way `growth` x stage index is added (the preserved fraction grows stage by stage; by default growth =
+1 / the number of stages, as the authors' continual protocol protects more of each matrix with every task), or `stage_ratios`
 gives each stage's uniform ratio. The chosen k of every matrix, the ratios and the SVD time are saved in
 the stage's method state (method_state.json).
 
@@ -57,8 +58,8 @@ class OSFTConfig(MethodConfig):
     """adaptive: preserved fraction of the most important layer."""
     uniform_ratio: float = 0.5
     """uniform: preserved fraction of every matrix."""
-    growth: float = 0.0
-    """Added to every preserved fraction per stage index (stage k protects k x growth more), capped at 0.95."""
+    growth: float | Literal["auto"] = "auto"
+    """Added to every preserved fraction per stage index (stage k protects k x growth more), capped at 0.95; 'auto': 1 / the number of stages, the authors' continual protocol (PEFT's osf: (task+1)/n of each matrix; docs/deviations.md: +0.145 AA and +0.120 BWT over no growth)."""
     stage_ratios: list[float] | None = None
     """Per-stage uniform preserved fractions [r0, r1, ...] (the last repeats); overrides rank_rule."""
     importance: Literal["similarity", "change"] = "similarity"
@@ -73,7 +74,7 @@ class OSFTConfig(MethodConfig):
             v = getattr(self, name)
             require(0 <= v < 1, key(name), v, "a fraction in [0, 1)")
         require(self.min_ratio <= self.max_ratio, key("max_ratio"), self.max_ratio, f">= min_ratio ({self.min_ratio})")
-        require(0 <= self.growth < 1, key("growth"), self.growth, "a fraction in [0, 1)")
+        require(self.growth == "auto" or 0 <= self.growth < 1, key("growth"), self.growth, "'auto' or a fraction in [0, 1)")
         require(self.calibration_batches > 0, key("calibration_batches"), self.calibration_batches, "a positive integer")
         if self.stage_ratios is not None:
             require(bool(self.stage_ratios) and all(0 <= r < 1 for r in self.stage_ratios), key("stage_ratios"),
@@ -116,6 +117,35 @@ def layer_similarity(model: torch.nn.Module, layers: list[torch.nn.Module], batc
     return [s / max(count, 1) for s in sums]
 
 
+class Projector:
+    """x -> (I - U_k U_k^T) x (I - V_k V_k^T) for one m x n matrix, from its SVD W = U S V^T.
+
+    Each side costs 2 x (columns of its basis) x m x n: by default the k protected directions are subtracted,
+    x - U_k (U_k^T x); where the SVD holds that side's whole basis (the side of length min(m, n)) and fewer
+    than k directions remain, x is instead mapped onto the remaining ones, U_c (U_c^T x), the same projection
+    with fewer columns. A growing preserved share (k > min(m, n) / 2) makes this the cheap side."""
+
+    def __init__(self, u: torch.Tensor, vh: torch.Tensor, k: int, complements: bool = True):
+        m, r = u.shape
+        n = vh.shape[1]
+        self.left_keep = complements and m == r and m - k < k  # keep the complement's part, not remove U_k's
+        self.right_keep = complements and n == r and n - k < k
+        self.left = (u[:, k:] if self.left_keep else u[:, :k]).contiguous()
+        self.right = (vh[k:] if self.right_keep else vh[:k]).T.contiguous()
+
+    def __call__(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """The projection of the fp32 matrix x; with inplace=True x itself is overwritten with it."""
+        a, b = self.left, self.right
+        if self.left_keep:
+            x = torch.mm(a, a.T @ x, out=x if inplace else None)
+        else:
+            x = x.addmm_(a, a.T @ x, alpha=-1) if inplace else torch.addmm(x, a, a.T @ x, alpha=-1)
+        # x is ours from here on (the caller's, or the new tensor of the left side)
+        if self.right_keep:
+            return torch.mm(x @ b, b.T, out=x)
+        return x.addmm_(x @ b, b.T, alpha=-1)
+
+
 @methods.register
 class OSFT(Method):
     config_class = OSFTConfig
@@ -123,7 +153,8 @@ class OSFT(Method):
     def __init__(self, config: OSFTConfig):
         super().__init__(config)
         self.records: list[dict[str, Any]] = []
-        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # param name -> (U_k, V_k)
+        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # param name -> (U_k, V_k), under ZeRO
+        self.projectors: dict[str, Projector] = {}  # param name -> its projection onto the complement
         self.params: dict[str, torch.nn.Parameter] = {}
         self._before: dict[str, Any] = {}  # param name -> W before the step (buffer reused every step; ZeRO: shard)
         self._pending: set[str] = set()
@@ -153,7 +184,8 @@ class OSFT(Method):
             lo, hi = min(score), max(score)
             importance = [(s - lo) / (hi - lo) if hi > lo else 0.5 for s in score]
             base = [cfg.min_ratio + imp * (cfg.max_ratio - cfg.min_ratio) for imp in importance]
-        return [min(0.95, r + cfg.growth * stage.index) for r in base], importance
+        growth = 1.0 / stage.num_stages if cfg.growth == "auto" else cfg.growth
+        return [min(0.95, r + growth * stage.index) for r in base], importance
 
     # -- the interface --------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, stage: StageInfo) -> torch.nn.Module:
@@ -163,6 +195,7 @@ class OSFT(Method):
         for p in model.parameters():
             p.requires_grad_(self.config.train_other)
         self.bases, self.params, self._before, self._pending = {}, {}, {}, set()
+        self.projectors = {}
         ks: dict[str, int] = {}
         t0 = time.perf_counter()
         per_layer = [a + f for a, f in zip(arch.matrices(model, mapping, "attention"), arch.matrices(model, mapping, "ffn"))]
@@ -176,7 +209,10 @@ class OSFT(Method):
                 if k == 0:
                     continue
                 u, _, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)
-                self.bases[f"{name}.weight"] = (u[:, :k].contiguous(), vh[:k].T.contiguous())
+                # under ZeRO the sharded correction needs U_k and V_k themselves (then both sides subtract them)
+                project = self.projectors[f"{name}.weight"] = Projector(u, vh, k, complements=not stage.zero)
+                if stage.zero:
+                    self.bases[f"{name}.weight"] = (project.left, project.right)
                 self.params[f"{name}.weight"] = w
         svd_seconds = time.perf_counter() - t0
         self.zero, self.reduce_sum = stage.zero, stage.reduce_sum
@@ -185,7 +221,7 @@ class OSFT(Method):
         # DeepSpeed reduces and shards the gradients inside backward: each micro-batch's gradient is projected
         # as autograd produces it (the projection is linear, so projecting every rank's and micro-batch's part
         # is projecting their sum)
-        self._hooks = [self.params[n].register_hook(self._gradient_hook(*b)) for n, b in self.bases.items()] \
+        self._hooks = [self.params[n].register_hook(self._gradient_hook(n)) for n in self.params] \
             if stage.zero else []
         self.records = [r for r in self.records if r["stage"] != stage.index]
         self.records.append({"stage": stage.index, "ratios": [round(r, 6) for r in ratios],
@@ -198,14 +234,8 @@ class OSFT(Method):
         return (f"osft: protected {sum(r['k'].values()):,} singular directions in {len(r['k'])} matrices "
                 f"(preserved {min(r['ratios']):.2f}-{max(r['ratios']):.2f}), SVD {r['svd_seconds']:.1f}s")
 
-    @staticmethod
-    def _project(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """(I - U U^T) x (I - V V^T)."""
-        x = x - u @ (u.T @ x)
-        return x - (x @ v) @ v.T
-
-    def _gradient_hook(self, u: torch.Tensor, v: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda g: self._project(g.float(), u, v).to(g.dtype)
+    def _gradient_hook(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda g: self.projectors[name](g.float()).to(g.dtype)
 
     def after_backward(self, model: torch.nn.Module) -> None:
         if self.zero:  # gradients were projected by the hooks; keep this rank's shard of W before the step
@@ -216,11 +246,13 @@ class OSFT(Method):
         #    matrices): the applied update is then projected exactly, 4kmn flops a matrix instead of the 12kmn
         #    that tracking U^T W and W V around the step takes
         with torch.no_grad():
-            for name, (u, v) in self.bases.items():
+            for name, project in self.projectors.items():
                 w = self.params[name]
                 if w.grad is not None:
-                    g = self._project(w.grad.float(), u, v)
-                    w.grad.copy_(g.to(w.grad.dtype))
+                    if w.grad.dtype == torch.float32:
+                        project(w.grad, inplace=True)
+                    else:
+                        w.grad.copy_(project(w.grad.float()).to(w.grad.dtype))
                 buf = self._before.get(name)
                 if buf is None or buf.shape != w.shape:
                     buf = self._before[name] = torch.empty(w.shape, dtype=torch.float32, device=w.device)
@@ -235,10 +267,13 @@ class OSFT(Method):
             return
         with torch.no_grad():
             for name in self._pending:
-                u, v = self.bases[name]
                 w, before = self.params[name], self._before[name]
-                delta = w.detach().float() - before
-                w.sub_((delta - self._project(delta, u, v)).to(w.dtype))
+                delta = torch.sub(w.detach().float(), before, out=before)  # the buffer is rewritten next step
+                if w.dtype == torch.float32:  # W_before + P(dW), without another m x n temporary
+                    w.sub_(delta)
+                    w.add_(self.projectors[name](delta, inplace=True))
+                else:  # one rounding to the weights' dtype
+                    w.sub_((delta - self.projectors[name](delta.clone(), inplace=True)).to(w.dtype))
         self._pending = set()
 
     def _after_sharded_step(self) -> None:
