@@ -38,16 +38,20 @@ def test_the_report_is_one_line_per_check_and_a_count():
     assert text[-1] == "1/2 checks passed"
 
 
-def test_every_check_runs_on_the_cpu(tmp_path):
-    """The whole self-check on builtin:tiny: every registered method, ZeRO-2 and ZeRO-3, one evaluated row and the
-    throughput comparison, each passing with its numbers."""
+@pytest.mark.parametrize("only", [
+    "methods,eval,throughput",  # the ZeRO checks launch what tests/test_distributed.py launches: once, in -m slow
+    pytest.param(None, marks=pytest.mark.slow)])
+def test_every_check_runs_on_the_cpu(tmp_path, only):
+    """The self-check on builtin:tiny: every registered method, one evaluated row and the throughput comparison
+    (and, in the slow run, ZeRO-2 and ZeRO-3), each passing with its numbers."""
     out = tmp_path / "doctor.json"
-    res = run_cli("doctor", "--cpu", "--json", str(out))
+    res = run_cli("doctor", "--cpu", "--json", str(out), *(["--only", only] if only else []))
     assert res.exit_code == 0, res.output
     results = {r["check"]: r for r in json.loads(out.read_text())["results"]}
-    expected = [*sorted(methods.REGISTRY), "zero2", "zero3", "eval", "throughput builtin:tiny"]
+    zero = [] if only else ["zero2", "zero3"]
+    expected = [*sorted(methods.REGISTRY), *zero, "eval", "throughput builtin:tiny"]
     assert list(results) == expected and all(r["ok"] for r in results.values()), results
-    for name in [*methods.REGISTRY, "zero2", "zero3", "throughput builtin:tiny"]:
+    for name in [*methods.REGISTRY, *zero, "throughput builtin:tiny"]:
         assert results[name]["tokens_per_s"] > 0
     assert "facts exact_match" in results["eval"]["note"] and "(n=16)" in results["eval"]["note"]
     assert "llmcl/bare" in results["throughput builtin:tiny"]["note"]

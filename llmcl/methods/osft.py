@@ -120,10 +120,12 @@ def layer_similarity(model: torch.nn.Module, layers: list[torch.nn.Module], batc
 class Projector:
     """x -> (I - U_k U_k^T) x (I - V_k V_k^T) for one m x n matrix, from its SVD W = U S V^T.
 
-    Each side costs 2 x (columns of its basis) x m x n: by default the k protected directions are subtracted,
-    x - U_k (U_k^T x); where the SVD holds that side's whole basis (the side of length min(m, n)) and fewer
-    than k directions remain, x is instead mapped onto the remaining ones, U_c (U_c^T x), the same projection
-    with fewer columns. A growing preserved share (k > min(m, n) / 2) makes this the cheap side."""
+    A side of the projection either subtracts the k protected directions, x - U_k (U_k^T x), or, where the SVD
+    holds that side's whole basis (the side of length min(m, n)) and fewer than k directions remain, keeps the
+    part of x along the remaining c ones, U_c (U_c^T x). A kept side is applied first, and the other side then
+    works on the c x n (or m x c) compressed matrix before it is expanded again: with c = (1 - ratio) min(m, n),
+    the projection costs about 2 c m n multiply-adds where subtracting on both sides costs 4 k m n. A growing
+    preserved share makes this the common case."""
 
     def __init__(self, u: torch.Tensor, vh: torch.Tensor, k: int, complements: bool = True):
         m, r = u.shape
@@ -136,13 +138,16 @@ class Projector:
     def __call__(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """The projection of the fp32 matrix x; with inplace=True x itself is overwritten with it."""
         a, b = self.left, self.right
-        if self.left_keep:
-            x = torch.mm(a, a.T @ x, out=x if inplace else None)
-        else:
-            x = x.addmm_(a, a.T @ x, alpha=-1) if inplace else torch.addmm(x, a, a.T @ x, alpha=-1)
-        # x is ours from here on (the caller's, or the new tensor of the left side)
-        if self.right_keep:
-            return torch.mm(x @ b, b.T, out=x)
+        out = x if inplace else None
+        if self.left_keep and self.right_keep:  # a (a^T x b) b^T
+            return torch.mm(a @ ((a.T @ x) @ b), b.T, out=out)
+        if self.left_keep:  # a [(a^T x) - ((a^T x) b) b^T]
+            y = a.T @ x
+            return torch.mm(a, y.addmm_(y @ b, b.T, alpha=-1), out=out)
+        if self.right_keep:  # [(x b) - a (a^T (x b))] b^T
+            y = x @ b
+            return torch.mm(y.addmm_(a, a.T @ y, alpha=-1), b.T, out=out)
+        x = x.addmm_(a, a.T @ x, alpha=-1) if inplace else torch.addmm(x, a, a.T @ x, alpha=-1)
         return x.addmm_(x @ b, b.T, alpha=-1)
 
 
