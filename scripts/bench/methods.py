@@ -9,6 +9,14 @@ noise hits all alike. Full-parameter methods are compared with seqft, adapter me
 
 Prints per method: median step seconds, peak RSS, AdamW state (8 bytes per trainable parameter), the
 method's own per-stage overhead (OSFT: SVD seconds), and the ratios to the base.
+
+    python scripts/bench/methods.py --packing                      # train.packing, every method (seqft, lora: #17)
+    python scripts/bench/methods.py --packing --methods seqft lora --steps 8 --repeats 2
+
+--packing measures instead each method's shipped benchmark recipe (recipes/benchmarks/cl_standard*.yaml: the CL
+benchmark's first task, dbpedia, as prompt/completion, 8 x <=192 tokens, bf16) unpacked and packed: tokens of
+real data per second (padding excluded, over the steps after the first two) and the packed/unpacked ratio,
+paired within a repeat.
 """
 
 from __future__ import annotations
@@ -24,6 +32,57 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_OF = {"seqft": "seqft", "hft": "seqft", "osft": "seqft", "lora": "lora", "ilora": "lora", "mora": "lora"}
+
+
+BENCH = REPO / "recipes" / "benchmarks"
+
+
+def cl_worker(method: str, model: str, steps: int, out: Path, packing: bool) -> None:
+    """One stage (the first) of the method's benchmark recipe, packed or not: real tokens/s after two steps."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from llmcl import recipe as recipe_mod
+    from llmcl.data.stream import peak_rss_bytes
+    from llmcl.train.loop import run
+    from llmcl.train.progress import Display
+
+    path = BENCH / ("cl_standard.yaml" if method == "seqft" else f"cl_standard_{method}.yaml")
+    r = recipe_mod.load(path, [f"model.path={model}", f"train.max_steps={steps}", "eval.after_each_stage=false",
+                               f"train.packing={str(packing).lower()}", "train.save_every=0"])
+    run_dir = Path(tempfile.mkdtemp(dir=out))
+    run(r, run_dir, only_stage=0, display=Display(enabled=False))
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    rate = (rows[-1]["tokens"] - rows[0]["tokens"]) / (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"])
+    print(json.dumps({"method": method, "packing": packing, "tokens_per_s": rate, "loss": rows[-1]["loss"],
+                      "peak_rss": peak_rss_bytes()}))
+
+
+def packing_table(args) -> None:
+    results: dict[str, dict[bool, list[dict]]] = {m: {False: [], True: []} for m in args.methods}
+    with tempfile.TemporaryDirectory() as d:
+        for rep in range(args.repeats):
+            order = args.methods[rep % len(args.methods):] + args.methods[:rep % len(args.methods)]
+            for m in order:
+                for packing in ((False, True) if rep % 2 == 0 else (True, False)):
+                    cmd = [sys.executable, __file__, "--worker", m, "--model", args.model, "--steps", str(args.steps),
+                           "--out", d, "--cl-packing", str(packing).lower()]
+                    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                    if out.returncode != 0:
+                        sys.exit(f"{m} failed:\n{out.stderr[-3000:]}")
+                    results[m][packing].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"  repeat {rep + 1} {m}: unpacked {results[m][False][-1]['tokens_per_s']:,.0f}, packed "
+                      f"{results[m][True][-1]['tokens_per_s']:,.0f} real tokens/s", flush=True)
+    print(f"\n{args.model}, the benchmark recipes' first task (dbpedia, 8 x <=192 tokens), {args.steps} steps, "
+          f"{args.repeats} repeats (medians; ratios paired within a repeat)")
+    print(f"{'method':8} {'unpacked tok/s':>15} {'packed tok/s':>13} {'packed/unpacked (range)':>24} "
+          f"{'final loss unpacked, packed':>28}")
+    for m, by in results.items():
+        ratios = sorted(b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(by[False], by[True]))
+        plain, packed = (statistics.median(r["tokens_per_s"] for r in by[k]) for k in (False, True))
+        losses = f"{by[False][-1]['loss']:.4f}, {by[True][-1]['loss']:.4f}"
+        spread = f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+        print(f"{m:8} {plain:15,.0f} {packed:13,.0f} {spread:>24} {losses:>28}")
 
 
 def worker(method: str, model: str, steps: int, out: Path, batch: int = 4, seq_len: int = 128) -> None:
@@ -74,11 +133,20 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--packing", action="store_true", help="each method's benchmark recipe, packed against unpacked "
+                   "(real tokens/s on the CL benchmark's first task)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--cl-packing", choices=["true", "false"], help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker and args.cl_packing:
+        cl_worker(args.worker, args.model, args.steps, args.out, args.cl_packing == "true")
+        return
     if args.worker:
         worker(args.worker, args.model, args.steps, args.out, args.batch, args.seq_len)
+        return
+    if args.packing:
+        packing_table(args)
         return
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     with tempfile.TemporaryDirectory() as d:
