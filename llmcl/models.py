@@ -227,10 +227,13 @@ def _load_base_model(model_cfg: Any, seed: int):
     if model_cfg.path in random_configs:
         from transformers import LlamaForCausalLM
 
+        config = random_configs[model_cfg.path]()
+        if model_cfg.attn_implementation:
+            config._attn_implementation = model_cfg.attn_implementation
         gen = torch.random.fork_rng(devices=[])
         with gen:
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(random_configs[model_cfg.path]()).to(dtype)
+            model = LlamaForCausalLM(config).to(dtype)
         model.config._name_or_path = model_cfg.path
         return model
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)

@@ -13,8 +13,9 @@ import torch
 
 from conftest import Crash, crash_after, run_cli, untimed, write_recipe
 from llmcl import methods, recipe as recipe_mod
-from llmcl.data.batching import collate, collate_packed, fetch, label_tokens, make_batch
+from llmcl.data.batching import collate, collate_packed, fetch, label_tokens, make_batch, model_inputs
 from llmcl.data.formatting import IGNORE, Example
+from llmcl.layers import varlen
 from llmcl.models import load_base_model, load_tokenizer, smollm2_tokenizer_dir, tiny_config, why_not_packable
 from llmcl.recipe import ModelConfig
 from llmcl.rundir import Ledger
@@ -94,6 +95,63 @@ def test_no_token_attends_across_an_example_boundary(attn):
         torch.testing.assert_close(before[a:b], alone[k, :len(e.input_ids)], rtol=0, atol=1e-5)
 
 
+def _forward(model, batch, grad=False):
+    model.zero_grad(set_to_none=True)
+    out = model(**model_inputs(batch), use_cache=False)
+    if grad:
+        out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("capacity", [None, 40])
+def test_per_example_attention_equals_the_block_mask(capacity, monkeypatch):
+    """llmcl.layers.varlen on a packed batch (one row; rows with padding tails) gives transformers' sdpa with
+    its block-diagonal mask: the logits of every example token and every gradient to 1e-5; and it did run per
+    example (the control: the span reader was called)."""
+    model = load_base_model(TINY, 0)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query attention covered
+    batch = collate_packed(_examples([10, 14, 9, 6, 25, 3]), 0, capacity)
+    assert (batch["input_ids"].shape[0] == 1) == (capacity is None)
+    keep = batch["attention_mask"].bool()
+    logits_a, grads_a = _forward(model, batch, grad=True)
+    assert varlen.row_capacity(model, 48) is None and model.config._attn_implementation == varlen.NAME
+    calls = []
+    monkeypatch.setattr(varlen, "spans", lambda p, f=varlen.spans: calls.append(1) or f(p))
+    logits_b, grads_b = _forward(model, batch, grad=True)
+    assert calls  # the per-example branch ran, not the block mask
+    torch.testing.assert_close(logits_b[keep], logits_a[keep], rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_per_example_attention_leaves_unpacked_inputs_to_sdpa():
+    """A padded batch (with its attention_mask) and a generation with a cache give the bits of plain sdpa."""
+    model = load_base_model(TINY, 0).eval()
+    padded = collate(_examples([10, 14, 9]), 0)
+    with torch.no_grad():
+        before = model(**padded, use_cache=False).logits
+        generated = model.generate(padded["input_ids"][:1, :10], max_new_tokens=5, do_sample=False)
+        varlen.row_capacity(model, 48)
+        assert model.config._attn_implementation == varlen.NAME
+        assert torch.equal(model(**padded, use_cache=False).logits, before)
+        assert torch.equal(model.generate(padded["input_ids"][:1, :10], max_new_tokens=5, do_sample=False),
+                           generated)
+
+
+def test_packed_rows_fit_the_attention():
+    """One row where attention runs per example; rows of seq_len where a block mask is built (eager) or the
+    span rule would be wrong (a sliding window): those models stay as they are."""
+    assert varlen.row_capacity(load_base_model(TINY, 0), 48) is None
+    eager = load_base_model(ModelConfig(path="builtin:tiny", attn_implementation="eager"), 0)
+    assert varlen.row_capacity(eager, 48) == 48 and eager.config._attn_implementation == "eager"
+    sliding = load_base_model(TINY, 0)
+    sliding.config.sliding_window = 16
+    assert varlen.row_capacity(sliding, 48) == 48 and sliding.config._attn_implementation == "sdpa"
+    one = collate_packed(_examples([10, 14, 9]), 0, None)
+    assert one["input_ids"].shape == (1, 33) and bool(one["attention_mask"].all())
+
+
 def _spans(positions: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, int]]:
     starts = [t for t in range(len(positions)) if positions[t] == 0 and mask[t]]
     ends = [*starts[1:], int(mask.sum()) if mask.all() else int(mask.nonzero().max()) + 1]
@@ -124,7 +182,7 @@ def test_a_packed_step_gives_the_unpacked_loss_gradients_and_method_state(name, 
         for step in (0, 1):
             examples = fetch(ctx.pools, ctx.batches.micro_items(step, 0, 0))
             n_items = sum(ctx.pools[0].label_count(j) for _, j in ctx.batches.micro_items(step, 0, 0))
-            batch = make_batch(examples, run.tokenizer.pad_token_id, packing, ctx.cfg.seq_len)
+            batch = make_batch(examples, run.tokenizer.pad_token_id, packing, ctx.row_tokens)
             rows.append(batch["input_ids"].shape[0])
             _, loss = forward_loss(ctx.model, unwrapped, ctx.method, batch, examples, n_items, 1)
             loss.backward()
@@ -134,7 +192,7 @@ def test_a_packed_step_gives_the_unpacked_loss_gradients_and_method_state(name, 
         results[packing] = got, untimed(ctx.method.state_dict()), rows
         run.metrics.close()
     (plain, plain_state, plain_rows), (packed, packed_state, packed_rows) = results[False], results[True]
-    assert sum(packed_rows) < sum(plain_rows)  # the packed batches really held several examples a row
+    assert packed_rows == [1, 1] and plain_rows == [6, 6]  # sdpa runs per example: a micro-batch is one row
     for (loss_a, grads_a), (loss_b, grads_b) in zip(plain, packed):
         torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
         assert grads_a.keys() == grads_b.keys() and grads_a

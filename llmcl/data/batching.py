@@ -134,17 +134,20 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def collate_packed(examples: list[Example], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+def collate_packed(examples: list[Example], pad_id: int, capacity: int | None) -> dict[str, torch.Tensor]:
     """The same examples laid out as packed rows of at most `capacity` tokens (first-fit decreasing: longest
-    first, each into the first row it fits; ties in batch order), right-padded to the fullest row.
+    first, each into the first row it fits; ties in batch order), right-padded to the fullest row; capacity
+    None: all of them in one row, with no padding.
 
     Every example keeps its tokens and labels, with its positions (`position_ids`) restarting at 0, and the
     label of its first token IGNORE (in a row of its own that label is never a target; here it would be the
     previous example's last prediction). A row's padding restarts its positions too, so it is a sequence of
     its own. The model gets no attention_mask (`model_inputs`): transformers then confines attention to each
-    example from the position ids (sdpa/eager build a block-diagonal mask, flash-attention runs varlen).
+    example from the position ids (eager builds a block-diagonal mask, flash-attention runs varlen, and sdpa
+    runs per example through llmcl.layers.varlen where the stage switched it, else with the block mask).
     `attention_mask` stays in the batch for the methods: 1 for every token of an example, 0 for padding."""
-    capacity = max([capacity] + [len(e.input_ids) for e in examples])
+    lengths = [len(e.input_ids) for e in examples]
+    capacity = sum(lengths) if capacity is None else max([capacity] + lengths)
     rows: list[list[int]] = []
     fill: list[int] = []
     for k in sorted(range(len(examples)), key=lambda k: (-len(examples[k].input_ids), k)):
@@ -175,8 +178,9 @@ def collate_packed(examples: list[Example], pad_id: int, capacity: int) -> dict[
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
 
 
-def make_batch(examples: list[Example], pad_id: int, packing: bool, capacity: int) -> dict[str, torch.Tensor]:
-    """A micro-batch: packed rows (train.packing) or one right-padded row per example."""
+def make_batch(examples: list[Example], pad_id: int, packing: bool, capacity: int | None) -> dict[str, torch.Tensor]:
+    """A micro-batch: packed rows of `capacity` tokens (train.packing; None: one row) or one right-padded row per
+    example."""
     return collate_packed(examples, pad_id, capacity) if packing else collate(examples, pad_id)
 
 

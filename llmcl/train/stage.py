@@ -22,6 +22,7 @@ from llmcl.data.batching import BatchPlan, collate, fetch
 from llmcl.data.mixing import build_pool, replay_plan, replay_sources
 from llmcl.data.sources import local_files
 from llmcl.errors import LlmclError
+from llmcl.layers import varlen
 from llmcl.methods.base import Method, StageInfo
 from llmcl.models import count_parameters, load_base_model, why_not_packable
 from llmcl.recipe import Recipe
@@ -84,6 +85,8 @@ class StageContext:
     wall_seconds: float = field(default=0.0)
     skipped: int = 0
     """Optimizer steps skipped for a non-finite gradient norm (train.on_nonfinite=skip)."""
+    row_tokens: int | None = None
+    """train.packing's row capacity: None = a micro-batch is one row (attention runs per example), else seq_len."""
 
     @property
     def name(self) -> str:
@@ -150,10 +153,13 @@ def build_stage(run: RunContext, i: int) -> StageContext:
                      seed=recipe.seed + i, origin=origin, batches=calibration_batches, rank=rank, world_size=world,
                      zero=distributed.zero_stage(accelerator), **distributed.collectives(accelerator))
     model = method.prepare(model, info)
-    if cfg.packing and (why := why_not_packable(model)) is not None:
-        key = f"stages.{i}.train" if "packing" in stage.train else "train"
-        raise LlmclError(f"{key}.packing: true needs a model whose positions come from position_ids, "
-                         f"and {why}; set it to false")
+    row_tokens = cfg.seq_len
+    if cfg.packing:
+        if (why := why_not_packable(model)) is not None:
+            key = f"stages.{i}.train" if "packing" in stage.train else "train"
+            raise LlmclError(f"{key}.packing: true needs a model whose positions come from position_ids, "
+                             f"and {why}; set it to false")
+        row_tokens = varlen.row_capacity(model, cfg.seq_len)
     if prev_dir is not None:
         method.load_state_dict(load_tree(prev_dir, METHOD_STATE))
     if method.describe_stage():
@@ -198,7 +204,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
                        keep_next, parameters, data_files=data_files, start=start,
                        tokens_done=resume["state"]["tokens"] if resume else 0,
                        wall_before=resume["state"]["wall_seconds"] if resume else 0.0,
-                       skipped=resume["state"].get("skipped_steps", 0) if resume else 0)
+                       skipped=resume["state"].get("skipped_steps", 0) if resume else 0, row_tokens=row_tokens)
     run.display.start_stage(i, len(recipe.stages), stage.name, plan.steps, start, _stage_note(ctx, kept))
     return ctx
 

@@ -57,7 +57,7 @@ def train_steps(ctx: StageContext) -> None:
         step_objective = torch.zeros((), device=device) if window.objective is not None else None
         for micro in range(cfg.grad_accum):
             examples = fetch(ctx.pools, ctx.batches.micro_items(step, micro, rank))
-            batch = make_batch(examples, run.tokenizer.pad_token_id, cfg.packing, cfg.seq_len)
+            batch = make_batch(examples, run.tokenizer.pad_token_id, cfg.packing, ctx.row_tokens)
             window.tokens += int(batch["attention_mask"].sum())  # the examples' tokens, never padding
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(model):
