@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA
 from llmcl.data import builtin
 from llmcl.data.batching import BatchPlan, collate, label_tokens
 from llmcl.data.formatting import IGNORE, encode, pack
@@ -79,6 +79,78 @@ def test_chat_messages_train_only_assistant_turns(tok):
     assert tok.decode(ex.input_ids) == tok.apply_chat_template(msgs, tokenize=False)
     trained = tok.decode([t for t in ex.labels if t != IGNORE])
     assert trained == "hello!<|im_end|>\n4<|im_end|>\n"
+
+
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def _openai_messages(record):
+    """The OpenAI messages a ShareGPT or Alpaca fixture record stands for, written out independently."""
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    if "conversations" in record:
+        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+        return system + [{"role": role[t["from"]], "content": t["value"]} for t in record["conversations"]]
+    history = [m for q, a in record.get("history", []) for m in ({"role": "user", "content": q},
+                                                                  {"role": "assistant", "content": a})]
+    user = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
+    return system + history + [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "alpaca"])
+def test_sharegpt_and_alpaca_records_train_exactly_their_assistant_turns(fmt, tok):
+    records = read_file(FIXTURES / f"{fmt}.jsonl")
+    examples, stats = encode(records, DataConfig(path=str(FIXTURES / f"{fmt}.jsonl")), tok, 512)
+    assert stats.format == fmt and len(examples) == len(records)  # recognised with no template in the recipe
+    for record, ex in zip(records, examples):
+        msgs = _openai_messages(record)
+        (same,), _ = encode([{"messages": msgs}], DataConfig(path="x.jsonl"), tok, 512)
+        assert (ex.input_ids, ex.labels) == (same.input_ids, same.labels)  # the OpenAI form, token for token
+        assert tok.decode(ex.input_ids) == tok.apply_chat_template(msgs, tokenize=False)
+        trained = tok.decode([t for t in ex.labels if t != IGNORE])
+        assert trained == "".join(m["content"] + "<|im_end|>\n" for m in msgs if m["role"] == "assistant")
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "alpaca"])
+def test_a_recipe_trains_and_scores_sharegpt_and_alpaca_data_without_a_template(fmt, tmp_path):
+    from conftest import run_cli, write_recipe
+    from llmcl import recipe as recipe_mod
+    from llmcl.eval.tasks import render_test_records
+
+    path = str(FIXTURES / f"{fmt}.jsonl")
+    recipe = write_recipe(tmp_path / "r.yaml", stages=[{"name": fmt, "data": {"path": path, "holdout": 2}}],
+                          train={"lr": 1e-3, "max_steps": 2, "batch_size": 2, "seq_len": 128, "warmup": 0})
+    res = run_cli("train", str(recipe), "--run-dir", str(tmp_path / "run"))
+    assert res.exit_code == 0 and f"{fmt} examples" in res.output, res.output
+    stage = recipe_mod.load(recipe).stages[0]
+    records = read_file(FIXTURES / f"{fmt}.jsonl")
+    tok = _tokenizer()
+    kind, rows = render_test_records(stage, 0, records, tok)
+    assert kind == "generate" and len(rows) == len(records)
+    for record, row in zip(records, rows):
+        msgs = _openai_messages(record)
+        assert row == {"prompt": tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True),
+                       "completion": msgs[-1]["content"]}
+
+
+def _tokenizer():
+    from llmcl.models import load_tokenizer
+    from llmcl.recipe import ModelConfig
+
+    return load_tokenizer(ModelConfig(path="builtin:tiny"))
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"conversations": [{"from": "observation", "value": "x"}]}, "turn 0 has from='observation'"),
+    ({"conversations": []}, "non-empty list of {from, value} turns"),
+    ({"instruction": "do", "output": 3}, "field 'output' holds a int, not text"),
+    ({"instruction": "do", "output": "ok", "history": [["only a query"]]}, "[query, answer] text pairs"),
+])
+def test_malformed_sharegpt_or_alpaca_records_name_the_key_and_the_field(record, message):
+    from llmcl.data.formatting import check_record
+
+    with pytest.raises(LlmclError, match="recipe key 'stages.0.data.format'") as err:
+        check_record(DataConfig(path="x.jsonl"), record, "stages.0.data")
+    assert message in str(err.value)
 
 
 def test_truncation_keeps_seq_len_and_counts(tok):

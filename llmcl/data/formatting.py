@@ -1,5 +1,12 @@
-"""Records -> token examples: prompt/completion (loss on the completion), chat messages (loss on assistant
-turns), and text (packed into fixed-length blocks for continual pre-training)."""
+"""Records -> token examples: prompt/completion (loss on the completion), chat conversations (loss on the
+assistant turns), and text (packed into fixed-length blocks for continual pre-training).
+
+Conversations come in the three shapes fine-tuning datasets use, all rendered through the tokenizer's chat template:
+  messages   OpenAI's {"messages": [{"role", "content"}, ...]} (the field: data.messages_field)
+  sharegpt   {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...], "system"?: ...}
+  alpaca     {"instruction", "input"?, "output", "system"?, "history"?: [[query, answer], ...]}: the user turn is
+             the instruction and the input joined by a newline, as LLaMA-Factory renders it
+"""
 
 from __future__ import annotations
 
@@ -33,17 +40,23 @@ def template_fields(template: str) -> set[str]:
 
 
 DEFAULT_TEMPLATES = ("{prompt}", "{completion}")
+CHAT_FORMATS = ("messages", "sharegpt", "alpaca")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 def detect_format(cfg: Any, record: dict[str, Any], key: str = "data") -> str:
     """The stage's format: cfg.format, or for 'auto': prompt_completion when templates were set, else the
-    first format the record's fields support (messages, prompt/completion, text)."""
+    first format the record's fields support (messages, sharegpt, alpaca, prompt/completion, text)."""
     if cfg.format != "auto":
         return cfg.format
     if (cfg.prompt_template, cfg.completion_template) != DEFAULT_TEMPLATES:
         return "prompt_completion"
     if cfg.messages_field in record:
         return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if {"instruction", "output"} <= set(record):
+        return "alpaca"
     if template_fields(cfg.prompt_template) | template_fields(cfg.completion_template) <= set(record):
         return "prompt_completion"
     if cfg.text_field in record:
@@ -89,7 +102,50 @@ def check_record(cfg: Any, record: dict[str, Any], key: str, fmt: str | None = N
                 for m in messages):
             raise LlmclError(f"recipe key '{key}.messages_field': {where}field {cfg.messages_field!r} must be a "
                              "non-empty list of {role, content} messages with text values")
+    elif fmt == "sharegpt":
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not turns or not all(
+                isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+            raise LlmclError(f"recipe key '{key}.format': {where}ShareGPT field 'conversations' must be a non-empty "
+                             "list of {from, value} turns with text values")
+        for n, t in enumerate(turns):
+            if t.get("from") not in SHAREGPT_ROLES:
+                raise LlmclError(f"recipe key '{key}.format': {where}ShareGPT turn {n} has from={t.get('from')!r}; "
+                                 f"expected one of {', '.join(SHAREGPT_ROLES)}")
+        _check_text(record, ("system",), key, where, optional=True)
+    elif fmt == "alpaca":
+        _check_text(record, ("instruction", "output"), key, where)
+        _check_text(record, ("input", "system"), key, where, optional=True)
+        history = record.get("history") or []
+        if not isinstance(history, list) or not all(
+                isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
+            raise LlmclError(f"recipe key '{key}.format': {where}Alpaca field 'history' must be a list of "
+                             "[query, answer] text pairs")
     return fmt
+
+
+def _check_text(record: dict[str, Any], names: tuple[str, ...], key: str, where: str, optional: bool = False) -> None:
+    for name in names:
+        if optional and record.get(name) is None:
+            continue
+        if name not in record:
+            raise LlmclError(f"recipe key '{key}.format': {where}field {name!r} not in the record "
+                             f"(fields: {sorted(record)})")
+        if not isinstance(record[name], str):
+            raise LlmclError(f"recipe key '{key}.format': {where}field {name!r} holds {_kind(record[name])}, not text")
+
+
+def conversation(cfg: Any, record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+    """The chat turns ({role, content}) of a record in one of CHAT_FORMATS."""
+    if fmt == "messages":
+        return record[cfg.messages_field]
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    if fmt == "sharegpt":
+        return system + [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
+    turns = [m for query, answer in record.get("history") or []
+             for m in ({"role": "user", "content": query}, {"role": "assistant", "content": answer})]
+    user = "\n".join(x for x in (record["instruction"], record.get("input")) if x)
+    return system + turns + [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
 
 
 def _kind(value: Any) -> str:
@@ -145,8 +201,8 @@ def encode(records: list[dict[str, Any]], cfg: Any, tokenizer: Any, seq_len: int
     else:
         examples = []
         for r in records:
-            if stats.format == "messages":
-                segments = _chat_segments(tokenizer, r[cfg.messages_field])
+            if stats.format in CHAT_FORMATS:
+                segments = _chat_segments(tokenizer, conversation(cfg, r, stats.format))
                 ex = _encode_supervised(tokenizer, segments, add_eos=False)
             else:
                 prompt, completion = render(cfg, r)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from llmcl.data.formatting import detect_format, render
+from llmcl.data.formatting import CHAT_FORMATS, conversation, detect_format, render
 from llmcl.data.sources import load_records
 from llmcl.errors import LlmclError, RecipeError, did_you_mean
 from llmcl.rundir import EVAL
@@ -68,8 +68,8 @@ def render_test_records(stage: Any, index: int, records: list[dict[str, Any]], t
         return "perplexity", [{"text": r[cfg.text_field]} for r in records]
     rows = []
     for r in records:
-        if fmt == "messages":
-            msgs = r[cfg.messages_field]
+        if fmt in CHAT_FORMATS:
+            msgs = conversation(cfg, r, fmt)
             last = max((k for k, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
             if last is None:
                 raise LlmclError(f"recipe key '{key}': a test conversation has no assistant turn to score")

@@ -38,8 +38,8 @@ class DataConfig:
 
     path: str
     """builtin:<task>, a local .json/.jsonl/.csv/.parquet/.txt file, a directory holding <split>.<ext> files, or a hub dataset id."""
-    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
-    """text = packed language modelling; prompt_completion = loss on the completion only; messages = chat turns through the tokenizer's chat template (loss on assistant turns); auto = from the record fields."""
+    format: Literal["auto", "text", "prompt_completion", "messages", "sharegpt", "alpaca"] = "auto"
+    """text = packed language modelling; prompt_completion = loss on the completion only; messages (OpenAI {role, content} turns), sharegpt ({"conversations": [{from, value}]}) and alpaca (instruction/input/output) = chat turns through the tokenizer's chat template (loss on the assistant turns); auto = from the record fields."""
     train_split: str = "train"
     """Split (hub datasets, directories) used for training."""
     test_split: str | None = "test"
