@@ -232,6 +232,25 @@ def report(run_dirs: tuple[str, ...], markdown_path: str | None) -> None:
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--stage", default="last", show_default=True, help="A finished stage index, or 'last'.")
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="A new directory to write.")
+@click.option("--merge/--no-merge", default=True, show_default=True,
+              help="Merge a LoRA/I-LoRA adapter into the weights, or write the PEFT adapter itself.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Weights' dtype; auto = the dtype the stage was evaluated in.")
+@click.option("--push-to-hub", "repo", default=None, help="Also upload the directory to this hub repo (user/name).")
+def export(run_dir: str, stage: str, to: str, merge: bool, dtype: str, repo: str | None) -> None:
+    """Write a finished stage of RUN_DIR as a model directory that plain transformers loads, with a model card."""
+    from llmcl.export import export_stage
+
+    out = export_stage(Path(run_dir), Path(to), stage=stage, merge=merge, dtype=dtype, push_to_hub=repo,
+                       echo=lambda line: click.echo(line, err=True))
+    click.echo(f"exported stage {out.stage} ({out.stage_name}) as a {out.written_as} in {out.dtype}: {out.directory}"
+               + (f" (pushed to {out.pushed_to})" if out.pushed_to else ""))
+
+
+@cli.command()
 @click.argument("recipe_file")
 @click.argument("overrides", nargs=-1)
 def validate(recipe_file: str, overrides: tuple[str, ...]) -> None:
