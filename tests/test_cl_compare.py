@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -197,22 +198,24 @@ def test_the_long_benchmark_runs_every_method_with_its_standard_settings_on_the_
     assert len([t for t in mt["eval"]["tasks"] if t.endswith("-choice")]) == 15
 
 
-def _compare(tmp_path, *options):
+def _compare(tmp_path, *options, out_name="out"):
     import subprocess
     import sys
 
-    out = tmp_path / "out"
+    out = tmp_path / out_name
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "cl_compare.py"), "--model", "builtin:tiny",
                           "--steps", "1", "--batch", "2", "--limit", "2", "--general", "--out", str(out), *options],
                          cwd=REPO, capture_output=True, text=True, timeout=3600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return out, json.loads((out / "summary.json").read_text()), (out / "summary.md").read_text()
+    return out, json.loads((out / "summary.json").read_text()), (out / "summary.md").read_text(), res.stdout
 
 
 @pytest.mark.slow
 def test_the_comparison_runs_end_to_end_over_two_orders_on_the_tiny_model(tmp_path, monkeypatch):
     chdir_beside_shared_data(tmp_path, monkeypatch)
-    out, results, md = _compare(tmp_path, "--methods", "seqft", "lora", "multitask", "--orders", "1", "2")
+    archive = tmp_path / "archive"
+    out, results, md, _ = _compare(tmp_path, "--methods", "seqft", "lora", "multitask", "--orders", "1", "2",
+                                   "--archive", str(archive))
     assert sorted((r["method"], r["order"], r["seed"]) for r in results) == sorted(
         (m, k, k - 1) for m in ("seqft", "lora", "multitask") for k in (1, 2))
     assert all(r["AA_labels"] is not None for r in results)  # every task scored both ways
@@ -222,12 +225,22 @@ def test_the_comparison_runs_end_to_end_over_two_orders_on_the_tiny_model(tmp_pa
     assert "| lora | 2 |" in md and f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" in md
     matrix = json.loads((out / "lora-o2-s1" / "report" / "matrix.json").read_text())
     assert [c["label"] for c in matrix["columns"] if c["kind"] == "stage"] == cl_compare.ORDERS[2]
+    # another clone continues from the archive: every finished run comes back untrained; the multitask run whose
+    # archive is gone trains again, on the stage tasks written again for the restored seqft run
+    assert (archive / "summary.json").read_text() == (out / "summary.json").read_text()
+    shutil.rmtree(archive / "multitask-o2-s1")
+    _, again, _, stdout = _compare(tmp_path, "--methods", "seqft", "lora", "multitask", "--orders", "1", "2",
+                                   "--archive", str(archive), out_name="clone")
+    assert stdout.count("restored from") == 5 and (archive / "multitask-o2-s1" / "bench.json").exists()
+    key = lambda r: (r["method"], r["order"])  # noqa: E731
+    assert [(key(r), r["AA"], r["BWT"]) for r in sorted(again, key=key)] == \
+        [(key(r), r["AA"], r["BWT"]) for r in sorted(results, key=key)]
 
 
 @pytest.mark.slow
 def test_the_long_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     chdir_beside_shared_data(tmp_path, monkeypatch)
-    out, results, md = _compare(tmp_path, "--benchmark", "long", "--methods", "seqft", "--orders", "4")
+    out, results, md, _ = _compare(tmp_path, "--benchmark", "long", "--methods", "seqft", "--orders", "4")
     assert [(r["method"], r["order"]) for r in results] == [("seqft", 4)]
     matrix = json.loads((out / "seqft-o4-s3" / "report" / "matrix.json").read_text())
     assert [c["label"] for c in matrix["columns"] if c["kind"] == "stage"] == cl_compare.ORDERS[4]
@@ -248,3 +261,34 @@ def test_every_ablation_is_a_valid_recipe_that_carries_its_overrides(tmp_path):
             for text in overrides:
                 key, value = text.split("=", 1)
                 assert getattr(parsed.method, key.split(".")[1]) == yaml.safe_load(value), (method, variant, key)
+
+
+def test_an_archived_run_comes_back_with_its_light_files_and_no_weights(tmp_path):
+    """--archive keeps what the report and the summary read (no weights, no rendered test data) and a fresh
+    --out takes the finished run back from it; a run finished in --out is never overwritten by the archive."""
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    run = cl_compare.run_dir_of(out, "seqft+replay", 2, 1)
+    files = {"recipe.yaml": f"include: {out}/seqft-o2-s1/eval/tasks\n", "ledger.json": '{"stages": []}', "bench.json": '{"wall_s": 3.0}',
+             "metrics.jsonl": '{"loss": 1.0}\n', "eval/base.json": '{"tasks": {}}', "eval/stage-00.json": "{}",
+             "report/matrix.json": '{"R": []}', "report/report.md": "# r\n"}
+    heavy = {"stage-00-dbpedia/model.safetensors": "weights", "eval/tasks/dbpedia.jsonl": "test data"}
+    for rel, text in {**files, **heavy}.items():
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text(text)
+    (out / f"{run.name}.log").write_text("the training log\n")
+    archive.mkdir()
+    cl_compare.archive_run(run, archive)
+    kept = {str(p.relative_to(archive / run.name)) for p in (archive / run.name).rglob("*") if p.is_file()}
+    assert kept == set(files) | {"run.log"}
+
+    fresh = cl_compare.run_dir_of(tmp_path / "fresh", "seqft+replay", 2, 1)
+    assert cl_compare.restore_run(fresh, archive)
+    assert {rel: (fresh / rel).read_text() for rel in files if rel != "recipe.yaml"} == \
+        {rel: text for rel, text in files.items() if rel != "recipe.yaml"}
+    # a recipe naming another run of --out names it in the --out the run came back to
+    assert (fresh / "recipe.yaml").read_text() == f"include: {fresh.parent}/seqft-o2-s1/eval/tasks\n"
+    assert not (fresh / "stage-00-dbpedia").exists()
+    assert (fresh.parent / f"{fresh.name}.log").read_text() == "the training log\n"
+    (fresh / "bench.json").write_text('{"wall_s": 9.0}')
+    assert not cl_compare.restore_run(fresh, archive) and (fresh / "bench.json").read_text() == '{"wall_s": 9.0}'
+    assert not cl_compare.restore_run(cl_compare.run_dir_of(out, "lora", 1, 0), archive)  # nothing archived

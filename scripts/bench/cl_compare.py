@@ -39,7 +39,8 @@ row is the same for every method of an order: scored once, shared.
 
 Each method runs as `python -m llmcl train` in its own process (its peak resident memory is its own), into
 <out>/<method>-o<order>-s<seed>/; finished runs are skipped, so an interrupted comparison continues where it
-stopped. Prints the table (per method: mean ± standard deviation over the orders of AA, BWT, FWT and the
+stopped; with --archive DIR each finished run's light files (no weights) are also kept in DIR and taken back
+from there, so a comparison spread over several sessions or machines continues from a tracked directory. Prints the table (per method: mean ± standard deviation over the orders of AA, BWT, FWT and the
 general-ability delta; the difference to SeqFT paired by order with its 95% t-interval; wall time, peak RSS) and
 writes <out>/summary.md (the table and every run's accuracy matrix), <out>/summary.json and <out>/heatmaps.png;
 `llmcl report <out>/<run>` gives one run's full report.
@@ -233,10 +234,70 @@ def shareable_base(shared_base: Path, recipe: dict) -> bool:
         (ev.get("limit"), ev.get("tasks_limit"), recipe["model"]["path"], dtype) and needed <= set(row["tasks"])
 
 
+# what --archive keeps of a finished run: everything the report and this summary read, no weights (a few
+# hundred kB a run); the stage test tasks (eval/tasks) are written again from the recipe where needed
+ARCHIVED = ("recipe.yaml", "ledger.json", "bench.json", "metrics.jsonl", "eval/*.json", "report/matrix.json",
+            "report/report.md")
+OUT = "<cl_compare --out>"  # where an archived recipe named the --out directory
+
+
+def archive_run(run_dir: Path, archive: Path) -> None:
+    """Copy a finished run's light files (ARCHIVED, its recipe and log) to archive/<run name>, replacing any
+    earlier copy in one rename."""
+    dest = archive / run_dir.name
+    tmp = archive / f".{run_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    copies = [(f, tmp / f.relative_to(run_dir)) for pattern in ARCHIVED for f in run_dir.glob(pattern)]
+    copies += [(f, tmp / f"run{suffix}") for suffix in (".yaml", ".log")
+               if (f := run_dir.parent / f"{run_dir.name}{suffix}").exists()]
+    for f, to in copies:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        if f.suffix == ".yaml":  # recipes name the other runs of --out (multitask: seqft's stage tasks)
+            to.write_text(f.read_text().replace(str(run_dir.parent), OUT))
+        else:
+            shutil.copyfile(f, to)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def restore_run(run_dir: Path, archive: Path) -> bool:
+    """Bring an archived finished run back into `run_dir` (where it is not finished): True if it did."""
+    src = archive / run_dir.name
+    if (run_dir / "bench.json").exists() or not (src / "bench.json").exists():
+        return False
+    for f in src.rglob("*"):
+        if f.is_file():
+            to = run_dir.parent / f"{run_dir.name}{f.suffix}" if f.stem == "run" and f.parent == src \
+                else run_dir / f.relative_to(src)
+            to.parent.mkdir(parents=True, exist_ok=True)
+            if f.suffix == ".yaml":
+                to.write_text(f.read_text().replace(OUT, str(run_dir.parent)))
+            else:
+                shutil.copyfile(f, to)
+    return True
+
+
+def ensure_stage_tasks(run_dir: Path) -> None:
+    """The stage test tasks of a finished run (multitask scores on seqft's): written again from its recipe when
+    the run came back from an archive without them."""
+    if (run_dir / "eval" / "tasks").exists():
+        return
+    from llmcl.eval.scoring import load_run_recipe
+    from llmcl.eval.tasks import write_stage_tasks
+    from llmcl.models import load_tokenizer
+
+    recipe = load_run_recipe(run_dir)
+    write_stage_tasks(recipe, run_dir, load_tokenizer(recipe.model))
+
+
 def run_one(name: str, args: argparse.Namespace, order: int) -> dict:
     seed = seed_of(order, args)
     run_dir = run_dir_of(args.out, name, order, seed)
+    if args.archive is not None and restore_run(run_dir, args.archive):
+        print(f"{run_dir.name}: restored from {args.archive}", flush=True)
     tasks_dir = run_dir_of(args.out, "seqft", order, seed) / "eval" / "tasks"
+    if name == "multitask":  # its recipe (checked even when the run is finished) names seqft's stage tasks
+        ensure_stage_tasks(tasks_dir.parent.parent)
     recipe = recipe_for(name, args, order, tasks_dir)
     changed = _settings_changed(run_dir, recipe)
     if changed is not None:
@@ -270,14 +331,17 @@ def run_one(name: str, args: argparse.Namespace, order: int) -> dict:
         stats = {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "resumed": resumed}
         stats_path.write_text(json.dumps(stats))
     stats = json.loads(stats_path.read_text())
-    rep = subprocess.run([sys.executable, "-m", "llmcl", "report", str(run_dir)], cwd=REPO, capture_output=True,
-                         text=True)
-    if rep.returncode != 0:
-        sys.exit(f"llmcl report {run_dir} failed: {rep.stderr.strip()}")
+    if any(run_dir.glob("stage-*")):  # a run that came back from --archive has no weights: its report stands
+        rep = subprocess.run([sys.executable, "-m", "llmcl", "report", str(run_dir)], cwd=REPO, capture_output=True,
+                             text=True)
+        if rep.returncode != 0:
+            sys.exit(f"llmcl report {run_dir} failed: {rep.stderr.strip()}")
     matrix = json.loads((run_dir / "report" / "matrix.json").read_text())
     ledger = json.loads((run_dir / "ledger.json").read_text())
     train_s = sum(s.get("wall_seconds", 0) for s in ledger["stages"])
     out = {"method": name, "order": order, "seed": seed, **stats, "train_s": train_s, **_scores(name, matrix, run_dir)}
+    if args.archive is not None:
+        archive_run(run_dir, args.archive)
     return out
 
 
@@ -451,6 +515,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="the papers' sizes: 1000 samples per task (replayed ones included), "
                                                       "512 tokens, the whole test split (a GPU job)")
     p.add_argument("--out", type=Path, help="where the runs go (default: runs/cl_compare, runs/cl_compare_long)")
+    p.add_argument("--archive", type=Path, help="also keep every finished run's light files (recipe, ledger, "
+                   "evaluation rows, report, log; no weights) and the summary here, and take finished runs back "
+                   "from here: a comparison continues on another machine or clone (e.g. docs/results/cl_compare)")
     return p
 
 
@@ -460,6 +527,9 @@ def main() -> None:
     if args.batch is not None and args.batch < 2:
         p.error("--batch must be at least 2 (I-LoRA's step is half current, half replayed samples)")
     args.out = (args.out or REPO / "runs" / ("cl_compare" if args.benchmark == "standard" else "cl_compare_long")).resolve()
+    if args.archive is not None:
+        args.archive = args.archive.resolve()
+        args.archive.mkdir(parents=True, exist_ok=True)
     methods = list(args.methods)
     if "multitask" in methods and "seqft" not in methods:
         methods.insert(0, "seqft")  # multitask is scored on the stage tasks the seqft run writes
@@ -501,6 +571,9 @@ def main() -> None:
         print(f"heatmaps: {figure}")
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     (args.out / "summary.json").write_text(json.dumps(results, indent=1))
+    if args.archive is not None:
+        for f in ("summary.md", "summary.json"):
+            shutil.copyfile(args.out / f, args.archive / f)
 
 
 if __name__ == "__main__":
