@@ -152,8 +152,8 @@ def run_trainer(model_path: str, data: Path, args, tmp: Path) -> float:
 CL_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "benchmarks" / "cl_standard.yaml"
 
 
-def run_packing(method: str, chat: bool, packing: bool, args, tmp: Path, rep: int) -> tuple[float, float]:
-    """(real tokens/s over each stage's steps after its first, the last step's loss) of one llmcl run on the
+def run_packing(method: str, chat: bool, packing: bool, args, tmp: Path, rep: int) -> tuple[float, list[float]]:
+    """(real tokens/s over each stage's steps after its first, every logged step's loss) of one llmcl run on the
     CL benchmark's four tasks."""
     from llmcl.train.distributed import make_accelerator
     from llmcl.train.loop import run
@@ -163,7 +163,8 @@ def run_packing(method: str, chat: bool, packing: bool, args, tmp: Path, rep: in
                                     f"train.max_steps={args.steps}", "eval.after_each_stage=false",
                                     *(f"stages.{k}.data.chat_template=true" for k in range(4) if chat),
                                     *([f"model.path={args.models[-1]}"] if args.models else []),
-                                    *(["train.lr=1e-3", "method.r=16"] if method == "lora" else [])])
+                                    *(["train.lr=1e-3", "method.r=16"] if method == "lora" else []),
+                                    *([f"train.precision={args.precision}"] if args.precision else [])])
     run_dir = tmp / f"pack-{method}-{chat}-{packing}-{rep}"
     run(r, run_dir, display=Display(enabled=False), accelerator=make_accelerator(r, run_dir, fresh=True))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -172,18 +173,18 @@ def run_packing(method: str, chat: bool, packing: bool, args, tmp: Path, rep: in
         rows = [m for m in metrics if m["stage"] == stage]
         tokens += rows[-1]["tokens"] - rows[0]["tokens"]
         seconds += rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
-    return tokens / seconds, metrics[-1]["loss"]
+    return tokens / seconds, [m["loss"] for m in metrics]
 
 
 def packing_table(args) -> None:
     print(f"train.packing on {CL_RECIPE.name}'s four tasks: {args.steps} steps a task, batch 8 x <=192 tokens, "
-          f"{args.repeats} interleaved repeats", flush=True)
+          f"{args.repeats} interleaved repeats, precision {args.precision or 'as the recipe'}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as d:
-        for method in ("seqft", "lora"):
+        for method in args.pack_methods:
             for chat in (False, True):
                 rates: dict[bool, list[float]] = {False: [], True: []}
-                losses: dict[bool, float] = {}
+                losses: dict[bool, list[float]] = {}
                 for rep in range(args.repeats):
                     for packing in ((False, True) if rep % 2 == 0 else (True, False)):
                         gc.collect()
@@ -195,12 +196,18 @@ def packing_table(args) -> None:
                 results.append((method, chat, statistics.median(rates[False]), statistics.median(rates[True]),
                                 ratios, losses))
     print()
+    # the loss curves: every step's loss side by side (same examples each step), the largest relative gap, and the
+    # final loss as the mean over the last stage's steps (one step's loss is one batch)
     print(f"{'method':7} {'data':18} {'unpacked tok/s':>15} {'packed tok/s':>13} {'packed/unpacked (range)':>24} "
-          f"{'final loss unpacked, packed':>28}")
+          f"{'last stage mean loss unpacked, packed':>38} {'gap':>7} {'largest step gap':>17}")
     for method, chat, plain, packed, ratios, losses in results:
+        a, b = losses[False], losses[True]
+        tail = max(1, args.steps)
+        mean_a, mean_b = statistics.fmean(a[-tail:]), statistics.fmean(b[-tail:])
+        worst = max(abs(y - x) / abs(x) for x, y in zip(a, b))
         print(f"{method:7} {'chat template' if chat else 'prompt/completion':18} {plain:15,.0f} {packed:13,.0f} "
               f"{f'{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})':>24} "
-              f"{f'{losses[False]:.4f}, {losses[True]:.4f}':>28}")
+              f"{f'{mean_a:.4f}, {mean_b:.4f}':>38} {abs(mean_b - mean_a) / mean_a:7.2%} {worst:17.2%}")
 
 
 def main() -> None:
@@ -214,6 +221,9 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the table as JSON (used by llmcl doctor)")
     p.add_argument("--packing", action="store_true", help="packed against unpacked on the CL benchmark's data "
                    "(--steps a task; --models: the last one, default the recipe's SmolLM2)")
+    p.add_argument("--pack-methods", nargs="+", default=["seqft", "lora"], help="with --packing: the methods")
+    p.add_argument("--precision", default=None, help="with --packing: train.precision (default: the recipe's "
+                   "bf16 mixed precision; fp32: where the two curves must agree)")
     args = p.parse_args()
     if args.packing:
         if "--steps" not in sys.argv:
