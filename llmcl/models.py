@@ -286,3 +286,32 @@ def why_not_packable(model: Any) -> str | None:
     if "position_ids" not in inspect.signature(base.forward).parameters:
         return f"{kind or type(base).__name__}'s forward takes no position_ids"
     return None
+
+
+def logits_at_labels(model: Any) -> bool:
+    """Whether `model` can compute its LM head at the trained positions only (llmcl.data.batching.label_positions).
+
+    Instruction data trains a few completion tokens a row: the other positions' logits ([positions, vocabulary],
+    the largest activation of a small model) are computed, upcast and backpropagated for nothing. transformers
+    5.x causal LMs take a boolean [batch, positions] `logits_to_keep` (the LM head runs on those rows of the
+    hidden states only) and pass `shift_labels` on to their loss, which is then the same sum over the same
+    targets: exact, not an approximation. What this reads is the forward's source and the loss's signature; a
+    model that does not do both keeps the full logits."""
+    import inspect
+
+    import torch
+    from transformers import modeling_utils
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs on
+    slicer = getattr(modeling_utils, "slice_logits_to_keep", None)
+    if slicer is None:
+        return False
+    try:
+        if tuple(slicer(torch.zeros(1, 2, 1), torch.tensor([[False, True]])).shape) != (1, 1):
+            return False  # a transformers whose slicer does not take a boolean mask
+        source = inspect.getsource(type(base).forward)
+        loss = inspect.signature(base.loss_function).parameters
+    except (OSError, TypeError, IndexError, RuntimeError, AttributeError):
+        return False
+    return ("slice_logits_to_keep(hidden_states, logits_to_keep)" in source and "self.loss_function(" in source
+            and "**kwargs" in source and "shift_labels" in loss)

@@ -202,6 +202,63 @@ def test_a_packed_step_gives_the_unpacked_loss_gradients_and_method_state(name, 
     _assert_same(plain_state, packed_state)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("name", METHODS)
+def test_the_lm_head_at_the_trained_positions_gives_the_full_loss_and_gradients(name, packing, tmp_path):
+    """The loop computes the LM head at the trained positions only (llmcl.models.logits_at_labels): for every
+    method, packed or not, the loss and every trainable gradient equal those of the full [rows, positions,
+    vocabulary] logits (1e-5 relative), and the logits really are one row per target."""
+    run, ctx = _stage(tmp_path, name, packing)
+    assert ctx.logits_at_labels  # builtin:tiny is a transformers Llama: the loop takes the short path
+    unwrapped = run.accelerator.unwrap_model(ctx.model)
+    items = ctx.batches.micro_items(0, 0, 0)
+    examples = fetch(ctx.pools, items)
+    n_items = sum(ctx.pools[0].label_count(j) for _, j in items)
+    batch = make_batch(examples, run.tokenizer.pad_token_id, packing, ctx.row_tokens)
+    got = {}
+    for at_labels in (False, True):
+        outputs, loss = forward_loss(ctx.model, unwrapped, ctx.method, batch, examples, n_items, 1,
+                                     at_labels=at_labels)
+        loss.backward()
+        got[at_labels] = loss.detach(), {n: p.grad.detach().clone() for n, p in ctx.named if p.grad is not None}
+        ctx.optimizer.zero_grad(set_to_none=True)
+        if at_labels:
+            assert outputs.logits.shape[0] == label_tokens(examples) == n_items
+        else:
+            assert outputs.logits.shape[:2] == batch["input_ids"].shape
+    run.metrics.close()
+    assert 0 < label_tokens(examples) < int(batch["attention_mask"].sum()) // 2  # prompts are most positions
+    (loss_a, grads_a), (loss_b, grads_b) = got[False], got[True]
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for n in grads_a:
+        scale = grads_a[n].abs().max().clamp_min(1e-12)
+        assert (grads_b[n] - grads_a[n]).abs().max() / scale < 1e-5, n
+
+
+def test_a_model_without_the_boolean_logits_mask_keeps_the_full_logits():
+    """The short path is taken only where the forward slices its hidden states with transformers' helper and
+    hands shift_labels to its loss; a model whose forward does not (here: one wrapped in a plain module) keeps
+    the full logits."""
+    from llmcl.models import logits_at_labels
+
+    model = load_base_model(TINY, 0)
+    assert logits_at_labels(model)
+
+    class Plain(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+        def loss_function(self, logits, labels):
+            return None
+
+    assert not logits_at_labels(Plain(model))
+
+
 def _assert_same(a, b, key="state"):
     if torch.is_tensor(a):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=key)

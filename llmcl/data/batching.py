@@ -198,3 +198,15 @@ def label_tokens(examples: list[Example]) -> int:
 
 def fetch(pools: Sequence[Any], items: list[Item]) -> list[Example]:
     return [pools[src][j] for src, j in items]
+
+
+def label_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model arguments that compute the LM head at the trained positions only (where the model supports it:
+    llmcl.models.logits_at_labels): `logits_to_keep`, a boolean [rows, positions] mask of the positions whose next
+    token is a target, and `shift_labels`, those targets in the same order. The model's loss is then the same sum
+    over the same targets as with every position's logits; its `logits` are [targets, vocabulary]."""
+    labels = batch["labels"]
+    shifted = torch.full_like(labels, IGNORE)
+    shifted[:, :-1] = labels[:, 1:]
+    keep = shifted != IGNORE
+    return {"logits_to_keep": keep, "shift_labels": shifted[keep]}

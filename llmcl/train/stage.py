@@ -24,7 +24,7 @@ from llmcl.data.sources import local_files
 from llmcl.errors import LlmclError
 from llmcl.layers import varlen
 from llmcl.methods.base import Method, StageInfo
-from llmcl.models import count_parameters, load_base_model, why_not_packable
+from llmcl.models import count_parameters, load_base_model, logits_at_labels, why_not_packable
 from llmcl.recipe import Recipe
 from llmcl.rundir import CACHE, Ledger, artifacts, load_tree, now
 from llmcl.rundir.integrity import file_record
@@ -87,6 +87,8 @@ class StageContext:
     """Optimizer steps skipped for a non-finite gradient norm (train.on_nonfinite=skip)."""
     row_tokens: int | None = None
     """train.packing's row capacity: None = a micro-batch is one row (attention runs per example), else seq_len."""
+    logits_at_labels: bool = False
+    """The LM head runs at the trained positions only (llmcl.models.logits_at_labels): same loss, less work."""
 
     @property
     def name(self) -> str:
@@ -160,6 +162,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
             raise LlmclError(f"{key}.packing: true needs a model whose positions come from position_ids, "
                              f"and {why}; set it to false")
         row_tokens = varlen.row_capacity(model, cfg.seq_len)
+    at_labels = logits_at_labels(model)
     if prev_dir is not None:
         method.load_state_dict(load_tree(prev_dir, METHOD_STATE))
     if method.describe_stage():
@@ -204,7 +207,8 @@ def build_stage(run: RunContext, i: int) -> StageContext:
                        keep_next, parameters, data_files=data_files, start=start,
                        tokens_done=resume["state"]["tokens"] if resume else 0,
                        wall_before=resume["state"]["wall_seconds"] if resume else 0.0,
-                       skipped=resume["state"].get("skipped_steps", 0) if resume else 0, row_tokens=row_tokens)
+                       skipped=resume["state"].get("skipped_steps", 0) if resume else 0, row_tokens=row_tokens,
+                       logits_at_labels=at_labels)
     run.display.start_stage(i, len(recipe.stages), stage.name, plan.steps, start, _stage_note(ctx, kept))
     return ctx
 

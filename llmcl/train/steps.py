@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llmcl.data.batching import fetch, make_batch, model_inputs
+from llmcl.data.batching import fetch, label_positions, make_batch, model_inputs
 from llmcl.errors import LlmclError
 from llmcl.methods.base import Method, StepInputs
 from llmcl.rundir import artifacts
@@ -62,7 +62,8 @@ def train_steps(ctx: StageContext) -> None:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    outputs, loss = forward_loss(model, unwrapped, method, batch, examples, n_items, scale)
+                    outputs, loss = forward_loss(model, unwrapped, method, batch, examples, n_items, scale,
+                                                 at_labels=ctx.logits_at_labels)
                 distributed.backward(accelerator, loss * scale)
             step_loss += outputs.loss.detach()  # the step's own cross-entropy: comparable across methods
             if step_objective is not None:
@@ -94,11 +95,13 @@ def train_steps(ctx: StageContext) -> None:
 
 
 def forward_loss(model: Any, unwrapped: Any, method: Method, batch: dict[str, torch.Tensor], examples: list[Any],
-                 n_items: int, scale: int) -> tuple[Any, torch.Tensor]:
+                 n_items: int, scale: int, at_labels: bool = False) -> tuple[Any, torch.Tensor]:
     """One micro-batch: the forward pass (the model's loss is this micro-batch's share of the step's token mean,
-    from `n_items`, the step's trained tokens) and the method's loss on it."""
+    from `n_items`, the step's trained tokens) and the method's loss on it. `at_labels`: the LM head runs at the
+    trained positions only (llmcl.models.logits_at_labels; the same loss and gradients)."""
     method.before_forward(batch)
-    outputs = model(**model_inputs(batch), num_items_in_batch=n_items, use_cache=False)
+    outputs = model(**model_inputs(batch), **(label_positions(batch) if at_labels else {}), num_items_in_batch=n_items,
+                    use_cache=False)
     return outputs, method.loss(StepInputs(batch, outputs, unwrapped, scale, examples))
 
 
