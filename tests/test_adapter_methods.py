@@ -103,6 +103,33 @@ def test_padding_changes_nothing(monkeypatch):
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
 
 
+def test_the_replay_passes_at_the_targets_only_give_the_full_loss_and_gradients():
+    """I-LoRA's replay passes compute the LM head at the replayed targets only (the fast learner) and not at all
+    (the slow one, whose hidden states are all it gives): the loss and the fast learner's gradients equal those
+    of the full logits."""
+    rows = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    got = {}
+    for at_labels in (True, False):
+        torch.manual_seed(0)
+        method = _method("ilora", consistency=1.0, replay_from_stage=0)
+        model = method.prepare(load_base_model(TINY, 0), StageInfo(0, "s", 1, 1, seed=0))
+        assert method.at_labels  # builtin:tiny supports it: the test compares the two paths
+        method.at_labels = at_labels
+        with torch.no_grad():
+            for p in method.fast.values():
+                p.add_(0.01 * torch.randn_like(p))
+        method._offer([Example(r, [-100] * 2 + r[2:]) for r in ([1, 2, 3, 4], [20, 21, 22, 23, 24, 25])])
+        batch = _batch(rows, pad_extra=3)
+        outputs = model(**batch, num_items_in_batch=sum(len(r) - 1 for r in rows), use_cache=False)
+        loss = method.loss(StepInputs(batch, outputs, model, scale=1, examples=[Example(r, r) for r in rows]))
+        loss.backward()
+        assert method.step_metrics()["consistency"] > 0
+        got[at_labels] = loss.detach(), {n: p.grad.clone() for n, p in method.fast.items()}
+    torch.testing.assert_close(got[True][0], got[False][0], rtol=1e-5, atol=0)
+    for n, g in got[False][1].items():
+        assert (got[True][1][n] - g).abs().max() <= 1e-5 * g.abs().max().clamp_min(1e-12), n
+
+
 def _pad(b, extra):
     if not extra:
         return b

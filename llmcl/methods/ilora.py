@@ -31,9 +31,10 @@ import torch
 
 from llmcl import methods, shards
 from llmcl.config import KeyFn, require
-from llmcl.data.batching import collate
+from llmcl.data.batching import collate, label_positions
 from llmcl.data.formatting import Example
 from llmcl.methods.base import LoraStyleConfig, Method, StageInfo, StepInputs
+from llmcl.models import logits_at_labels
 from llmcl.rundir import artifacts
 
 SLOW, FAST = "default", "fast"
@@ -95,6 +96,7 @@ class ILora(Method):
         self.buffer: list[Example] = []
         self.fast: dict[str, torch.nn.Parameter] = {}
         self.slow: dict[str, torch.nn.Parameter] = {}
+        self.at_labels = False  # set by prepare: whether the model computes logits at chosen positions only
         # fp32 values of both learners, the same on every rank: the slow learner is interpolated here (a bf16 slow
         # adapter could not follow at 1 - lam = 0.01 per step) and written into its adapter; the fast learner's
         # are the optimizer's master weights as of the last step (read by state_dict, without a collective)
@@ -126,6 +128,7 @@ class ILora(Method):
         for p in self.slow.values():
             p.requires_grad_(False)
         self.values = {n: p.detach().float().clone() for n, p in {**self.fast, **self.slow}.items()}
+        self.at_labels = logits_at_labels(model)  # the replay passes' LM head at their targets only (same loss)
         self.rank, self.seed, self.gather, self.stage_index = stage.rank, stage.seed, stage.gather, stage.index
         return model
 
@@ -163,12 +166,14 @@ class ILora(Method):
         self._offer(step.examples)
         if replay is None:
             return step.outputs.loss
-        fast_out = step.forward(**replay, output_hidden_states=True, use_cache=False)
+        fast_out = step.forward(**replay, **(label_positions(replay) if self.at_labels else {}),
+                                output_hidden_states=True, use_cache=False)
         with torch.no_grad():
             step.model.set_adapter(SLOW, inference_mode=True)
             try:
                 slow_out = step.forward(input_ids=replay["input_ids"], attention_mask=replay["attention_mask"],
-                                        output_hidden_states=True, use_cache=False)
+                                        output_hidden_states=True, use_cache=False,
+                                        **({"logits_to_keep": 1} if self.at_labels else {}))  # hidden states only
             finally:
                 step.model.set_adapter(FAST)
                 for p in self.slow.values():
