@@ -1,0 +1,100 @@
+"""Where a training step's time goes on instruction data: forward, backward and optimizer, unpacked and packed
+(train.packing), with the LM head over every position or at the trained positions only (what llmcl's loop does
+where the model supports it: llmcl.models.logits_at_labels).
+
+SmolLM2-135M (the CL benchmark recipe's model and precision) trains steps of 8 examples drawn from the four
+stage datasets of recipes/benchmarks/cl_standard.yaml in turn (seq_len 192); every step runs the same examples
+through the four layouts in a rotating order, from the same weights (each layout's update is undone), so the
+ratios are paired per step. The first step is excluded.
+
+    python scripts/bench/step_parts.py                     # 9 steps, the recipe's bf16 mixed precision
+    python scripts/bench/step_parts.py --steps 5 --precision fp32
+
+Prints per layout: mean step seconds and its forward / backward / optimizer parts, real tokens per second, and
+the ratios to the unpacked step with full logits (the loop before issue #17) and to the unpacked step at the
+trained positions (the loop's default today).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from llmcl import recipe as recipe_mod  # noqa: E402
+from llmcl.data.batching import label_positions, label_tokens, make_batch, model_inputs  # noqa: E402
+from llmcl.data.mixing import build_pool  # noqa: E402
+from llmcl.layers import varlen  # noqa: E402
+from llmcl.models import load_base_model, load_tokenizer, logits_at_labels  # noqa: E402
+
+LAYOUTS = [("unpacked", False, False), ("unpacked, LM head at targets", False, True),
+           ("packed", True, False), ("packed, LM head at targets", True, True)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    args = p.parse_args()
+    recipe = recipe_mod.load(REPO / "recipes" / "benchmarks" / "cl_standard.yaml")
+    seq_len = recipe.stage_train(0).seq_len
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_base_model(recipe.model, recipe.seed)
+    assert logits_at_labels(model), "this model keeps full logits: nothing to compare"
+    with tempfile.TemporaryDirectory() as d:
+        pools = [build_pool(s.data, tokenizer, seq_len, recipe.seed, Path(d))[0] for s in recipe.stages]
+    capacity = varlen.row_capacity(model, seq_len)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _, _ in LAYOUTS}
+    tokens, padding = 0, []
+    print(f"SmolLM2-135M, {args.precision}, {args.steps} steps of 8 examples (seq_len {seq_len}), "
+          f"{torch.get_num_threads()} threads", flush=True)
+    for step in range(args.steps):
+        pool = pools[step % len(pools)]
+        examples = [pool[j] for j in torch.randint(len(pool), (8,), generator=g).tolist()]
+        n_items = label_tokens(examples)
+        start = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        for k in range(len(LAYOUTS)):
+            name, packing, at_labels = LAYOUTS[(k + step) % len(LAYOUTS)]
+            batch = make_batch(examples, tokenizer.pad_token_id, packing, capacity)
+            if not packing and not at_labels:
+                padding.append(1 - float(batch["attention_mask"].float().mean()))
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                out = model(**model_inputs(batch), **(label_positions(batch) if at_labels else {}),
+                            num_items_in_batch=n_items, use_cache=False)
+            t1 = time.perf_counter()
+            out.loss.backward()
+            t2 = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            if step:
+                times[name].append((t1 - t0, t2 - t1, t3 - t2))
+            with torch.no_grad():  # every layout of a step starts from the same weights
+                model.load_state_dict(start)
+        if step:
+            tokens += sum(len(e.input_ids) for e in examples)
+    base = statistics.fmean(sum(t) for t in times["unpacked"])
+    ours = statistics.fmean(sum(t) for t in times["unpacked, LM head at targets"])
+    print(f"\npadding share of the unpacked batches: {statistics.fmean(padding):.1%}\n")
+    print(f"{'layout':30} {'step s':>7} {'forward':>8} {'backward':>9} {'optimizer':>10} {'real tok/s':>11} "
+          f"{'vs unpacked':>12} {'vs unpacked at targets':>23}")
+    for name, _, _ in LAYOUTS:
+        parts = [statistics.fmean(t[i] for t in times[name]) for i in range(3)]
+        step_s = sum(parts)
+        print(f"{name:30} {step_s:7.3f} {parts[0]:8.3f} {parts[1]:9.3f} {parts[2]:10.3f} "
+              f"{tokens / len(times[name]) / step_s:11.0f} {base / step_s:11.2f}x {ours / step_s:22.2f}x")
+
+
+if __name__ == "__main__":
+    main()
