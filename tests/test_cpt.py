@@ -213,3 +213,25 @@ print(len(blocks), blocks.n_tokens, peak_rss_bytes() - before)
     assert n_tokens > 5_000_000 and n_blocks == n_tokens // 512
     budget = 16 * 2**20
     assert growth < budget, f"peak RSS grew by {growth / 2**20:.1f} MiB for a 48 MiB corpus"
+
+
+def test_text_stages_keep_every_positions_logits(tmp_path):
+    """A text stage trains every position, so the loop keeps the model's full logits (the short path of the LM head
+    at the trained positions is for instruction data); an instruction stage of the same model takes it."""
+    from llmcl import recipe as recipe_mod
+    from llmcl.rundir import Ledger
+    from llmcl.train.distributed import make_accelerator
+    from llmcl.train.loop import run_context
+    from llmcl.train.progress import Display
+    from llmcl.train.stage import build_stage
+
+    text = _text_dir(tmp_path, "a", 0)
+    flags = []
+    for k, data in enumerate((text, "builtin:facts")):
+        r = recipe_mod.load(write_recipe(tmp_path / f"r{k}.yaml", stages=[{"data": {"path": data}}]))
+        run_dir = tmp_path / f"run{k}"
+        accelerator = make_accelerator(r, run_dir, fresh=True)
+        run = run_context(r, run_dir, accelerator, Ledger.open(run_dir, r), Display(enabled=False))
+        flags.append(build_stage(run, 0).logits_at_labels)
+        run.metrics.close()
+    assert flags == [False, True]

@@ -162,7 +162,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
             raise LlmclError(f"{key}.packing: true needs a model whose positions come from position_ids, "
                              f"and {why}; set it to false")
         row_tokens = varlen.row_capacity(model, cfg.seq_len)
-    at_labels = logits_at_labels(model)
+    at_labels = stats.format != "text" and logits_at_labels(model)  # text trains every position: nothing to skip
     if prev_dir is not None:
         method.load_state_dict(load_tree(prev_dir, METHOD_STATE))
     if method.describe_stage():
