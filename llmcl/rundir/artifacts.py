@@ -69,10 +69,10 @@ def save_full(model: Any, out_dir: Path, state_dict: dict | None = None) -> dict
 def _load_full(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, trainable: bool):
     from transformers import AutoModelForCausalLM
 
-    from llmcl.models import torch_dtype
+    from llmcl.models import contiguous_head, torch_dtype
 
-    return AutoModelForCausalLM.from_pretrained(run_dir / manifest["path"], dtype=torch_dtype(model_cfg.dtype),
-                                                trust_remote_code=model_cfg.trust_remote_code)
+    return contiguous_head(AutoModelForCausalLM.from_pretrained(
+        run_dir / manifest["path"], dtype=torch_dtype(model_cfg.dtype), trust_remote_code=model_cfg.trust_remote_code))
 
 
 # -- PEFT adapters -----------------------------------------------------------------------------------
