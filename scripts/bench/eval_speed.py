@@ -8,6 +8,10 @@ the scores agree (HFLM and shared-context: equal; bfloat16: reported).
 
     python scripts/bench/eval_speed.py                 # SmolLM2-135M, 30 items a task (about 5 minutes on 2 cores)
     python scripts/bench/eval_speed.py --limit 100
+
+Two more rows score the bfloat16 model with its weights frozen (requires_grad off: what a PEFT base model, a
+merged adapter stage or any stage loaded for scoring has), with and without llmcl.models.contiguous_head: the
+LM head's input made contiguous before PyTorch's CPU linear sees generation's last-position view.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from llmcl import recipe as recipe_mod  # noqa: E402
 from llmcl.eval import harness, shared_context  # noqa: E402
 from llmcl.eval.tasks import write_stage_tasks  # noqa: E402
-from llmcl.models import load_base_model, load_tokenizer  # noqa: E402
+from llmcl.models import _contiguous_input, load_base_model, load_tokenizer  # noqa: E402
 
 
 def score(model, tokenizer, tasks, tasks_dir, limit, lm_class) -> tuple[float, dict, dict]:
@@ -69,6 +73,15 @@ def main() -> None:
                 "shared context, float32": score(model, tokenizer, tasks, tasks_dir, args.limit, shared)}
         model.to(torch.bfloat16)
         rows["shared context, bfloat16"] = score(model, tokenizer, tasks, tasks_dir, args.limit, shared)
+        model.requires_grad_(False)  # as an adapter's or a loaded stage's weights are
+        rows["bfloat16, frozen weights"] = score(model, tokenizer, tasks, tasks_dir, args.limit, shared)
+        head = model.get_output_embeddings()._forward_pre_hooks
+        hooks = {k: h for k, h in head.items() if h is _contiguous_input}
+        for k in hooks:
+            del head[k]
+        rows["bfloat16, frozen weights, no contiguous_head"] = score(model, tokenizer, tasks, tasks_dir,
+                                                                    args.limit, shared)
+        head.update(hooks)
     base = rows["HFLM, float32"]
     print(f"{args.model}, {len(tasks)} tasks ({len(tasks) // 2} stages both ways), {args.limit} items a task, "
           f"{torch.get_num_threads()} threads\n")

@@ -9,6 +9,7 @@ ratios are paired per step. The first step is excluded.
 
     python scripts/bench/step_parts.py                     # 9 steps, the recipe's bf16 mixed precision
     python scripts/bench/step_parts.py --steps 5 --precision fp32
+    python scripts/bench/step_parts.py --method lora       # LoRA (r 16, recipes/benchmarks/cl_standard_lora.yaml)
 
 Prints per layout: mean step seconds and its forward / backward / optimizer parts, real tokens per second, and
 the ratios to the unpacked step with full logits (the loop before issue #17) and to the unpacked step at the
@@ -36,27 +37,33 @@ from llmcl.models import load_base_model, load_tokenizer, logits_at_labels  # no
 
 LAYOUTS = [("unpacked", False, False), ("unpacked, LM head at targets", False, True),
            ("packed", True, False), ("packed, LM head at targets", True, True)]
+RECIPES = {"seqft": "cl_standard.yaml", "lora": "cl_standard_lora.yaml"}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=9)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--method", choices=["seqft", "lora"], default="seqft")
     args = p.parse_args()
-    recipe = recipe_mod.load(REPO / "recipes" / "benchmarks" / "cl_standard.yaml")
+    recipe = recipe_mod.load(REPO / "recipes" / "benchmarks" / RECIPES[args.method])
     seq_len = recipe.stage_train(0).seq_len
     tokenizer = load_tokenizer(recipe.model)
     model = load_base_model(recipe.model, recipe.seed)
+    if args.method == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, recipe.method.peft_config(use_rslora=recipe.method.use_rslora))
     assert logits_at_labels(model), "this model keeps full logits: nothing to compare"
     with tempfile.TemporaryDirectory() as d:
         pools = [build_pool(s.data, tokenizer, seq_len, recipe.seed, Path(d))[0] for s in recipe.stages]
     capacity = varlen.row_capacity(model, seq_len)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    optimizer = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=1e-5, fused=True)
     model.train()
     g = torch.Generator().manual_seed(0)
     times: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _, _ in LAYOUTS}
     tokens, padding = 0, []
-    print(f"SmolLM2-135M, {args.precision}, {args.steps} steps of 8 examples (seq_len {seq_len}), "
+    print(f"SmolLM2-135M, {args.method}, {args.precision}, {args.steps} steps of 8 examples (seq_len {seq_len}), "
           f"{torch.get_num_threads()} threads", flush=True)
     for step in range(args.steps):
         pool = pools[step % len(pools)]
