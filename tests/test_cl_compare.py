@@ -292,3 +292,16 @@ def test_an_archived_run_comes_back_with_its_light_files_and_no_weights(tmp_path
     (fresh / "bench.json").write_text('{"wall_s": 9.0}')
     assert not cl_compare.restore_run(fresh, archive) and (fresh / "bench.json").read_text() == '{"wall_s": 9.0}'
     assert not cl_compare.restore_run(cl_compare.run_dir_of(out, "lora", 1, 0), archive)  # nothing archived
+
+
+@pytest.mark.parametrize("argv, orders, limit", [
+    ([], [1, 2, 3], 100), (["--quick"], [1], 30), (["--quick", "--limit", "50"], [1], 50),
+    (["--orders", "3"], [3], 100), (["--full"], [1, 2, 3], None),
+    (["--benchmark", "long"], [4, 5, 6], None), (["--benchmark", "long", "--limit", "100"], [4, 5, 6], 100),
+    (["--benchmark", "long", "--quick"], [4], 30)])
+def test_the_comparison_size_where_the_command_line_leaves_it_open(argv, orders, limit, tmp_path):
+    args = cl_compare.parser().parse_args(argv)
+    cl_compare.resolve_size(args)
+    assert (args.orders, args.limit) == (orders, limit)
+    if limit is None and not args.full:  # the long sequence: its recipe's test items, not the standard 100
+        assert cl_compare.recipe_for("seqft", args, 4, tmp_path)["eval"]["limit"] == 30
