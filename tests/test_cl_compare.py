@@ -7,6 +7,8 @@ import argparse
 import importlib.util
 import json
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -305,3 +307,42 @@ def test_the_comparison_size_where_the_command_line_leaves_it_open(argv, orders,
     assert (args.orders, args.limit) == (orders, limit)
     if limit is None and not args.full:  # the long sequence: its recipe's test items, not the standard 100
         assert cl_compare.recipe_for("seqft", args, 4, tmp_path)["eval"]["limit"] == 30
+
+
+def test_jobs_run_at_most_that_many_at_once_each_order_s_seqft_first_in_its_own_share(monkeypatch):
+    import threading
+
+    lock, now, spans = threading.Lock(), [0], {}
+
+    def fake_run(name, args, order, env):
+        with lock:
+            now[0] += 1
+            start = now[0]
+        time.sleep(0.02 if name == "seqft" else 0.01)
+        with lock:
+            now[0] += 1
+            spans[(order, name)] = (start, now[0], env)
+        return {"method": name, "order": order, "seed": order - 1, "AA": 0.5, "BWT": -0.1}
+
+    monkeypatch.setattr(cl_compare, "run_one", fake_run)
+    monkeypatch.setattr(cl_compare.os, "cpu_count", lambda: 8)
+    args = cl_compare.parser().parse_args(["--jobs", "3", "--orders", "1", "2"])
+    methods = ["seqft", "lora", "hft", "multitask"]
+    results = cl_compare.run_all(args, methods)
+    assert [(r["order"], r["method"]) for r in results] == [(o, m) for o in (1, 2) for m in methods]
+    for (order, name), (start, _, env) in spans.items():
+        assert env == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}  # 8 cores // 3 runs
+        if name != "seqft":  # the order's base row and stage tasks exist before its other runs start
+            assert start > spans[(order, "seqft")][1], (order, name)
+    events = sorted([(s, 1) for s, _, _ in spans.values()] + [(e, -1) for _, e, _ in spans.values()])
+    at_once = [sum(d for _, d in events[:i + 1]) for i in range(len(events))]
+    assert max(at_once) == 3  # the machine is used: three at once, never more
+
+    def failing(name, args, order, env):
+        if name == "hft":
+            sys.exit("hft (order 1, seed 0) failed with exit 1")
+        return fake_run(name, args, order, env)
+
+    monkeypatch.setattr(cl_compare, "run_one", failing)
+    with pytest.raises(SystemExit, match="hft .* failed"):
+        cl_compare.run_all(args, methods)

@@ -32,6 +32,7 @@ row is the same for every method of an order: scored once, shared.
 
     python scripts/bench/cl_compare.py                 # the three orders, every method
     python scripts/bench/cl_compare.py --quick         # order 1 only, 30 test items a task (the recipes' size)
+    python scripts/bench/cl_compare.py --jobs 2        # two runs at once (a CPU: half the cores each; GPUs: one each)
     python scripts/bench/cl_compare.py --orders 1 --seed-offset 100 --methods seqft ilora   # an ablation run
     python scripts/bench/cl_compare.py --full          # the papers' sizes: 1000 samples/task once, 512 tokens,
                                                        # whole test splits (prompts <= 504 tokens; a GPU job)
@@ -290,7 +291,9 @@ def ensure_stage_tasks(run_dir: Path) -> None:
     write_stage_tasks(recipe, run_dir, load_tokenizer(recipe.model))
 
 
-def run_one(name: str, args: argparse.Namespace, order: int) -> dict:
+def run_one(name: str, args: argparse.Namespace, order: int, slot_env: dict[str, str] | None = None) -> dict:
+    """Train and score one method in one order (or take it back from --out / --archive); its summary row.
+    `slot_env`: the environment of its share of the machine when several runs go at once (--jobs)."""
     seed = seed_of(order, args)
     run_dir = run_dir_of(args.out, name, order, seed)
     if args.archive is not None and restore_run(run_dir, args.archive):
@@ -316,7 +319,8 @@ def run_one(name: str, args: argparse.Namespace, order: int) -> dict:
             shutil.copyfile(shared_base, own_base)
         scored_here = not own_base.exists()
         resumed = (run_dir / "ledger.json").exists()  # an interrupted run: its wall time covers only the rest
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+                   **(slot_env or {}))
         t0 = time.perf_counter()
         with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
             proc = subprocess.Popen([sys.executable, "-m", "llmcl", "train", str(recipe_path), "--run-dir",
@@ -328,7 +332,8 @@ def run_one(name: str, args: argparse.Namespace, order: int) -> dict:
         wall = time.perf_counter() - t0
         if scored_here:  # the base row was scored in this run: leave it out, so every method's wall time compares
             wall -= json.loads(own_base.read_text()).get("seconds", 0.0)
-        stats = {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "resumed": resumed}
+        stats = {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "resumed": resumed,
+                 "jobs": getattr(args, "jobs", 1)}
         stats_path.write_text(json.dumps(stats))
     stats = json.loads(stats_path.read_text())
     if any(run_dir.glob("stage-*")):  # a run that came back from --archive has no weights: its report stands
@@ -487,6 +492,50 @@ def heatmaps(out: Path, results: list[dict]) -> Path | None:
     return path
 
 
+def slot_envs(jobs: int) -> list[dict[str, str]]:
+    """The environment of each of `jobs` runs that go at once: on a machine with GPUs, one GPU each (round robin
+    over the visible ones); on a CPU, an equal share of the cores as torch's threads."""
+    import torch
+
+    if jobs == 1:
+        return [{}]
+    gpus = torch.cuda.device_count()
+    if gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")
+        return [{"CUDA_VISIBLE_DEVICES": visible[i % len(visible)]} for i in range(jobs)]
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(jobs)]
+
+
+def run_all(args: argparse.Namespace, methods: list[str]) -> list[dict]:
+    """Every (order, method) run, up to --jobs at once, in the table's order. An order's seqft run goes first:
+    it writes the stage test tasks and scores the base row that the order's other runs share."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    todo = [(order, name) for order in args.orders for name in methods]
+    free = slot_envs(args.jobs)
+    done: dict[tuple[int, str], dict] = {}
+    running: dict = {}
+
+    def ready(order: int, name: str) -> bool:
+        return name == "seqft" or "seqft" not in methods or (order, "seqft") in done
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        while todo or running:
+            for key in [k for k in todo if ready(*k)][:len(free)]:
+                todo.remove(key)
+                env = free.pop()
+                running[pool.submit(run_one, key[1], args, key[0], env)] = (key, env, time.perf_counter())
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                (order, name), env, t0 = running.pop(f)
+                free.append(env)
+                r = done[(order, name)] = f.result()  # a failed run stops the comparison (after the others end)
+                print(f"[{time.strftime('%H:%M:%S')}] {name} order {order} (seed {r['seed']}): AA {_cell([r['AA']])} "
+                      f"BWT {_cell([r['BWT']], signed=True)} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return [done[(order, name)] for order in args.orders for name in methods]
+
+
 def resolve_size(args: argparse.Namespace) -> None:
     """The orders and test items a comparison runs where the command line leaves them open: the standard
     benchmark's three orders at 100 items a task (one item = 0.01); --quick order 1 at the recipes' 30; the long
@@ -528,6 +577,9 @@ def parser() -> argparse.ArgumentParser:
                                                        "on 2 cores)")
     p.add_argument("--full", action="store_true", help="the papers' sizes: 1000 samples per task (replayed ones included), "
                                                       "512 tokens, the whole test split (a GPU job)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1): on a CPU each gets an equal share "
+                   "of the cores as threads, on a GPU node one GPU each; an order's seqft run goes first (its base "
+                   "row and test tasks are shared). Wall times then include the sharing")
     p.add_argument("--out", type=Path, help="where the runs go (default: runs/cl_compare, runs/cl_compare_long)")
     p.add_argument("--archive", type=Path, help="also keep every finished run's light files (recipe, ledger, "
                    "evaluation rows, report, log; no weights) and the summary here, and take finished runs back "
@@ -538,6 +590,8 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     p = parser()
     args = p.parse_args()
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
     if args.batch is not None and args.batch < 2:
         p.error("--batch must be at least 2 (I-LoRA's step is half current, half replayed samples)")
     args.out = (args.out or REPO / "runs" / ("cl_compare" if args.benchmark == "standard" else "cl_compare_long")).resolve()
@@ -552,14 +606,7 @@ def main() -> None:
     if any(k not in allowed for k in args.orders or allowed):
         p.error(f"--orders: the {args.benchmark} benchmark has orders {allowed}")
     resolve_size(args)
-    results = []
-    for order in args.orders:
-        for name in methods:
-            t0 = time.perf_counter()
-            results.append(run_one(name, args, order))
-            r = results[-1]
-            print(f"[{time.strftime('%H:%M:%S')}] {name} order {order} (seed {r['seed']}): AA {_cell([r['AA']])} BWT "
-                  f"{_cell([r['BWT']], signed=True)} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    results = run_all(args, methods)
     ref = recipe_for("seqft", args, args.orders[0], None)
     t, e = ref["train"], ref["eval"]
     size = (f"{t['max_steps']} steps x {t['batch_size']} samples per task at seq_len {t['seq_len']}"
@@ -571,7 +618,9 @@ def main() -> None:
               + (f"; overrides: {' '.join(args.set)}" if args.set else "")]
     lines = header + [""] + table(results) + [
         "", "\\* `llmcl train` from start to end, the evaluation after every stage included; the base model's row is "
-        "scored once (in the seqft run) and shared, and left out of every wall time."]
+        "scored once (in the seqft run) and shared, and left out of every wall time."
+        + ("".join(f" {sum(r.get('jobs', 1) == j for r in results)} runs went {j} at a time (--jobs {j}): their wall "
+                   "times include sharing the machine." for j in sorted({r.get("jobs", 1) for r in results} - {1})))]
     print("\n" + "\n".join(lines))
     lines += ["", "Accuracy matrices (rows: the model after each stage; columns: each task's generated label by exact match, "
               "then '(labels)': loglikelihood over its label set):", ""] + matrices(args.out, results)
