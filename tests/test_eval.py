@@ -316,6 +316,33 @@ def test_unseen_stages_next_scores_only_what_fwt_reads_and_keeps_every_metric(ru
     assert "prose" in stages(_rows(other)["stage-00"])
 
 
+def test_seen_stages_current_scores_the_diagonal_and_the_last_row_and_keeps_aa_bwt_fwt(run_dir, tmp_path):
+    """eval.seen_stages: current (with unseen_stages: next, the long sequence's cheap triangle) scores a middle row
+    on its own stage and the next one only, the last row on every stage; AA, BWT and FWT of both views equal the
+    whole matrix's."""
+    import shutil
+
+    other = tmp_path / "current"
+    shutil.copytree(run_dir, other)
+    data = yaml.safe_load((other / "recipe.yaml").read_text())
+    data["eval"].update(unseen_stages="next", seen_stages="current")
+    (other / "recipe.yaml").write_text(yaml.safe_dump(data))
+    for row in ("stage-00", "stage-01", "stage-02"):
+        (other / "eval" / f"{row}.json").unlink()
+    for stage in ("0", "1", "2"):
+        assert run_cli("eval", str(other), "--stage", stage).exit_code == 0
+    stages = lambda row: {v["stage_name"] for v in row["tasks"].values() if v["stage_name"]}  # noqa: E731
+    rows = _rows(other)
+    assert [stages(rows[r]) for r in ("stage-00", "stage-01", "stage-02")] == [
+        {"facts", "sentiment"}, {"sentiment", "prose"}, {"facts", "sentiment", "prose"}]
+    assert run_cli("report", str(run_dir)).exit_code == 0 and run_cli("report", str(other)).exit_code == 0
+    full = json.loads((run_dir / "report" / "matrix.json").read_text())
+    cheap = json.loads((other / "report" / "matrix.json").read_text())
+    for key in ("metrics", "metrics_choice"):
+        for metric in ("AA", "BWT", "FWT"):
+            assert cheap[key][metric] == pytest.approx(full[key][metric]), (key, metric)
+
+
 @pytest.mark.skipif(not HAS_EVAL_DATA, reason="needs ../shared/data/eval")
 def test_another_runs_stage_tasks_get_the_stage_limit_not_tasks_limit(run_dir, tmp_path):
     """A run scored on stage tasks it includes by name (cl_compare's multitask bound) uses eval.limit for them."""

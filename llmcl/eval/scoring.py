@@ -99,6 +99,17 @@ def eval_dtype(recipe: Recipe) -> Any:
     return half or torch_dtype(recipe.model.dtype)
 
 
+def _scored_here(stage: int, row: int, recipe: Recipe) -> bool:
+    """Whether row `row` (a stage's) scores stage `stage`'s task: eval.unseen_stages: next keeps only the next
+    stage ahead (all that FWT reads), eval.seen_stages: current only the stage just trained behind (BWT reads the
+    diagonal and the last row, which scores every stage)."""
+    if stage > row:
+        return recipe.eval.unseen_stages == "all" or stage == row + 1
+    if stage < row:
+        return recipe.eval.seen_stages == "all" or row == len(recipe.stages) - 1
+    return True
+
+
 def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, tokenizer: Any = None,
               only: list[str] | None = None, accelerator: Any = None) -> dict[str, Any] | None:
     """Evaluate one row on the stage tasks and eval.tasks (or only the tasks/stage names in `only`).
@@ -122,8 +133,8 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
     if not recipe.eval.tasks_every_stage and row != BASE and int(row) != len(recipe.stages) - 1:
         general = []  # general ability only for the base model and the last stage
     names = [t.task for t in stage_tasks] + general
-    if not only and row != BASE and recipe.eval.unseen_stages == "next":  # FWT reads only the next stage's cell
-        names = [n for n in names if n not in by_name or by_name[n].stage <= int(row) + 1]
+    if not only and row != BASE:
+        names = [n for n in names if n not in by_name or _scored_here(by_name[n].stage, int(row), recipe)]
     if only:
         aliases: dict[str, list[str]] = {}
         for t in stage_tasks:  # a stage's name stands for its every view

@@ -268,6 +268,8 @@ class EvalConfig:
     """Few-shot examples for every task (null = each task's default)."""
     unseen_stages: Literal["all", "next"] = "all"
     """Which stages not trained yet a row scores: all (the whole matrix) or next (only the next stage's task, all that FWT reads: the matrix above that stays empty; the base row scores every stage)."""
+    seen_stages: Literal["all", "current"] = "all"
+    """Which stages already trained a row scores: all (the whole matrix) or current (only the stage just trained; the last stage's row scores every stage). AA, BWT and FWT read only those cells (with unseen_stages: next a 15-stage run scores 43 cells after its stages instead of 134); forgetting's best earlier score is then the one just after each stage, and a run in progress shows the current stage's score as its AA."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype the model is evaluated in (lm-eval's dtype): auto = bfloat16/float16 where train.precision trains in bf16/fp16 mixed precision (auto: bf16 on GPUs that support it), else model.dtype."""
 
