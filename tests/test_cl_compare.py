@@ -309,7 +309,7 @@ def test_the_comparison_size_where_the_command_line_leaves_it_open(argv, orders,
         assert cl_compare.recipe_for("seqft", args, 4, tmp_path)["eval"]["limit"] == 30
 
 
-def test_jobs_run_at_most_that_many_at_once_each_order_s_seqft_first_in_its_own_share(monkeypatch):
+def test_jobs_run_at_most_that_many_at_once_each_order_s_seqft_first_in_its_own_share(monkeypatch, tmp_path):
     import threading
 
     lock, now, spans = threading.Lock(), [0], {}
@@ -318,22 +318,32 @@ def test_jobs_run_at_most_that_many_at_once_each_order_s_seqft_first_in_its_own_
         with lock:
             now[0] += 1
             start = now[0]
-        time.sleep(0.02 if name == "seqft" else 0.01)
+        if name == "seqft":  # scores the base row first, then trains on
+            time.sleep(0.5)
+            base = cl_compare.run_dir_of(args.out, name, order, order - 1) / "eval" / "base.json"
+            base.parent.mkdir(parents=True)
+            with lock:
+                now[0] += 1
+                base_at[order] = now[0]
+                base.write_text("{}")
+        time.sleep(6 if name == "seqft" else 0.5)
         with lock:
             now[0] += 1
             spans[(order, name)] = (start, now[0], env)
         return {"method": name, "order": order, "seed": order - 1, "AA": 0.5, "BWT": -0.1}
 
+    base_at = {}
     monkeypatch.setattr(cl_compare, "run_one", fake_run)
     monkeypatch.setattr(cl_compare.os, "cpu_count", lambda: 8)
-    args = cl_compare.parser().parse_args(["--jobs", "3", "--orders", "1", "2"])
+    args = cl_compare.parser().parse_args(["--jobs", "3", "--orders", "1", "2", "--out", str(tmp_path)])
     methods = ["seqft", "lora", "hft", "multitask"]
     results = cl_compare.run_all(args, methods)
     assert [(r["order"], r["method"]) for r in results] == [(o, m) for o in (1, 2) for m in methods]
     for (order, name), (start, _, env) in spans.items():
         assert env == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}  # 8 cores // 3 runs
-        if name != "seqft":  # the order's base row and stage tasks exist before its other runs start
-            assert start > spans[(order, "seqft")][1], (order, name)
+        if name != "seqft":  # the order's base row and stage tasks exist before its other runs start ...
+            assert start > base_at[order], (order, name)
+    assert spans[(1, "lora")][0] < spans[(1, "seqft")][1]  # ... and they need not wait for the seqft run's end
     events = sorted([(s, 1) for s, _, _ in spans.values()] + [(e, -1) for _, e, _ in spans.values()])
     at_once = [sum(d for _, d in events[:i + 1]) for i in range(len(events))]
     assert max(at_once) == 3  # the machine is used: three at once, never more
@@ -344,5 +354,6 @@ def test_jobs_run_at_most_that_many_at_once_each_order_s_seqft_first_in_its_own_
         return fake_run(name, args, order, env)
 
     monkeypatch.setattr(cl_compare, "run_one", failing)
+    args.out = tmp_path / "again"
     with pytest.raises(SystemExit, match="hft .* failed"):
         cl_compare.run_all(args, methods)

@@ -509,7 +509,8 @@ def slot_envs(jobs: int) -> list[dict[str, str]]:
 
 def run_all(args: argparse.Namespace, methods: list[str]) -> list[dict]:
     """Every (order, method) run, up to --jobs at once, in the table's order. An order's seqft run goes first:
-    it writes the stage test tasks and scores the base row that the order's other runs share."""
+    it writes the stage test tasks and scores the base row that the order's other runs share; they start once
+    that row is written (the first thing the run does), not when the seqft run ends."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     todo = [(order, name) for order in args.orders for name in methods]
@@ -518,7 +519,10 @@ def run_all(args: argparse.Namespace, methods: list[str]) -> list[dict]:
     running: dict = {}
 
     def ready(order: int, name: str) -> bool:
-        return name == "seqft" or "seqft" not in methods or (order, "seqft") in done
+        if name == "seqft" or "seqft" not in methods or (order, "seqft") in done:
+            return True
+        seqft = run_dir_of(args.out, "seqft", order, seed_of(order, args))
+        return any(k == (order, "seqft") for k, _, _ in running.values()) and (seqft / "eval" / "base.json").exists()
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         while todo or running:
@@ -526,7 +530,7 @@ def run_all(args: argparse.Namespace, methods: list[str]) -> list[dict]:
                 todo.remove(key)
                 env = free.pop()
                 running[pool.submit(run_one, key[1], args, key[0], env)] = (key, env, time.perf_counter())
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            finished, _ = wait(running, timeout=5, return_when=FIRST_COMPLETED)  # or look again for base rows
             for f in finished:
                 (order, name), env, t0 = running.pop(f)
                 free.append(env)
