@@ -277,3 +277,22 @@ def test_a_finished_stage_is_freed_before_it_is_evaluated_and_the_next_loads(tmp
     loop.run(recipe.load(write_recipe(tmp_path / "r.yaml")), tmp_path / "run", display=Display(enabled=False),
              hooks=hooks)
     assert hooks.alive == [False, False]
+
+
+@pytest.mark.parametrize("native, precision, noted", [(False, "bf16", True), (True, "bf16", False),
+                                                     (False, "fp32", False)])
+def test_bf16_on_a_cpu_without_native_bfloat16_is_noted_in_one_line(native, precision, noted, tmp_path, monkeypatch):
+    """An AVX2 CPU emulates bf16 matrix products (6-9x slower than fp32): a recipe that pins bf16 trains there
+    with a one-line note that names the key, and no note where bf16 is native or the run is fp32."""
+    from llmcl.train import distributed
+
+    monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: native)
+    path = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 1, "batch_size": 2, "seq_len": 32,
+                                                     "precision": precision},
+                        stages=[{"data": {"path": "builtin:facts"}}])
+    res = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if "without native bfloat16" in line]
+    assert len(lines) == (1 if noted else 0), res.output
+    if noted:
+        assert "train.precision: fp32" in lines[0] and "Traceback" not in res.output

@@ -24,6 +24,29 @@ def mixed_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (avx512_bf16 or AMX, as oneDNN reports it); without it PyTorch
+    emulates bf16 matrix products, 6-9x slower than fp32 on an AVX2 CPU (docs/benchmarks.md)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True  # unknown: no note
+
+
+def cpu_bf16_note(recipe: Any, device_type: str) -> str | None:
+    """A one-line note when a run on a CPU without native bfloat16 trains or scores in bf16 (the benchmark
+    recipes pin train.precision: bf16 to match a GPU's numerics), or None."""
+    if device_type != "cpu" or mixed_precision(recipe.train.precision) != "bf16" or native_cpu_bf16():
+        return None
+    import torch
+
+    return (f"note: train.precision: bf16 on a CPU without native bfloat16 ({torch.backends.cpu.get_cpu_capability()}):"
+            " bf16 matrix products are emulated here, several times slower than fp32; train.precision: fp32 is "
+            "faster on this machine (the numbers then differ by rounding)")
+
+
 def make_accelerator(recipe: Any, run_dir: Any, *, fresh: bool = False) -> Any:
     """The Accelerator a run trains with, from the recipe's precision, trackers and timeout and the launcher's
     environment. `fresh` first forgets Accelerate's process-wide state, so that one process can train several

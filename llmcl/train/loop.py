@@ -83,6 +83,9 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
     distributed.check_method(accelerator, methods.get(recipe.method.name))
     for j in range(n):
         distributed.check_stage(accelerator, recipe.stage_train(j), train_key(recipe, j))
+    note = distributed.cpu_bf16_note(recipe, accelerator.device.type)
+    if note:
+        display.message(note)
     ctx = run_context(recipe, run_dir, accelerator, ledger, display, stop, upto=max(todo))
     try:
         if hooks is not None:
