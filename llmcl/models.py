@@ -310,15 +310,10 @@ def why_not_packable(model: Any) -> str | None:
     return None
 
 
-def logits_at_labels(model: Any) -> bool:
-    """Whether `model` can compute its LM head at the trained positions only (llmcl.data.batching.label_positions).
-
-    Instruction data trains a few completion tokens a row: the other positions' logits ([positions, vocabulary],
-    the largest activation of a small model) are computed, upcast and backpropagated for nothing. transformers
-    5.x causal LMs take a boolean [batch, positions] `logits_to_keep` (the LM head runs on those rows of the
-    hidden states only) and pass `shift_labels` on to their loss, which is then the same sum over the same
-    targets: exact, not an approximation. What this reads is the forward's source and the loss's signature; a
-    model that does not do both keeps the full logits."""
+def logits_at_positions(model: Any) -> bool:
+    """Whether `model`'s forward computes its LM head only at the positions of a boolean [batch, positions]
+    `logits_to_keep` (transformers 5.x causal LMs; the logits then come as [kept positions, vocabulary], row-major),
+    read from transformers' slicer and the forward's source; False keeps the full logits."""
     import inspect
 
     import torch
@@ -332,8 +327,28 @@ def logits_at_labels(model: Any) -> bool:
         if tuple(slicer(torch.zeros(1, 2, 1), torch.tensor([[False, True]])).shape) != (1, 1):
             return False  # a transformers whose slicer does not take a boolean mask
         source = inspect.getsource(type(base).forward)
-        loss = inspect.signature(base.loss_function).parameters
     except (OSError, TypeError, IndexError, RuntimeError, AttributeError):
         return False
-    return ("slice_logits_to_keep(hidden_states, logits_to_keep)" in source and "self.loss_function(" in source
-            and "**kwargs" in source and "shift_labels" in loss)
+    return "slice_logits_to_keep(hidden_states, logits_to_keep)" in source and "**kwargs" in source
+
+
+def logits_at_labels(model: Any) -> bool:
+    """Whether `model` can compute its LM head at the trained positions only (llmcl.data.batching.label_positions).
+
+    Instruction data trains a few completion tokens a row: the other positions' logits ([positions, vocabulary],
+    the largest activation of a small model) are computed, upcast and backpropagated for nothing. transformers
+    5.x causal LMs take a boolean [batch, positions] `logits_to_keep` (the LM head runs on those rows of the
+    hidden states only) and pass `shift_labels` on to their loss, which is then the same sum over the same
+    targets: exact, not an approximation. What this reads is the forward's source and the loss's signature; a
+    model that does not do both keeps the full logits."""
+    import inspect
+
+    if not logits_at_positions(model):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        source = inspect.getsource(type(base).forward)
+        loss = inspect.signature(base.loss_function).parameters
+    except (OSError, TypeError, AttributeError):
+        return False
+    return "self.loss_function(" in source and "shift_labels" in loss

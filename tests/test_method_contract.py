@@ -240,6 +240,7 @@ def test_shared_context_scoring_gives_lm_eval_s_loglikelihoods_for_every_method(
                 packed_rows.clear()
                 got = lm._loglikelihood_tokens(requests)
                 assert lm._packing is True and len({c for c, _ in packed_rows}) == 3, attention  # all but k=2
+                assert lm._head_at_predictors is True, attention  # the LM head only where a token is predicted
                 tol = 1e-5 if dtype == torch.float32 else 0.03  # bf16: packed and HFLM's rows round differently
                 torch.testing.assert_close(values(got), values(expected), rtol=tol, atol=tol, msg=attention)
                 if dtype == torch.float32:

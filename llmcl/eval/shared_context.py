@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmcl.models import why_not_packable
+from llmcl.models import logits_at_positions, why_not_packable
 
 # attention implementations that take a 4D mask as given (transformers returns a 4D mask unchanged)
 MASKABLE = ("sdpa", "eager")
@@ -71,6 +71,7 @@ class SharedContextScoring:
     from then on."""
 
     _packing: bool | None = None  # None until the first packed row was checked against HFLM
+    _head_at_predictors: bool | None = None  # whether the forward takes a boolean logits_to_keep (checked once)
 
     def _model_packs(self) -> bool:
         config = getattr(self.model, "config", None)
@@ -140,13 +141,24 @@ class SharedContextScoring:
                 ~allowed, torch.finfo(self.model.dtype).min)
         else:
             mask = allowed
+        keep = None
+        if self._head_at_predictors is None:
+            self._head_at_predictors = logits_at_positions(self.model)
+        if self._head_at_predictors:  # the LM head only where a continuation's token is predicted
+            keep = torch.zeros(len(packed), length, dtype=torch.bool)
+            for r, (_, _, _, predictors) in enumerate(packed):
+                keep[r, [w for where in predictors for w in where]] = True
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            position_ids=pos.to(self.device)).logits
+                            position_ids=pos.to(self.device),
+                            **({"logits_to_keep": keep.to(self.device)} if keep is not None else {})).logits
+        if keep is not None:  # [kept positions, vocabulary], row-major: where each (row, position) landed
+            row_of = (keep.flatten().cumsum(0) - 1).view(keep.shape)
         out = []
         for r, ((_, members), (_, _, _, predictors)) in enumerate(zip(batch, packed)):
             for i, where in zip(members, predictors):
                 cont = torch.tensor(requests[i][2], device=logits.device)
-                logp = F.log_softmax(logits[r, where], dim=-1, dtype=self.softmax_dtype)
+                at = logits[row_of[r, where].to(logits.device)] if keep is not None else logits[r, where]
+                logp = F.log_softmax(at, dim=-1, dtype=self.softmax_dtype)
                 greedy = bool((logp.argmax(-1) == cont).all())
                 out.append((i, (float(logp.gather(1, cont[:, None]).sum()), greedy)))
         return out

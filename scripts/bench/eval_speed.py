@@ -9,6 +9,9 @@ the scores agree (HFLM and shared-context: equal; bfloat16: reported).
     python scripts/bench/eval_speed.py                 # SmolLM2-135M, 30 items a task (about 5 minutes on 2 cores)
     python scripts/bench/eval_speed.py --limit 100
 
+A row scores the label sets with the LM head at every position of the packed rows (before 2026-12-03), against
+the default: the head only at the positions that predict a continuation's token (llmcl.models.logits_at_positions).
+
 Two more rows score the bfloat16 model with its weights frozen (requires_grad off: what a PEFT base model, a
 merged adapter stage or any stage loaded for scoring has), with and without llmcl.models.contiguous_head: the
 LM head's input made contiguous before PyTorch's CPU linear sees generation's last-position view.
@@ -59,6 +62,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=30, help="test items per task (default 30)")
     p.add_argument("--model", default="builtin:smollm2-135m")
+    p.add_argument("--float32-only", action="store_true", help="only the float32 rows (a CPU without native "
+                   "bfloat16 emulates it: scripts/bench/cpu_bf16.py)")
     args = p.parse_args()
     from lm_eval.models.huggingface import HFLM
 
@@ -69,8 +74,14 @@ def main() -> None:
         tasks = [t.task for t in write_stage_tasks(recipe, Path(tmp), tokenizer)]
         tasks_dir = Path(tmp) / "eval" / "tasks"
         shared = shared_context.hflm_class()
+        full_logits = type("FullLogits", (shared,), {"_head_at_predictors": False})  # the LM head everywhere
         rows = {"HFLM, float32": score(model, tokenizer, tasks, tasks_dir, args.limit, HFLM),
-                "shared context, float32": score(model, tokenizer, tasks, tasks_dir, args.limit, shared)}
+                "shared context, float32": score(model, tokenizer, tasks, tasks_dir, args.limit, shared),
+                "shared context, float32, LM head at every position": score(model, tokenizer, tasks, tasks_dir,
+                                                                             args.limit, full_logits)}
+        if args.float32_only:
+            report(args, tasks, rows)
+            return
         model.to(torch.bfloat16)
         rows["shared context, bfloat16"] = score(model, tokenizer, tasks, tasks_dir, args.limit, shared)
         model.requires_grad_(False)  # as an adapter's or a loaded stage's weights are
@@ -82,6 +93,10 @@ def main() -> None:
         rows["bfloat16, frozen weights, no contiguous_head"] = score(model, tokenizer, tasks, tasks_dir,
                                                                     args.limit, shared)
         head.update(hooks)
+    report(args, tasks, rows)
+
+
+def report(args: argparse.Namespace, tasks: list[str], rows: dict) -> None:
     base = rows["HFLM, float32"]
     print(f"{args.model}, {len(tasks)} tasks ({len(tasks) // 2} stages both ways), {args.limit} items a task, "
           f"{torch.get_num_threads()} threads\n")
