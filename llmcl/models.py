@@ -310,25 +310,35 @@ def why_not_packable(model: Any) -> str | None:
     return None
 
 
-def logits_at_positions(model: Any) -> bool:
-    """Whether `model`'s forward computes its LM head only at the positions of a boolean [batch, positions]
-    `logits_to_keep` (transformers 5.x causal LMs; the logits then come as [kept positions, vocabulary], row-major),
-    read from transformers' slicer and the forward's source; False keeps the full logits."""
+def _causal_lm_forward(model: Any) -> tuple[Any, str] | None:
+    """The causal LM under `model` (PEFT's base model: PEFT passes kwargs on) and its forward's source, where
+    transformers' slicer takes a boolean logits_to_keep; None where either cannot be read."""
     import inspect
 
     import torch
     from transformers import modeling_utils
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs on
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     slicer = getattr(modeling_utils, "slice_logits_to_keep", None)
     if slicer is None:
-        return False
+        return None
     try:
         if tuple(slicer(torch.zeros(1, 2, 1), torch.tensor([[False, True]])).shape) != (1, 1):
-            return False  # a transformers whose slicer does not take a boolean mask
-        source = inspect.getsource(type(base).forward)
+            return None  # a transformers whose slicer does not take a boolean mask
+        return base, inspect.getsource(type(base).forward)
     except (OSError, TypeError, IndexError, RuntimeError, AttributeError):
-        return False
+        return None
+
+
+def logits_at_positions(model: Any) -> bool:
+    """Whether `model`'s forward computes its LM head only at the positions of a boolean [batch, positions]
+    `logits_to_keep` (transformers 5.x causal LMs; the logits then come as [kept positions, vocabulary], row-major),
+    read from transformers' slicer and the forward's source; False keeps the full logits."""
+    found = _causal_lm_forward(model)
+    return found is not None and _slices_logits(found[1])
+
+
+def _slices_logits(source: str) -> bool:
     return "slice_logits_to_keep(hidden_states, logits_to_keep)" in source and "**kwargs" in source
 
 
@@ -343,12 +353,12 @@ def logits_at_labels(model: Any) -> bool:
     model that does not do both keeps the full logits."""
     import inspect
 
-    if not logits_at_positions(model):
+    found = _causal_lm_forward(model)
+    if found is None or not _slices_logits(found[1]):
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base, source = found
     try:
-        source = inspect.getsource(type(base).forward)
         loss = inspect.signature(base.loss_function).parameters
-    except (OSError, TypeError, AttributeError):
+    except (TypeError, AttributeError):
         return False
     return "self.loss_function(" in source and "shift_labels" in loss
