@@ -5,12 +5,19 @@ same step: the flag is all-reduced), saves a step checkpoint and raises `Stopped
 RESUMABLE_EXIT so a batch script can tell "stopped, resumable" from success (0) and errors (2, 1); rank 0 also
 writes run_dir/stopped.json, because a launcher between the batch script and llmcl may not pass 75 on.
 A signal that arrives during a save lets the save finish: no checkpoint is ever half written by us.
+
+Evaluation is the exception: a row can take minutes, longer than SLURM's grace between SIGTERM and SIGKILL, and
+it writes nothing a rerun needs (a finished stage's missing row is scored when the run restarts). So while the
+loop is inside `StopSignals.at_once`, a signal stops the scoring where it is, on the rank that got it (SLURM
+signals every task; under a launcher the other ranks end with it).
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 RESUMABLE_EXIT = 75  # EX_TEMPFAIL: the work is not done, rerun the same command to continue
@@ -55,15 +62,37 @@ def early_signal() -> str | None:
     return _early
 
 
+class _Interrupt(BaseException):
+    """Raised by the handler inside `StopSignals.at_once`; a BaseException, so that no `except Exception` of the
+    code being interrupted (lm-eval's, ours) takes it for an error of its own."""
+
+
 class StopSignals:
     """Context manager: while inside, SIGTERM/SIGUSR1 set `requested` (the signal's name) instead of killing."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
+        self._at_once = False
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = signal.Signals(signum).name
+        if self._at_once:
+            self._at_once = False  # one interrupt: a second signal while it unwinds only records itself
+            raise _Interrupt
+
+    @contextmanager
+    def at_once(self, message: Callable[[str], str]) -> Iterator[None]:
+        """While inside, a signal stops the work now: `Stopped(message(signal name))` is raised where the code is
+        (from the signal handler, at the next Python bytecode), not at the next stop point. For work that
+        writes nothing a rerun needs, or writes it atomically."""
+        self._at_once = True
+        try:
+            yield
+        except _Interrupt:
+            raise Stopped(message(self.requested or "a signal"), step_checkpoint=False) from None
+        finally:
+            self._at_once = False
 
     def __enter__(self) -> StopSignals:
         self.requested = _early
