@@ -187,38 +187,39 @@ def test_a_signal_during_a_save_lets_the_save_finish_then_stops(tmp_path, monkey
     assert _equal(_final_weights(clean), _final_weights(stopped))
 
 
-@pytest.mark.parametrize("call,row,done", [(1, "base", []), (2, "stage-00", [0])])
-def test_a_signal_during_evaluation_stops_it_at_once_and_the_rerun_scores_the_row(tmp_path, monkeypatch, call, row,
-                                                                                   done):
+def test_a_signal_during_evaluation_stops_it_at_once_and_the_rerun_scores_the_row(tmp_path, monkeypatch):
     """SLURM's SIGTERM while a row is scored (minutes, longer than the grace before SIGKILL): the scoring stops
     where it is, nothing half written, the finished stages stay done, and the rerun scores the row as a run that
-    was never stopped did."""
+    was never stopped did. Once during the base row, once during stage 0's."""
     from llmcl.eval import harness
 
     recipe = write_recipe(tmp_path / "r.yaml", eval={"after_each_stage": True, "limit": 4})
-    clean, hit = tmp_path / "clean", tmp_path / "hit"
+    clean = tmp_path / "clean"
     assert run_cli("train", str(recipe), "--run-dir", str(clean)).exit_code == 0
-    original, calls, went_on = harness.evaluate, [], []
+    clean_rows = {p.name: json.loads(p.read_text())["tasks"] for p in sorted((clean / "eval").glob("*.json"))}
+    assert len(clean_rows) == 3
+    original = harness.evaluate
+    for call, row, done in [(1, "base", []), (2, "stage-00", [0])]:
+        hit, calls, went_on = tmp_path / row, [], []
 
-    def evaluate_signalled(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:  # one lm-eval call a row here: `call` picks the row
-            os.kill(os.getpid(), signal.SIGTERM)
-            went_on.append(1)  # the handler raises before this line
-        return original(*args, **kwargs)
+        def evaluate_signalled(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == call:  # one lm-eval call a row here: `call` picks the row
+                os.kill(os.getpid(), signal.SIGTERM)
+                went_on.append(1)  # the handler raises before this line
+            return original(*args, **kwargs)
 
-    with monkeypatch.context() as m:
-        m.setattr(harness, "evaluate", evaluate_signalled)
-        res = run_cli("train", str(recipe), "--run-dir", str(hit))
-    assert res.exit_code == 75 and not went_on, res.output
-    assert "stopped: SIGTERM: stopped while evaluating" in res.stderr and "Traceback" not in res.stderr
-    assert "SIGTERM" in json.loads((hit / "stopped.json").read_text())["reason"]
-    assert not (hit / "eval" / f"{row}.json").exists() and not list((hit / "eval").glob("*.tmp"))
-    ledger = json.loads((hit / "ledger.json").read_text())["stages"]
-    assert [i for i, s in enumerate(ledger) if s["status"] == "done"] == done
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+        with monkeypatch.context() as m:
+            m.setattr(harness, "evaluate", evaluate_signalled)
+            res = run_cli("train", str(recipe), "--run-dir", str(hit))
+        assert res.exit_code == 75 and not went_on, res.output
+        assert "stopped: SIGTERM: stopped while evaluating" in res.stderr and "Traceback" not in res.stderr
+        assert "SIGTERM" in json.loads((hit / "stopped.json").read_text())["reason"]
+        assert not (hit / "eval" / f"{row}.json").exists() and not list((hit / "eval").glob("*.tmp"))
+        ledger = json.loads((hit / "ledger.json").read_text())["stages"]
+        assert [i for i, s in enumerate(ledger) if s["status"] == "done"] == done, row
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
 
-    assert run_cli("train", str(recipe), "--run-dir", str(hit)).exit_code == 0
-    assert _equal(_final_weights(clean), _final_weights(hit))
-    rows = {p.name: json.loads(p.read_text())["tasks"] for p in sorted((clean / "eval").glob("*.json"))}
-    assert rows and rows == {p.name: json.loads(p.read_text())["tasks"] for p in sorted((hit / "eval").glob("*.json"))}
+        assert run_cli("train", str(recipe), "--run-dir", str(hit)).exit_code == 0
+        assert _equal(_final_weights(clean), _final_weights(hit))
+        assert clean_rows == {p.name: json.loads(p.read_text())["tasks"] for p in sorted((hit / "eval").glob("*.json"))}
