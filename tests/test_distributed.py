@@ -223,7 +223,8 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(ddp_
     assert fractions[STEPS:] == [0.5] * STEPS  # stage 2 replays half of every step, summed over both ranks
 
 
-@pytest.mark.parametrize("config", ["zero2", "zero3", "zero3_offload", "zero2_offload"])
+@pytest.mark.parametrize("config", ["zero2", "zero3", pytest.param("zero3_offload", marks=pytest.mark.slow),
+                                    pytest.param("zero2_offload", marks=pytest.mark.slow)])  # offload: -m slow (CI)
 def test_deepspeed_zero_runs_every_supported_method_and_refuses_the_others(config, tmp_path, references, ddp_runs):
     """2 processes under DeepSpeed (every parameter, gradient and optimizer state sharded over them) train what
     one process trains with the same global batch; stage 2 takes 2 micro-batches a step. I-LoRA keeps one
@@ -386,7 +387,7 @@ def test_deepspeed_zero_stages_a_method_cannot_work_under_are_refused_before_tra
         distributed.check_method(accelerator, method)
 
 
-@pytest.mark.parametrize("config", ["zero2", "zero3"])
+@pytest.mark.parametrize("config", [pytest.param("zero2", marks=pytest.mark.slow), "zero3"])  # zero2: -m slow (CI)
 def test_deepspeed_sigterm_saves_a_sharded_step_checkpoint_and_the_rerun_resumes_bitwise(config, tmp_path):
     """SIGTERM after step 3 of stage 2 under DeepSpeed with 2 processes, every method with its defaults: every rank
     writes its shard (DeepSpeed's checkpoint) and rank 0 the rest; the same launch again resumes there and ends
