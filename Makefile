@@ -23,10 +23,10 @@ demo: setup
 	$(BIN)/llmcl report runs/quickstart
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=40
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=15
 
 # The SLURM scripts on a real SLURM: a one-node cluster on this machine (root; installs slurm-wlm and
 # shellcheck with apt), then the tests marked slurm.
