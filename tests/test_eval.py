@@ -155,6 +155,28 @@ def test_report_matrix_matches_an_independent_computation_from_the_eval_jsons(ru
     assert "| base |" in md and "| AA | BWT | FWT | forgetting | general delta |" in md
 
 
+def test_a_run_without_its_weights_reports_the_same_matrix_and_a_stage_trained_again_ends_it(run_dir, tmp_path):
+    """The report reads results: with every stage directory deleted (disk space, or an archive without weights,
+    as cl_compare --archive keeps) `llmcl report` writes the matrix it wrote with them; a stage the ledger shows
+    being trained again hides its row and every later one (they were trained from the old one)."""
+    import shutil
+
+    assert run_cli("report", str(run_dir)).exit_code == 0
+    full = json.loads((run_dir / "report" / "matrix.json").read_text())
+    light = tmp_path / "light"
+    shutil.copytree(run_dir, light, ignore=shutil.ignore_patterns("stage-*-*"))  # the stage dirs, not eval rows
+    assert not list(light.glob("stage-*-*")) and len(list((light / "eval").glob("stage-*.json"))) == 3
+    res = run_cli("report", str(light))
+    assert res.exit_code == 0, res.output
+    got = json.loads((light / "report" / "matrix.json").read_text())
+    assert (got["rows"], got["R"], got["metrics"]) == (full["rows"], full["R"], full["metrics"])
+    ledger = json.loads((light / "ledger.json").read_text())
+    ledger["stages"][1]["status"] = "running"
+    (light / "ledger.json").write_text(json.dumps(ledger))
+    assert run_cli("report", str(light)).exit_code == 0
+    assert json.loads((light / "report" / "matrix.json").read_text())["rows"] == ["base", "facts"]
+
+
 def test_report_pngs_are_valid_images(run_dir):
     from PIL import Image
 

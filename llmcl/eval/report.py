@@ -72,7 +72,7 @@ def collect(run_dir: Path) -> RunReport:
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
     ledger = Ledger.read(run_dir)
-    done = ledger.done_stages()
+    done = ledger.recorded_done()  # rows are results: a stage's weights may be gone (deleted, archived without)
     report = RunReport(run_dir, recipe.name or run_dir.name, recipe.method.name, recipe.model.path,
                        [s.name for s in recipe.stages], stages_done=len(done),
                        train_seconds=sum(float(ledger.stage(i).get("wall_seconds") or 0) for i in done))

@@ -96,6 +96,17 @@ class Ledger:
     def done_stages(self) -> list[int]:
         return [i for i in range(len(self.data["stages"])) if self.is_done(i)]
 
+    def recorded_done(self) -> list[int]:
+        """The stages the ledger records as done, each after stages recorded done, whether or not their directories
+        are still there: what was trained and evaluated (a report's rows; a run whose weights were deleted to save
+        space, or archived without them, still reports). A stage being trained again ends the list."""
+        done: list[int] = []
+        for i in range(len(self.data["stages"])):
+            if self.status(i) != "done":
+                break
+            done.append(i)
+        return done
+
     def steps_before(self, index: int) -> int:
         """Optimizer steps of the stages before `index` (the global step axis continues across stages)."""
         return sum(self.stage(j).get("steps", 0) for j in range(index))
