@@ -187,6 +187,7 @@ def test_optimizer_state_keep_carries_the_moments(tmp_path):
     assert not torch.equal(k[key], r[key])
 
 
+@pytest.mark.slow  # writes and tokenizes 48 MB: -m slow, which CI runs (.ci/run)
 def test_text_corpus_larger_than_a_memory_budget_is_never_loaded_whole(tmp_path):
     """A 48 MB corpus is tokenized into a memory-mapped file while the process grows by far less."""
     corpus = tmp_path / "big.txt"

@@ -223,8 +223,8 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(ddp_
     assert fractions[STEPS:] == [0.5] * STEPS  # stage 2 replays half of every step, summed over both ranks
 
 
-@pytest.mark.parametrize("config", ["zero2", "zero3", pytest.param("zero3_offload", marks=pytest.mark.slow),
-                                    pytest.param("zero2_offload", marks=pytest.mark.slow)])  # offload: -m slow (CI)
+@pytest.mark.slow  # 1-2 min a config: -m slow, which CI runs (.ci/run)
+@pytest.mark.parametrize("config", ["zero2", "zero3", "zero3_offload", "zero2_offload"])
 def test_deepspeed_zero_runs_every_supported_method_and_refuses_the_others(config, tmp_path, references, ddp_runs):
     """2 processes under DeepSpeed (every parameter, gradient and optimizer state sharded over them) train what
     one process trains with the same global batch; stage 2 takes 2 micro-batches a step. I-LoRA keeps one
@@ -387,7 +387,8 @@ def test_deepspeed_zero_stages_a_method_cannot_work_under_are_refused_before_tra
         distributed.check_method(accelerator, method)
 
 
-@pytest.mark.parametrize("config", [pytest.param("zero2", marks=pytest.mark.slow), "zero3"])  # zero2: -m slow (CI)
+@pytest.mark.slow  # 1.5-2 min a config: -m slow, which CI runs (.ci/run)
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
 def test_deepspeed_sigterm_saves_a_sharded_step_checkpoint_and_the_rerun_resumes_bitwise(config, tmp_path):
     """SIGTERM after step 3 of stage 2 under DeepSpeed with 2 processes, every method with its defaults: every rank
     writes its shard (DeepSpeed's checkpoint) and rank 0 the rest; the same launch again resumes there and ends
@@ -416,6 +417,7 @@ def test_deepspeed_sigterm_saves_a_sharded_step_checkpoint_and_the_rerun_resumes
             untimed(json.loads((stopped / "stage-01-reverse" / "method_state.json").read_text())), m
 
 
+@pytest.mark.slow  # a 2-process launch of training and evaluation: -m slow, which CI runs (.ci/run)
 def test_llmcl_eval_under_accelerate_launch_shares_the_requests_among_the_processes(tmp_path):
     """`accelerate launch -m llmcl eval` with 2 CPU processes: each scores its share, rank 0 writes the rows, and
     they equal what one process writes (WikiText's per-article perplexity included)."""
