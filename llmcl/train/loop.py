@@ -73,7 +73,7 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
     todo = _stages_to_train(recipe, run_dir, only_stage, done, display)
     if not todo:
         if hooks is not None:
-            with stop.at_once(_evaluation_stopped(ledger, "the missing rows")):
+            with _evaluating(stop, ledger, "the missing rows"):
                 hooks.on_start(accelerator, ledger)
         return result
     if done:
@@ -90,7 +90,7 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
     ctx = run_context(recipe, run_dir, accelerator, ledger, display, stop, upto=max(todo))
     try:
         if hooks is not None:
-            with stop.at_once(_evaluation_stopped(ledger, "the missing rows")):
+            with _evaluating(stop, ledger, "the missing rows"):
                 hooks.on_start(accelerator, ledger)
 
         # 3) train the stages in order
@@ -103,19 +103,20 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
             result.trained.append(i)
             if hooks is not None:
                 _stop_point(stop, accelerator, ledger, f"after stage {i} ({recipe.stages[i].name})")
-                with stop.at_once(_evaluation_stopped(ledger, f"stage {i}'s row")):
+                with _evaluating(stop, ledger, f"stage {i}'s row"):
                     hooks.on_stage_end(i, accelerator, ledger)
     finally:
         ctx.metrics.close()
     return result
 
 
-def _evaluation_stopped(ledger: Ledger, rows: str) -> Any:
-    """The message of a signal that stopped an evaluation (see StopSignals.at_once)."""
+def _evaluating(stop: StopSignals, ledger: Ledger, rows: str) -> Any:
+    """Around the evaluation hooks: a signal stops the scoring at once (StopSignals.at_once), naming `rows` as
+    what the rerun will score."""
     def message(sig: str) -> str:
         return (f"{sig}: stopped while evaluating; stages {', '.join(map(str, ledger.done_stages())) or 'none'} are "
                 f"done and {rows} will be scored — rerun the same command to continue")
-    return message
+    return stop.at_once(message)
 
 
 def _stop_point(stop: StopSignals, accelerator: Any, ledger: Ledger, where: str) -> None:
