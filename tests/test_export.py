@@ -20,18 +20,20 @@ from llmcl.rundir import Ledger
 TEXT = "Q: In which city does Kalo Mira live?\nAnswer: Tenvo"
 # every method, and LoRA's other way between stages (the last stage's adapter sits on merged earlier adapters)
 CASES = [(m, {}) for m in sorted(methods.REGISTRY)] + [("lora", {"between_stages": "merge"})]
+CASE_IDS = [f"{m}-{'-'.join(map(str, o.values())) or 'default'}" for m, o in CASES]
 
 RELOAD = textwrap.dedent("""
     import sys
     sys.modules["llmcl"] = None  # plain transformers: any import of llmcl fails
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    out, text, dest = sys.argv[1:4]
-    tok = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = tok(text, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        torch.save({"ids": ids, "logits": model(ids).logits, "dtype": str(model.dtype)}, dest)
+    text = sys.argv[1]
+    for out, dest in zip(sys.argv[2::2], sys.argv[3::2]):  # each export on its own, from its own directory
+        tok = AutoTokenizer.from_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            torch.save({"ids": ids, "logits": model(ids).logits, "dtype": str(model.dtype)}, dest)
 """)
 
 
@@ -65,12 +67,26 @@ def _one_line_error(res):
     return lines[-1]
 
 
-@pytest.mark.parametrize("name,options", CASES, ids=[f"{m}-{'-'.join(map(str, o.values())) or 'default'}"
-                                                    for m, o in CASES])
-def test_an_exported_stage_loads_in_plain_transformers_with_the_logits_eval_scores(name, options, tmp_path):
-    run = _train(tmp_path, name, **options)
-    out = tmp_path / "export"
-    res = run_cli("export", str(run), "--to", str(out), "--dtype", "fp32")
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every case trained and exported, then every export reloaded by one plain-transformers process (starting
+    it is the slow part, not a reload): case id -> (run, export dir, the export's CLI result, reloaded logits
+    file), and that process's result."""
+    tmp = tmp_path_factory.mktemp("export")
+    cases = {}
+    for case, (name, options) in zip(CASE_IDS, CASES):
+        run = _train(tmp / case, name, **options)
+        res = run_cli("export", str(run), "--to", str(tmp / case / "export"), "--dtype", "fp32")
+        cases[case] = (run, tmp / case / "export", res, tmp / case / "reloaded.pt")
+    pairs = [str(p) for _, out, res, dest in cases.values() if res.exit_code == 0 for p in (out, dest)]
+    proc = subprocess.run([sys.executable, "-c", RELOAD, TEXT, *pairs], capture_output=True, text=True,
+                          timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    return cases, proc
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_an_exported_stage_loads_in_plain_transformers_with_the_logits_eval_scores(case, exported):
+    (run, out, res, dest), proc = exported[0][case], exported[1]
     kind = Ledger.read(run).manifest(1)["kind"]
     if kind in NOT_EXPORTABLE:  # refused, in one line, before anything is written
         assert "cannot be exported" in _one_line_error(res) and not out.exists()
@@ -80,9 +96,6 @@ def test_an_exported_stage_loads_in_plain_transformers_with_the_logits_eval_scor
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]  # merged: no adapter files
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= \
         {p.name for p in out.iterdir()}
-    dest = tmp_path / "reloaded.pt"
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(out), TEXT, str(dest)], capture_output=True, text=True,
-                          timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     reloaded = torch.load(dest)
     ids, expected = _evaluated_logits(run, 1, TEXT)

@@ -194,14 +194,14 @@ def test_choices_are_checked_against_the_test_answers_before_training(tiny_recip
 
 @pytest.mark.parametrize("path", TRAINED, ids=[getattr(p, "values", [p])[0].stem for p in TRAINED])
 def test_every_shipped_recipe_trains_two_steps_on_the_tiny_model(path: Path, tmp_path, monkeypatch):
-    """Runnable, not just valid: each shipped recipe, its model swapped for builtin:tiny, 2 steps a stage (from
-    16 training records a stage where the recipe reads a sample of its data)."""
+    """Runnable, not just valid: each shipped recipe, its model swapped for builtin:tiny, 2 steps of 2 examples a
+    stage (from 16 training records a stage where the recipe reads a sample of its data)."""
     from conftest import run_cli
 
     _with_shared_data(path, tmp_path, monkeypatch)
     r = recipe.load(path)
-    overrides = ["model.path=builtin:tiny", "train.max_steps=2", "train.max_tokens=null", "train.save_every=0",
-                 "eval.after_each_stage=false"]
+    overrides = ["model.path=builtin:tiny", "train.max_steps=2", "train.batch_size=2", "train.max_tokens=null",
+                 "train.save_every=0", "eval.after_each_stage=false"]
     overrides += [f"stages.{i}.train.max_steps=2" for i, s in enumerate(r.stages) if "max_steps" in s.train]
     overrides += [f"stages.{i}.data.max_train_samples=16" for i, s in enumerate(r.stages) if s.data.max_train_samples]
     if r.train.schedule == "infinite":

@@ -94,16 +94,32 @@ def _train_cmd(recipe, run_dir):
     return [sys.executable, "-m", "llmcl", "train", str(recipe), "--run-dir", str(run_dir)]
 
 
-def _interrupted_run(tmp_path, save_every, ready, sig, after=None):
-    """A clean run, and the same recipe in a real process that gets `sig` once ready(run_dir) is true; then
+def _signal_recipe(path, save_every):
+    return write_recipe(path, train={"lr": 1e-3, "max_steps": 40, "batch_size": 4, "seq_len": 48,
+                                     "save_every": save_every, "warmup": 2})
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The signal tests' recipe run to its end in a real process, with no step checkpoints: the one run each
+    interrupted run (whatever its checkpoint interval, which must not change a single bit) is compared with."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(_train_cmd(_signal_recipe(tmp / "r.yaml", 0), tmp / "clean"), check=True, cwd=REPO, env=_env(),
+                   capture_output=True, timeout=600)
+    return tmp / "clean"
+
+
+def _interrupted_run(tmp_path, clean, save_every, ready, sig, after=None):
+    """The signal tests' recipe in a real process that gets `sig` once ready(run_dir) is true; then
     after(run_dir, proc, stderr) looks at what it left, and the same command reruns to the end, which must
-    give the clean run's weights and losses bit for bit."""
-    recipe = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 40, "batch_size": 4, "seq_len": 48,
-                                                      "save_every": save_every, "warmup": 2})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    clean, hit = tmp_path / "clean", tmp_path / "interrupted"
-    subprocess.run(_train_cmd(recipe, clean), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
-    proc = subprocess.Popen(_train_cmd(recipe, hit), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    give the uninterrupted run's weights and losses bit for bit."""
+    recipe = _signal_recipe(tmp_path / "r.yaml", save_every)
+    hit = tmp_path / "interrupted"
+    proc = subprocess.Popen(_train_cmd(recipe, hit), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not ready(hit):
@@ -114,7 +130,7 @@ def _interrupted_run(tmp_path, save_every, ready, sig, after=None):
     assert json.loads((hit / "ledger.json").read_text())["stages"][1]["status"] == "running"
     if after is not None:
         after(hit, proc, err)
-    subprocess.run(_train_cmd(recipe, hit), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+    subprocess.run(_train_cmd(recipe, hit), check=True, cwd=REPO, env=_env(), capture_output=True, timeout=600)
     assert _equal(_final_weights(clean), _final_weights(hit))
     assert [m["loss"] for m in _metrics(clean)] == [m["loss"] for m in _metrics(hit)]
     return hit
@@ -128,7 +144,7 @@ def _step_checkpoint_at(run_dir, stage, step):
         return False
 
 
-def test_sigkill_mid_stage_then_restart_is_bitwise_equal(tmp_path):
+def test_sigkill_mid_stage_then_restart_is_bitwise_equal(tmp_path, uninterrupted):
     """A real process killed with SIGKILL between step checkpoints, restarted with the same command."""
 
     def ready(run_dir):
@@ -140,10 +156,10 @@ def test_sigkill_mid_stage_then_restart_is_bitwise_equal(tmp_path):
     def after(run_dir, proc, err):
         assert proc.returncode == -signal.SIGKILL
 
-    _interrupted_run(tmp_path, 3, ready, signal.SIGKILL, after)
+    _interrupted_run(tmp_path, uninterrupted, 3, ready, signal.SIGKILL, after)
 
 
-def test_sigterm_mid_stage_saves_a_checkpoint_and_the_rerun_is_bitwise_equal(tmp_path):
+def test_sigterm_mid_stage_saves_a_checkpoint_and_the_rerun_is_bitwise_equal(tmp_path, uninterrupted):
     """SLURM preemption: SIGTERM to a running `llmcl train` with no periodic checkpoints at all."""
 
     def ready(run_dir):
@@ -157,7 +173,7 @@ def test_sigterm_mid_stage_saves_a_checkpoint_and_the_rerun_is_bitwise_equal(tmp
         assert state["stage"] == 1 and 5 <= state["step"] < 40
         assert "SIGTERM" in json.loads((run_dir / "stopped.json").read_text())["reason"]
 
-    hit = _interrupted_run(tmp_path, 0, ready, signal.SIGTERM, after)
+    hit = _interrupted_run(tmp_path, uninterrupted, 0, ready, signal.SIGTERM, after)
     assert not (hit / "stopped.json").exists()  # the rerun removed the marker
     assert [m["stage"] for m in _metrics(hit)].count(1) == 40  # every step of stage 2 logged once
 
