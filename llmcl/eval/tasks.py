@@ -9,6 +9,7 @@ run_dir/eval/tasks/:
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass
@@ -222,8 +223,16 @@ def known_tasks(recipe: Any, names: list[str], run_dir: Path | None = None) -> s
         return known
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_paths(recipe) or None)
-    return known | set(manager.all_tasks)
+    on_paths = TaskManager(include_path=include_paths(recipe), include_defaults=False).all_tasks  # groups, tags too
+    return known | set(on_paths) | _harness_defaults()
+
+
+@functools.cache
+def _harness_defaults() -> frozenset[str]:
+    """Every task, group and tag lm-eval ships: indexing them reads its ~10k YAMLs (10-15 s), so once a process."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)
 
 
 class _LenientLoader(yaml.SafeLoader):
