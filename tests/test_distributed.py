@@ -170,6 +170,7 @@ def _osft_leak(run):
 OSFT_LEAK = 1e-2
 
 
+@pytest.mark.slow  # one 2-process launch of 9 runs and their 1-process references (~2 min): -m slow, which CI runs
 def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(ddp_runs, references):
     """2 gloo processes x 2 samples = 1 process x 4 samples: the same data, so the same losses (float tolerance).
     After every stage each rank holds bitwise the same trainable weights and method state (statistics a method
@@ -432,6 +433,7 @@ def test_llmcl_eval_under_accelerate_launch_shares_the_requests_among_the_proces
         assert b[task]["n"] == a[task]["n"] and b[task]["metrics"] == pytest.approx(a[task]["metrics"], rel=1e-12)
 
 
+@pytest.mark.slow  # in the launch above
 def test_a_locked_run_dir_refuses_every_rank_and_the_launch_goes_on(ddp_runs):
     """Rank 0 finds the run dir locked by another process: every rank refuses in one line (none waits in a
     collective for the others), and the same process group then trains the next runs."""

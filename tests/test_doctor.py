@@ -38,9 +38,8 @@ def test_the_report_is_one_line_per_check_and_a_count():
     assert text[-1] == "1/2 checks passed"
 
 
-@pytest.mark.parametrize("only", [
-    "eval,throughput",  # every method and the ZeRO checks (what tests/test_distributed.py launches): in -m slow (CI)
-    pytest.param(None, marks=pytest.mark.slow)])
+@pytest.mark.slow  # 3-4 processes, ~1 min with eval,throughput, ~2.5 min with every check: -m slow (CI runs it)
+@pytest.mark.parametrize("only", ["eval,throughput", None])
 def test_every_check_runs_on_the_cpu(tmp_path, only):
     """The self-check on builtin:tiny: every registered method, one evaluated row and the throughput comparison
     (and, in the slow run, ZeRO-2 and ZeRO-3), each passing with its numbers."""

@@ -94,8 +94,11 @@ def _train_cmd(recipe, run_dir):
     return [sys.executable, "-m", "llmcl", "train", str(recipe), "--run-dir", str(run_dir)]
 
 
+SIGNAL_STEPS = 24  # a stage: long enough that the signal, sent from step 5-6 of stage 2 on, lands mid-stage
+
+
 def _signal_recipe(path, save_every):
-    return write_recipe(path, train={"lr": 1e-3, "max_steps": 40, "batch_size": 4, "seq_len": 48,
+    return write_recipe(path, train={"lr": 1e-3, "max_steps": SIGNAL_STEPS, "batch_size": 4, "seq_len": 48,
                                      "save_every": save_every, "warmup": 2})
 
 
@@ -170,12 +173,12 @@ def test_sigterm_mid_stage_saves_a_checkpoint_and_the_rerun_is_bitwise_equal(tmp
         assert proc.returncode == 75, err  # stopped, resumable: not success, not an error
         assert "stopped: SIGTERM: stopped after step" in err and "Traceback" not in err
         state = json.loads((run_dir / "step-checkpoint" / "state.json").read_text())
-        assert state["stage"] == 1 and 5 <= state["step"] < 40
+        assert state["stage"] == 1 and 5 <= state["step"] < SIGNAL_STEPS
         assert "SIGTERM" in json.loads((run_dir / "stopped.json").read_text())["reason"]
 
     hit = _interrupted_run(tmp_path, uninterrupted, 0, ready, signal.SIGTERM, after)
     assert not (hit / "stopped.json").exists()  # the rerun removed the marker
-    assert [m["stage"] for m in _metrics(hit)].count(1) == 40  # every step of stage 2 logged once
+    assert [m["stage"] for m in _metrics(hit)].count(1) == SIGNAL_STEPS  # every step of stage 2 logged once
 
 
 def test_a_signal_during_a_save_lets_the_save_finish_then_stops(tmp_path, monkeypatch):
