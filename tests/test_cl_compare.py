@@ -319,14 +319,14 @@ def test_jobs_run_at_most_that_many_at_once_each_order_s_seqft_first_in_its_own_
             now[0] += 1
             start = now[0]
         if name == "seqft":  # scores the base row first, then trains on
-            time.sleep(0.5)
+            time.sleep(0.2)
             base = cl_compare.run_dir_of(args.out, name, order, order - 1) / "eval" / "base.json"
             base.parent.mkdir(parents=True)
             with lock:
                 now[0] += 1
                 base_at[order] = now[0]
                 base.write_text("{}")
-        time.sleep(6 if name == "seqft" else 0.5)
+        time.sleep(1.5 if name == "seqft" else 0.2)  # seqft's run is far longer than a look for base rows
         with lock:
             now[0] += 1
             spans[(order, name)] = (start, now[0], env)
@@ -334,6 +334,7 @@ def test_jobs_run_at_most_that_many_at_once_each_order_s_seqft_first_in_its_own_
 
     base_at = {}
     monkeypatch.setattr(cl_compare, "run_one", fake_run)
+    monkeypatch.setattr(cl_compare, "POLL_SECONDS", 0.05)
     monkeypatch.setattr(cl_compare.os, "cpu_count", lambda: 8)
     args = cl_compare.parser().parse_args(["--jobs", "3", "--orders", "1", "2", "--out", str(tmp_path)])
     methods = ["seqft", "lora", "hft", "multitask"]

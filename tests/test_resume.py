@@ -147,6 +147,7 @@ def _step_checkpoint_at(run_dir, stage, step):
         return False
 
 
+@pytest.mark.slow  # three process starts (~35 s); the SIGTERM test below stays in the default suite
 def test_sigkill_mid_stage_then_restart_is_bitwise_equal(tmp_path, uninterrupted):
     """A real process killed with SIGKILL between step checkpoints, restarted with the same command."""
 

@@ -507,6 +507,9 @@ def slot_envs(jobs: int) -> list[dict[str, str]]:
     return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(jobs)]
 
 
+POLL_SECONDS = 5.0  # how often run_all looks for an order's base row while no run ends
+
+
 def run_all(args: argparse.Namespace, methods: list[str]) -> list[dict]:
     """Every (order, method) run, up to --jobs at once, in the table's order. An order's seqft run goes first:
     it writes the stage test tasks and scores the base row that the order's other runs share; they start once
@@ -530,7 +533,7 @@ def run_all(args: argparse.Namespace, methods: list[str]) -> list[dict]:
                 todo.remove(key)
                 env = free.pop()
                 running[pool.submit(run_one, key[1], args, key[0], env)] = (key, env, time.perf_counter())
-            finished, _ = wait(running, timeout=5, return_when=FIRST_COMPLETED)  # or look again for base rows
+            finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)  # or look for base rows
             for f in finished:
                 (order, name), env, t0 = running.pop(f)
                 free.append(env)
