@@ -10,6 +10,14 @@ ratios are paired per step. The first step is excluded.
     python scripts/bench/step_parts.py                     # 9 steps, the recipe's bf16 mixed precision
     python scripts/bench/step_parts.py --steps 5 --precision fp32
     python scripts/bench/step_parts.py --method lora       # LoRA (r 16, recipes/benchmarks/cl_standard_lora.yaml)
+    python scripts/bench/step_parts.py --method lora --loop
+
+--loop runs instead the two layouts llmcl's loop runs (LM head at the trained positions, unpacked and packed)
+through the loop's own call path: an Accelerate-prepared model and optimizer, accelerator.autocast,
+llmcl.train.steps.forward_loss, llmcl.train.distributed's backward and step (gradient clipping included), on
+the loop's own batches (step s of stage k: the BatchPlan of the recipe's seed), paired per step as above. No
+other layout runs, so neither sees a batch shape the other has just run (shape-keyed kernel caches stay as cold
+as in the loop). It answers whether the loop's code loses any of packing's saving, apart from the machine.
 
 Prints per layout: mean step seconds and its forward / backward / optimizer parts, real tokens per second, and
 the ratios to the unpacked step with full logits (the loop before issue #17) and to the unpacked step at the
@@ -40,20 +48,29 @@ LAYOUTS = [("unpacked", False, False), ("unpacked, LM head at targets", False, T
 RECIPES = {"seqft": "cl_standard.yaml", "lora": "cl_standard_lora.yaml"}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=9)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--method", choices=["seqft", "lora"], default="seqft")
-    args = p.parse_args()
-    recipe = recipe_mod.load(REPO / "recipes" / "benchmarks" / RECIPES[args.method])
-    seq_len = recipe.stage_train(0).seq_len
-    tokenizer = load_tokenizer(recipe.model)
+def _setup(args) -> tuple:
+    """The benchmark recipe (at --precision), its tokenizer, and its model with the method's adapters (LoRA)."""
+    recipe = recipe_mod.load(REPO / "recipes" / "benchmarks" / RECIPES[args.method],
+                             [f"train.precision={args.precision}"])
     model = load_base_model(recipe.model, recipe.seed)
     if args.method == "lora":
         from peft import get_peft_model
 
         model = get_peft_model(model, recipe.method.peft_config(use_rslora=recipe.method.use_rslora))
+    return recipe, load_tokenizer(recipe.model), model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--method", choices=["seqft", "lora"], default="seqft")
+    p.add_argument("--loop", action="store_true", help="through the loop's call path, on the loop's batches")
+    args = p.parse_args()
+    if args.loop:
+        return loop_parts(args)
+    recipe, tokenizer, model = _setup(args)
+    seq_len = recipe.stage_train(0).seq_len
     assert logits_at_labels(model), "this model keeps full logits: nothing to compare"
     with tempfile.TemporaryDirectory() as d:
         pools = [build_pool(s.data, tokenizer, seq_len, recipe.seed, Path(d))[0] for s in recipe.stages]
@@ -101,6 +118,76 @@ def main() -> None:
         step_s = sum(parts)
         print(f"{name:30} {step_s:7.3f} {parts[0]:8.3f} {parts[1]:9.3f} {parts[2]:10.3f} "
               f"{tokens / len(times[name]) / step_s:11.0f} {base / step_s:11.2f}x {ours / step_s:22.2f}x")
+
+
+def loop_parts(args) -> None:
+    """--loop: the loop's two layouts through the loop's call path, paired per step on the loop's batches."""
+    from llmcl import methods
+    from llmcl.data.batching import BatchPlan, fetch
+    from llmcl.train import distributed
+    from llmcl.train.steps import forward_loss
+
+    recipe, tokenizer, model = _setup(args)
+    cfg = recipe.stage_train(0)
+    method = methods.create(recipe.method)  # seqft and lora: the base Method's forward hooks and loss
+    with tempfile.TemporaryDirectory() as d:
+        pools = [build_pool(s.data, tokenizer, cfg.seq_len, recipe.seed, Path(d)) for s in recipe.stages]
+        capacity = varlen.row_capacity(model, cfg.seq_len)
+        named = [(n, t) for n, t in model.named_parameters() if t.requires_grad]
+        optimizer = torch.optim.AdamW([t for _, t in named], lr=1e-5, fused=True)
+        accelerator = distributed.make_accelerator(recipe, Path(d), fresh=True)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    params = [t for _, t in named]
+    layouts = [("unpacked, LM head at targets", False), ("packed, LM head at targets", True)]
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in layouts}
+    tokens, padding = 0, []
+    print(f"SmolLM2-135M, {args.method}, {args.precision} ({accelerator.mixed_precision}), {args.steps} steps of "
+          f"{cfg.batch_size} examples (seq_len {cfg.seq_len}) through the loop's call path, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    model.train()
+    for step in range(args.steps):
+        k = step % len(pools)
+        pool, stats = pools[k]
+        plan = BatchPlan(len(pool), cfg.batch_size, 1, 1, recipe.seed, k)
+        items = [(0, j) for j in plan.micro_indices(step // len(pools), 0, 0)]
+        examples = fetch([pool], items)
+        n_items = label_tokens(examples)
+        start = {n: t.detach().clone() for n, t in unwrapped.state_dict().items()}
+        for i in range(len(layouts)):
+            name, packing = layouts[(i + step) % len(layouts)]
+            batch = make_batch(examples, tokenizer.pad_token_id, packing, capacity)
+            if not packing:
+                padding.append(1 - float(batch["attention_mask"].float().mean()))
+            t0 = time.perf_counter()
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    _, loss = forward_loss(model, unwrapped, method, batch, examples, n_items, 1, at_labels=True)
+                t1 = time.perf_counter()
+                distributed.backward(accelerator, loss)
+            t2 = time.perf_counter()
+            distributed.step(accelerator, optimizer, params, cfg.max_grad_norm, take=lambda norm: True)
+            optimizer.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            if step:
+                times[name].append((t1 - t0, t2 - t1, t3 - t2))
+            with torch.no_grad():
+                unwrapped.load_state_dict(start)
+        if step:
+            tokens += sum(len(e.input_ids) for e in examples)
+            print(f"  step {step}: " + ", ".join(f"{name.split(',')[0]} {sum(times[name][-1]):.2f} s"
+                                                 for name, _ in layouts), flush=True)
+    base = statistics.fmean(sum(t) for t in times[layouts[0][0]])
+    print(f"\npadding share of the unpacked batches: {statistics.fmean(padding):.1%}\n")
+    print(f"{'layout':30} {'step s':>7} {'forward':>8} {'backward':>9} {'optimizer':>10} {'real tok/s':>11} "
+          f"{'vs unpacked':>12} {'per-step ratios (range)':>24}")
+    for name, _ in layouts:
+        parts = [statistics.fmean(t[i] for t in times[name]) for i in range(3)]
+        step_s = sum(parts)
+        ratios = sorted(sum(a) / sum(b) for a, b in zip(times[layouts[0][0]], times[name]))
+        print(f"{name:30} {step_s:7.3f} {parts[0]:8.3f} {parts[1]:9.3f} {parts[2]:10.3f} "
+              f"{tokens / len(times[name]) / step_s:11.0f} {base / step_s:11.2f}x "
+              f"{f'{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})':>24}")
 
 
 if __name__ == "__main__":
