@@ -15,9 +15,11 @@ ratios are paired per step. The first step is excluded.
 --loop runs instead the two layouts llmcl's loop runs (LM head at the trained positions, unpacked and packed)
 through the loop's own call path: an Accelerate-prepared model and optimizer, accelerator.autocast,
 llmcl.train.steps.forward_loss, llmcl.train.distributed's backward and step (gradient clipping included), on
-the loop's own batches (step s of stage k: the BatchPlan of the recipe's seed), paired per step as above. No
-other layout runs, so neither sees a batch shape the other has just run (shape-keyed kernel caches stay as cold
-as in the loop). It answers whether the loop's code loses any of packing's saving, apart from the machine.
+the loop's own batches (step s of stage k: the BatchPlan of the recipe's seed), paired per step as above. Each
+layout runs once as the loop runs it (no other layout has just run its shapes: shape-keyed kernel caches as cold
+as in the loop) and then once more on the same batch ("same shape again": those caches warm), so the difference
+of the two is what a new batch shape costs. It answers whether the loop's code loses any of packing's saving,
+and whether a packed row's new length at every step does.
 
 Prints per layout: mean step seconds and its forward / backward / optimizer parts, real tokens per second, and
 the ratios to the unpacked step with full logits (the loop before issue #17) and to the unpacked step at the
@@ -121,7 +123,8 @@ def main() -> None:
 
 
 def loop_parts(args) -> None:
-    """--loop: the loop's two layouts through the loop's call path, paired per step on the loop's batches."""
+    """--loop: the loop's two layouts through the loop's call path, paired per step on the loop's batches, each
+    run twice (cold, then warm shapes)."""
     from llmcl import methods
     from llmcl.data.batching import BatchPlan, fetch
     from llmcl.train import distributed
@@ -139,8 +142,9 @@ def loop_parts(args) -> None:
         model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     params = [t for _, t in named]
-    layouts = [("unpacked, LM head at targets", False), ("packed, LM head at targets", True)]
-    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in layouts}
+    names = {(False, False): "unpacked, LM head at targets", (False, True): "unpacked, same shape again",
+             (True, False): "packed, LM head at targets", (True, True): "packed, same shape again"}
+    times: dict[tuple[bool, bool], list[tuple[float, float, float]]] = {key: [] for key in names}
     tokens, padding = 0, []
     print(f"SmolLM2-135M, {args.method}, {args.precision} ({accelerator.mixed_precision}), {args.steps} steps of "
           f"{cfg.batch_size} examples (seq_len {cfg.seq_len}) through the loop's call path, "
@@ -154,41 +158,41 @@ def loop_parts(args) -> None:
         examples = fetch([pool], items)
         n_items = label_tokens(examples)
         start = {n: t.detach().clone() for n, t in unwrapped.state_dict().items()}
-        for i in range(len(layouts)):
-            name, packing = layouts[(i + step) % len(layouts)]
+        for i in range(2):
+            packing = bool((i + step) % 2)
             batch = make_batch(examples, tokenizer.pad_token_id, packing, capacity)
             if not packing:
                 padding.append(1 - float(batch["attention_mask"].float().mean()))
-            t0 = time.perf_counter()
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    _, loss = forward_loss(model, unwrapped, method, batch, examples, n_items, 1, at_labels=True)
-                t1 = time.perf_counter()
-                distributed.backward(accelerator, loss)
-            t2 = time.perf_counter()
-            distributed.step(accelerator, optimizer, params, cfg.max_grad_norm, take=lambda norm: True)
-            optimizer.zero_grad(set_to_none=True)
-            t3 = time.perf_counter()
-            if step:
-                times[name].append((t1 - t0, t2 - t1, t3 - t2))
-            with torch.no_grad():
-                unwrapped.load_state_dict(start)
+            for again in (False, True):  # the same batch twice: the second finds every shape-keyed cache warm
+                t0 = time.perf_counter()
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        _, loss = forward_loss(model, unwrapped, method, batch, examples, n_items, 1, at_labels=True)
+                    t1 = time.perf_counter()
+                    distributed.backward(accelerator, loss)
+                t2 = time.perf_counter()
+                distributed.step(accelerator, optimizer, params, cfg.max_grad_norm, take=lambda norm: True)
+                optimizer.zero_grad(set_to_none=True)
+                t3 = time.perf_counter()
+                if step:
+                    times[packing, again].append((t1 - t0, t2 - t1, t3 - t2))
+                with torch.no_grad():
+                    unwrapped.load_state_dict(start)
         if step:
             tokens += sum(len(e.input_ids) for e in examples)
-            print(f"  step {step}: " + ", ".join(f"{name.split(',')[0]} {sum(times[name][-1]):.2f} s"
-                                                 for name, _ in layouts), flush=True)
-    base = statistics.fmean(sum(t) for t in times[layouts[0][0]])
+            print(f"  step {step}: " + ", ".join(f"{name} {sum(times[key][-1]):.2f} s" for key, name in names.items()),
+                  flush=True)
     print(f"\npadding share of the unpacked batches: {statistics.fmean(padding):.1%}\n")
     print(f"{'layout':30} {'step s':>7} {'forward':>8} {'backward':>9} {'optimizer':>10} {'real tok/s':>11} "
           f"{'vs unpacked':>12} {'per-step ratios (range)':>24}")
-    for name, _ in layouts:
-        parts = [statistics.fmean(t[i] for t in times[name]) for i in range(3)]
+    for (packing, again), name in names.items():
+        parts = [statistics.fmean(t[i] for t in times[packing, again]) for i in range(3)]
         step_s = sum(parts)
-        ratios = sorted(sum(a) / sum(b) for a, b in zip(times[layouts[0][0]], times[name]))
+        unpacked = times[False, again]  # packed against unpacked as cold (the loop), or as warm
+        ratios = sorted(sum(a) / sum(b) for a, b in zip(unpacked, times[packing, again]))
         print(f"{name:30} {step_s:7.3f} {parts[0]:8.3f} {parts[1]:9.3f} {parts[2]:10.3f} "
-              f"{tokens / len(times[name]) / step_s:11.0f} {base / step_s:11.2f}x "
+              f"{tokens / len(unpacked) / step_s:11.0f} {statistics.fmean(sum(t) for t in unpacked) / step_s:11.2f}x "
               f"{f'{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})':>24}")
-
 
 if __name__ == "__main__":
     main()
