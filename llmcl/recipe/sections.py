@@ -161,7 +161,7 @@ class TrainConfig:
     seq_len: int = 512
     """Maximum tokens per example (longer ones are truncated); block length for packed text."""
     packing: bool = False
-    """Lay each micro-batch's examples out as packed rows of up to seq_len tokens, positions restarting at every example and attention confined to it: the same examples, loss and gradients as one padded row per example, with less padding (needs a model whose positions come from position_ids)."""
+    """Lay each micro-batch's examples out without padding, positions restarting at every example and attention confined to it (one row with sdpa or flash-attention; rows of up to seq_len tokens with eager): the same examples, loss and gradients as one padded row per example (needs a model whose positions come from position_ids)."""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norms)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
