@@ -70,9 +70,9 @@ def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    # unbind and split, not slicing: their backward writes each span's gradient into one tensor, where every
-    # slice's backward would allocate and add a zero-filled gradient of the whole row (a fifth of the attention
-    # backward's time on SmolLM2 at 8 examples a row)
+    # split, not slicing: split's backward writes each span's gradient into one tensor, where every slice's
+    # backward would allocate and add a zero-filled gradient of the whole row (the attention backward 1.4x slower
+    # on SmolLM2 at 8 examples a row: scripts/bench/packed_attention.py)
     out = []
     for q, k, v, row in zip(query.split(1), key.split(1), value.split(1), rows):
         sizes = [e - s for s, e in row]

@@ -134,7 +134,7 @@ def loop_parts(args) -> None:
     cfg = recipe.stage_train(0)
     method = methods.create(recipe.method)  # seqft and lora: the base Method's forward hooks and loss
     with tempfile.TemporaryDirectory() as d:
-        pools = [build_pool(s.data, tokenizer, cfg.seq_len, recipe.seed, Path(d)) for s in recipe.stages]
+        pools = [build_pool(s.data, tokenizer, cfg.seq_len, recipe.seed, Path(d))[0] for s in recipe.stages]
         capacity = varlen.row_capacity(model, cfg.seq_len)
         named = [(n, t) for n, t in model.named_parameters() if t.requires_grad]
         optimizer = torch.optim.AdamW([t for _, t in named], lr=1e-5, fused=True)
@@ -142,6 +142,7 @@ def loop_parts(args) -> None:
         model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     params = [t for _, t in named]
+    plans = [BatchPlan(len(pool), cfg.batch_size, 1, 1, recipe.seed, k) for k, pool in enumerate(pools)]
     names = {(False, False): "unpacked, LM head at targets", (False, True): "unpacked, same shape again",
              (True, False): "packed, LM head at targets", (True, True): "packed, same shape again"}
     times: dict[tuple[bool, bool], list[tuple[float, float, float]]] = {key: [] for key in names}
@@ -152,10 +153,7 @@ def loop_parts(args) -> None:
     model.train()
     for step in range(args.steps):
         k = step % len(pools)
-        pool, stats = pools[k]
-        plan = BatchPlan(len(pool), cfg.batch_size, 1, 1, recipe.seed, k)
-        items = [(0, j) for j in plan.micro_indices(step // len(pools), 0, 0)]
-        examples = fetch([pool], items)
+        examples = fetch([pools[k]], [(0, j) for j in plans[k].micro_indices(step // len(pools), 0, 0)])
         n_items = label_tokens(examples)
         start = {n: t.detach().clone() for n, t in unwrapped.state_dict().items()}
         for i in range(2):
@@ -193,6 +191,7 @@ def loop_parts(args) -> None:
         print(f"{name:30} {step_s:7.3f} {parts[0]:8.3f} {parts[1]:9.3f} {parts[2]:10.3f} "
               f"{tokens / len(unpacked) / step_s:11.0f} {statistics.fmean(sum(t) for t in unpacked) / step_s:11.2f}x "
               f"{f'{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})':>24}")
+
 
 if __name__ == "__main__":
     main()
