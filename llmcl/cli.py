@@ -161,7 +161,8 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
     from rich.console import Console
 
     from llmcl.eval import report as report_mod
-    from llmcl.eval.scoring import BASE, load_run_recipe, score_row
+    from llmcl.eval.scoring import BASE, load_run_recipe, prepare_stage_tasks, score_row
+    from llmcl.models import load_tokenizer
     from llmcl.rundir import Ledger
     from llmcl.rundir.lock import locked
 
@@ -184,10 +185,13 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
     accelerator = _eval_accelerator(recipe, directory)
     main = accelerator is None or accelerator.is_main_process
     console = Console(soft_wrap=True, quiet=not main)
+    tokenizer = load_tokenizer(recipe.model)
     with locked(directory, accelerator):  # not while a `llmcl train` or another `llmcl eval` works there
+        stage_tasks = prepare_stage_tasks(directory, recipe, tokenizer, accelerator) if rows else []
         for r in rows:
             console.print(f"evaluating {'the base model' if r == BASE else f'stage {r}'} ...", highlight=False)
-            score_row(directory, r, recipe=recipe, only=only, accelerator=accelerator)
+            score_row(directory, r, recipe=recipe, tokenizer=tokenizer, only=only, accelerator=accelerator,
+                      stage_tasks=stage_tasks)
     if main:
         for table in report_mod.tables(report_mod.collect(directory)):
             console.print(table)

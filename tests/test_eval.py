@@ -221,6 +221,31 @@ def test_a_missing_row_is_scored_when_the_run_is_restarted(run_dir):
     assert (run_dir / "eval" / "stage-01.json").exists()
 
 
+def test_a_run_renders_its_stage_tasks_once_however_many_rows_it_scores(run_dir, tmp_path, monkeypatch):
+    """The stage tasks are the same for every row of a run: `llmcl eval` (every row) and a restarted `llmcl train`
+    (the rows a run left unscored) render and write them once, and score the rows they scored before."""
+    import shutil
+
+    from llmcl.eval import scoring, tasks
+
+    calls = []
+    monkeypatch.setattr(scoring, "write_stage_tasks", lambda *a, **k: calls.append(a) or tasks.write_stage_tasks(*a, **k))
+    before = {row: data["tasks"] for row, data in _rows(run_dir).items()}
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    for p in (other / "eval").glob("*.json"):
+        p.unlink()
+    res = run_cli("eval", str(other))
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1 and {row: data["tasks"] for row, data in _rows(other).items()} == before
+    calls.clear()
+    for row in ("base", "stage-00", "stage-02"):
+        (other / "eval" / f"{row}.json").unlink()
+    res = run_cli("train", str(run_dir.parent / "r.yaml"), "--run-dir", str(other))
+    assert res.exit_code == 0 and "nothing to train" in res.output, res.output
+    assert len(calls) == 1 and {row: data["tasks"] for row, data in _rows(other).items()} == before
+
+
 def test_comparison_of_several_runs(run_dir, tmp_path):
     other = tmp_path / "copy"
     import shutil

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from llmcl.eval import report as report_mod
-from llmcl.eval.scoring import BASE, row_file, score_row
+from llmcl.eval.scoring import BASE, prepare_stage_tasks, row_file, score_row
 
 
 class EvalHooks:
     def __init__(self, recipe: Any, run_dir: Path, display: Any):
         self.recipe, self.run_dir, self.display = recipe, Path(run_dir), display
         self._tokenizer = None
+        self._stage_tasks = None
 
     @property
     def enabled(self) -> bool:
@@ -41,8 +42,11 @@ class EvalHooks:
         label = "base model" if row == BASE else f"stage {row} ({self.recipe.stages[int(row)].name})"
         self.display.message(f"evaluating the {label} with lm-eval"
                              + (f" on {accelerator.num_processes} processes" if parallel else "") + " ...")
+        if self._stage_tasks is None:  # the same for every row of the run: rendered and written once
+            self._stage_tasks = prepare_stage_tasks(self.run_dir, self.recipe, self._tok(),
+                                                    accelerator if parallel else None)
         score_row(self.run_dir, row, recipe=self.recipe, tokenizer=self._tok(),
-                  accelerator=accelerator if parallel else None)
+                  accelerator=accelerator if parallel else None, stage_tasks=self._stage_tasks)
 
     def on_start(self, accelerator: Any, ledger: Any) -> None:
         """Score the base model and any finished stage whose row is missing."""

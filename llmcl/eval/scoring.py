@@ -18,7 +18,7 @@ import yaml
 from llmcl.errors import LlmclError, did_you_mean
 from llmcl.rundir.integrity import read_json, reading
 from llmcl.eval import harness
-from llmcl.eval.tasks import (STAGE_PREFIX, data_dir, include_paths, known_tasks, needs_harness_index,
+from llmcl.eval.tasks import (STAGE_PREFIX, StageTask, data_dir, include_paths, known_tasks, needs_harness_index,
                               write_stage_tasks)
 from llmcl.recipe import Recipe, from_dict
 from llmcl.rundir import EVAL, RECIPE, Ledger, artifacts, now, write_json
@@ -110,12 +110,29 @@ def _scored_here(stage: int, row: int, recipe: Recipe) -> bool:
     return True
 
 
+def prepare_stage_tasks(run_dir: Path, recipe: Recipe, tokenizer: Any, accelerator: Any = None) -> list[StageTask]:
+    """The run's stage tasks, written to run_dir/eval/tasks (by rank 0 while the other ranks of a data-parallel
+    evaluation wait; every rank calls this then). What a run's rows share: a caller that scores several rows of one
+    run in one process prepares them once (rendering and tokenizing every stage's test split is seconds a row)."""
+    if not recipe.eval.stage_tasks:
+        return []
+    parallel = accelerator is not None and accelerator.num_processes > 1
+    if parallel:
+        accelerator.wait_for_everyone()  # rank 0 writes the task files, the others only read them
+    tasks = write_stage_tasks(recipe, Path(run_dir), tokenizer, write=not parallel or accelerator.is_main_process)
+    if parallel:
+        accelerator.wait_for_everyone()
+    return tasks
+
+
 def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, tokenizer: Any = None,
-              only: list[str] | None = None, accelerator: Any = None) -> dict[str, Any] | None:
+              only: list[str] | None = None, accelerator: Any = None,
+              stage_tasks: list[StageTask] | None = None) -> dict[str, Any] | None:
     """Evaluate one row on the stage tasks and eval.tasks (or only the tasks/stage names in `only`).
 
     With an `accelerator` of several processes, every rank calls this: each scores its share of the requests on
-    its own device, rank 0 gathers them, writes the row and returns it (the others return None)."""
+    its own device, rank 0 gathers them, writes the row and returns it (the others return None). `stage_tasks`:
+    what prepare_stage_tasks returned for this run and recipe (None: prepared here)."""
     from llmcl.models import load_tokenizer
 
     run_dir = Path(run_dir)
@@ -123,11 +140,8 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
     tokenizer = tokenizer or load_tokenizer(recipe.model)
     parallel = accelerator is not None and accelerator.num_processes > 1
     main = not parallel or accelerator.is_main_process
-    if parallel:
-        accelerator.wait_for_everyone()  # rank 0 writes the task files, the others only read them
-    stage_tasks = write_stage_tasks(recipe, run_dir, tokenizer, write=main) if recipe.eval.stage_tasks else []
-    if parallel:
-        accelerator.wait_for_everyone()
+    if stage_tasks is None:
+        stage_tasks = prepare_stage_tasks(run_dir, recipe, tokenizer, accelerator)
     by_name = {t.task: t for t in stage_tasks}
     general = [t for t in recipe.eval.tasks if t not in by_name]
     if not recipe.eval.tasks_every_stage and row != BASE and int(row) != len(recipe.stages) - 1:

@@ -115,7 +115,8 @@ def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer
         return {**base, "output_type": "multiple_choice", "doc_to_text": "{{prompt}}", "doc_to_choice": "{{choices}}",
                 "doc_to_target": "{{gold}}", "target_delimiter": "",
                 "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
-    longest = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in rows)
+    completions = sorted({r["completion"] for r in rows})  # a classification stage has a handful: one batched call
+    longest = max(map(len, tokenizer(completions, add_special_tokens=False)["input_ids"]))
     multiline = any("\n" in r["completion"].strip() for r in rows)
     return {**base, "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{completion}}",
             "target_delimiter": "",

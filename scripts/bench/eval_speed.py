@@ -12,6 +12,8 @@ the scores agree (HFLM and shared-context: equal; bfloat16: reported).
 A row scores the label sets with the LM head at every position of the packed rows (before 2026-12-03), against
 the default: the head only at the positions that predict a continuation's token (llmcl.models.logits_at_positions).
 
+Also prints the seconds of rendering and writing the run's stage tasks (what a run shares among its rows).
+
 Two more rows score the bfloat16 model with its weights frozen (requires_grad off: what a PEFT base model, a
 merged adapter stage or any stage loaded for scoring has), with and without llmcl.models.contiguous_head: the
 LM head's input made contiguous before PyTorch's CPU linear sees generation's last-position view.
@@ -71,7 +73,10 @@ def main() -> None:
     tokenizer = load_tokenizer(recipe.model)
     model = load_base_model(recipe.model, recipe.seed).eval()
     with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
         tasks = [t.task for t in write_stage_tasks(recipe, Path(tmp), tokenizer)]
+        print(f"the stage tasks rendered and written (every test item of every stage tokenized; once a run, "
+              f"before 2026-12-07 once a row): {time.perf_counter() - t0:.1f} s", flush=True)
         tasks_dir = Path(tmp) / "eval" / "tasks"
         shared = shared_context.hflm_class()
         full_logits = type("FullLogits", (shared,), {"_head_at_predictors": False})  # the LM head everywhere
