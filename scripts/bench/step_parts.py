@@ -11,6 +11,7 @@ ratios are paired per step. The first step is excluded.
     python scripts/bench/step_parts.py --steps 5 --precision fp32
     python scripts/bench/step_parts.py --method lora       # LoRA (r 16, recipes/benchmarks/cl_standard_lora.yaml)
     python scripts/bench/step_parts.py --method lora --loop
+    python scripts/bench/step_parts.py --shapes            # no model: how often the loop's batch shapes repeat
 
 --loop runs instead the two layouts llmcl's loop runs (LM head at the trained positions, unpacked and packed)
 through the loop's own call path: an Accelerate-prepared model and optimizer, accelerator.autocast,
@@ -20,6 +21,11 @@ layout runs once as the loop runs it (no other layout has just run its shapes: s
 as in the loop) and then once more on the same batch ("same shape again": those caches warm), so the difference
 of the two is what a new batch shape costs. It answers whether the loop's code loses any of packing's saving,
 and whether a packed row's new length at every step does.
+
+--shapes counts, on the loop's batches of every stage (--steps of them a stage, the stages in turn), how many steps
+meet a batch width the run has already seen: unpacked (rows padded to the longest example), packed (one row of every token), and packed
+with the row rounded up to a multiple of 64 tokens (a padding span of its own), with the tokens that rounding adds.
+Shape-keyed kernel caches (oneDNN's, in bf16) are cold at every width not seen before.
 
 Prints per layout: mean step seconds and its forward / backward / optimizer parts, real tokens per second, and
 the ratios to the unpacked step with full logits (the loop before issue #17) and to the unpacked step at the
@@ -68,7 +74,10 @@ def main() -> None:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--method", choices=["seqft", "lora"], default="seqft")
     p.add_argument("--loop", action="store_true", help="through the loop's call path, on the loop's batches")
+    p.add_argument("--shapes", action="store_true", help="only count the repeats of the loop's batch widths")
     args = p.parse_args()
+    if args.shapes:
+        return shapes(args)
     if args.loop:
         return loop_parts(args)
     recipe, tokenizer, model = _setup(args)
@@ -120,6 +129,32 @@ def main() -> None:
         step_s = sum(parts)
         print(f"{name:30} {step_s:7.3f} {parts[0]:8.3f} {parts[1]:9.3f} {parts[2]:10.3f} "
               f"{tokens / len(times[name]) / step_s:11.0f} {base / step_s:11.2f}x {ours / step_s:22.2f}x")
+
+
+def shapes(args) -> None:
+    """--shapes: how often the loop's micro-batch widths repeat within a stage, unpacked, packed, packed to 64."""
+    from llmcl.data.batching import BatchPlan, fetch
+
+    recipe = recipe_mod.load(REPO / "recipes" / "benchmarks" / RECIPES[args.method], [])
+    tokenizer, cfg = load_tokenizer(recipe.model), recipe.stage_train(0)
+    with tempfile.TemporaryDirectory() as d:
+        pools = [build_pool(s.data, tokenizer, cfg.seq_len, recipe.seed, Path(d))[0] for s in recipe.stages]
+    print(f"{args.steps} steps of {cfg.batch_size} examples a stage (seq_len {cfg.seq_len}), the stages in turn: a "
+          "stage's steps whose width the run had seen before (distinct widths of the run so far)")
+    print(f"{'stage':10} {'unpacked':>12} {'packed':>12} {'packed, 64':>12} {'tokens 64 adds':>15}")
+    seen: list[set[int]] = [set(), set(), set()]  # a process's kernel caches outlive a stage: counted over the run
+    for k, pool in enumerate(pools):
+        plan = BatchPlan(len(pool), cfg.batch_size, 1, 1, recipe.seed, k)
+        widths = []
+        for step in range(args.steps):
+            lengths = [len(e.input_ids) for e in fetch([pool], [(0, j) for j in plan.micro_indices(step, 0, 0)])]
+            widths.append((max(lengths), sum(lengths), -(-sum(lengths) // 64) * 64))
+        counts = []
+        for i in range(3):
+            repeats = sum(w[i] in seen[i] or seen[i].add(w[i]) is not None for w in widths)
+            counts.append(f"{repeats} ({len(seen[i])})")
+        added = sum(w[2] - w[1] for w in widths) / sum(w[1] for w in widths)
+        print(f"{recipe.stages[k].name:10} {counts[0]:>12} {counts[1]:>12} {counts[2]:>12} {added:15.1%}")
 
 
 def loop_parts(args) -> None:
