@@ -11,7 +11,7 @@ import yaml
 
 from conftest import SHARED_DATA, run_cli, write_recipe
 from llmcl.eval import metrics as M
-from llmcl.eval.harness import preserved_rng
+from llmcl.eval.harness import offline_and_quiet, preserved_rng
 from llmcl.models import load_tokenizer
 from llmcl.rundir import artifacts
 from llmcl.recipe import ModelConfig
@@ -388,6 +388,30 @@ def test_seen_stages_current_scores_the_diagonal_and_the_last_row_and_keeps_aa_b
     for key in ("metrics", "metrics_choice"):
         for metric in ("AA", "BWT", "FWT"):
             assert cheap[key][metric] == pytest.approx(full[key][metric]), (key, metric)
+
+
+def test_a_stage_task_reads_its_test_split_for_few_shot_only_when_shots_are_asked(run_dir, tmp_path):
+    """Without eval.num_fewshot, lm-eval builds a stage task with an empty few-shot pool (by default it reads the
+    whole test split into it, for every row); with eval.num_fewshot: 1 a prompt carries one other test item."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from llmcl import recipe as recipe_mod
+    from llmcl.eval.tasks import write_stage_tasks
+
+    def built(tasks_dir):
+        with offline_and_quiet():
+            manager = TaskManager(include_path=[str(tasks_dir)], include_defaults=False)
+            return get_task_dict(["llmcl_stage_sentiment"], manager)["llmcl_stage_sentiment"]
+
+    plain = built(run_dir / "eval" / "tasks")
+    docs = list(plain.test_docs())
+    assert len(docs) > 1 and list(plain.sampler.df) == []
+    assert plain.fewshot_context(docs[0], num_fewshot=0).count("Review:") == 1
+    r = recipe_mod.load(run_dir.parent / "r.yaml", ["eval.num_fewshot=1"])
+    write_stage_tasks(r, tmp_path, load_tokenizer(r.model))
+    shots = built(tmp_path / "eval" / "tasks")
+    assert len(shots.sampler.df) == len(docs)
+    assert shots.fewshot_context(docs[0], num_fewshot=1).count("Review:") == 2
 
 
 @pytest.mark.skipif(not HAS_EVAL_DATA, reason="needs ../shared/data/eval")

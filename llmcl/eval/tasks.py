@@ -98,7 +98,8 @@ def render_test_records(stage: Any, index: int, records: list[dict[str, Any]], t
     return "generate", rows
 
 
-def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer: Any, max_new_tokens: int) -> dict:
+def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer: Any, max_new_tokens: int,
+              few_shot: bool) -> dict:
     base = {
         "task": task,
         "tag": ["llmcl_stages"],
@@ -107,6 +108,8 @@ def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer
         "test_split": "test",
         "metadata": {"version": 1.0},
     }
+    if not few_shot:  # else lm-eval reads the whole test split into its few-shot sampler when it builds the task, for
+        base["fewshot_config"] = {"sampler": "first_n", "samples": []}  # every row (seconds; no shot is drawn)
     if kind == "perplexity":
         return {**base, "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
                 "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"},
@@ -157,7 +160,8 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool
             views.append(("choice", choice_task_name(stage.name), out_dir / "choice" / f"{stage.name}.yaml"))
         for view, task, yaml_file in views:
             if write:
-                config = _yaml_for(task, view, data_file, rows, tokenizer, recipe.eval.max_new_tokens)
+                config = _yaml_for(task, view, data_file, rows, tokenizer, recipe.eval.max_new_tokens,
+                                   few_shot=bool(recipe.eval.num_fewshot))
                 yaml_file.parent.mkdir(exist_ok=True)
                 yaml_file.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
             written.append(StageTask(i, stage.name, task, view, len(rows)))

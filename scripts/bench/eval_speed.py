@@ -13,6 +13,11 @@ A row scores the label sets with the LM head at every position of the packed row
 the default: the head only at the positions that predict a continuation's token (llmcl.models.logits_at_positions).
 
 Also prints the seconds of rendering and writing the run's stage tasks (what a run shares among its rows).
+--setup-only prints only the set-up: that, and lm-eval building the stage tasks (what every row pays), as
+written and with lm-eval's default few-shot pool (the whole test split read into it: before 2026-12-07).
+
+    python scripts/bench/eval_speed.py --setup-only
+    python scripts/bench/eval_speed.py --setup-only --recipe cl_long_order4.yaml
 
 Two more rows score the bfloat16 model with its weights frozen (requires_grad off: what a PEFT base model, a
 merged adapter stage or any stage loaded for scoring has), with and without llmcl.models.contiguous_head: the
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -66,11 +72,16 @@ def main() -> None:
     p.add_argument("--model", default="builtin:smollm2-135m")
     p.add_argument("--float32-only", action="store_true", help="only the float32 rows (a CPU without native "
                    "bfloat16 emulates it: scripts/bench/cpu_bf16.py)")
+    p.add_argument("--recipe", default="cl_standard.yaml", help="a recipe of recipes/benchmarks (--setup-only)")
+    p.add_argument("--setup-only", action="store_true", help="only the set-up's seconds: the stage tasks rendered "
+                   "and written, and built by lm-eval")
     args = p.parse_args()
     from lm_eval.models.huggingface import HFLM
 
-    recipe = recipe_mod.load(REPO / "recipes" / "benchmarks" / "cl_standard.yaml", [f"model.path={args.model}"])
+    recipe = recipe_mod.load(REPO / "recipes" / "benchmarks" / args.recipe, [f"model.path={args.model}"])
     tokenizer = load_tokenizer(recipe.model)
+    if args.setup_only:
+        return setup(recipe, tokenizer)
     model = load_base_model(recipe.model, recipe.seed).eval()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -99,6 +110,52 @@ def main() -> None:
                                                                     args.limit, shared)
         head.update(hooks)
     report(args, tasks, rows)
+
+
+def setup(recipe, tokenizer) -> None:
+    """--setup-only: the stage tasks rendered and written (once a run), and built by lm-eval (every row) as written
+    and with the few-shot pool lm-eval reads from the test split by default (median of 3 each)."""
+    import shutil
+
+    import yaml
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        names = [t.task for t in write_stage_tasks(recipe, Path(tmp), tokenizer)]
+        print(f"{recipe.name}: {len(names)} stage tasks rendered and written: {time.perf_counter() - t0:.1f} s")
+        pooled = Path(tmp) / "pooled"
+        shutil.copytree(Path(tmp) / "eval" / "tasks", pooled)
+        for path in pooled.rglob("*.yaml"):  # the same tasks without the empty few-shot pool
+            config = yaml.safe_load(path.read_text())
+            config.pop("fewshot_config", None)
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+        for label, tasks_dir in (("as written", Path(tmp) / "eval" / "tasks"),
+                                 ("with the test split read into the few-shot pool", pooled)):
+            seconds = []
+            for _ in range(3):
+                with harness.offline_and_quiet():
+                    t0 = time.perf_counter()
+                    get_task_dict(names, TaskManager(include_path=[str(tasks_dir)], include_defaults=False))
+                    seconds.append(time.perf_counter() - t0)
+            print(f"lm-eval builds them (every row), {label}: {statistics.median(seconds):.2f} s "
+                  f"({min(seconds):.2f}-{max(seconds):.2f})", flush=True)
+        # a whole row through llmcl's harness with builtin:tiny (the SmolLM2 tokenizer, a 3.2M-parameter random
+        # Llama): the set-up is most of it; the two layouts alternate, the first call of each is not counted
+        tiny = load_base_model(recipe_mod.load(REPO / "recipes" / "benchmarks" / "cl_standard.yaml",
+                                               ["model.path=builtin:tiny"]).model, recipe.seed).eval()
+        rows: dict[str, list[float]] = {"as written": [], "pooled": []}
+        for k in range(8):
+            label = ("as written", "pooled")[k % 2]
+            t0 = time.perf_counter()
+            harness.evaluate(tiny, tokenizer, names, include_path=[str(Path(tmp) / "eval" / "tasks" if k % 2 == 0
+                                                                       else pooled)],
+                             include_defaults=False, limit=recipe.eval.limit, batch_size=16, num_fewshot=None)
+            if k >= 2:
+                rows[label].append(time.perf_counter() - t0)
+        for label, seconds in rows.items():
+            print(f"a row scored by builtin:tiny at eval.limit {recipe.eval.limit}, {label}: "
+                  f"{statistics.median(seconds):.2f} s ({min(seconds):.2f}-{max(seconds):.2f})")
 
 
 def report(args: argparse.Namespace, tasks: list[str], rows: dict) -> None:
