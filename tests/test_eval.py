@@ -412,6 +412,17 @@ def test_a_stage_task_reads_its_test_split_for_few_shot_only_when_shots_are_aske
     shots = built(tmp_path / "eval" / "tasks")
     assert len(shots.sampler.df) == len(docs)
     assert shots.fewshot_context(docs[0], num_fewshot=1).count("Review:") == 2
+    # a run that borrows the stage tasks written without shots and asks for them: one line, naming the key
+    import shutil
+
+    borrower = tmp_path / "borrower"
+    shutil.copytree(run_dir, borrower)
+    data = yaml.safe_load((borrower / "recipe.yaml").read_text())
+    data["eval"].update(stage_tasks=False, include_path=[str(run_dir / "eval" / "tasks")], num_fewshot=1,
+                        tasks=["llmcl_stage_sentiment"])
+    (borrower / "recipe.yaml").write_text(yaml.safe_dump(data))
+    res = run_cli("eval", str(borrower), "--stage", "base")
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "'eval.num_fewshot': 1 examples asked" in res.stderr, res.output
 
 
 @pytest.mark.skipif(not HAS_EVAL_DATA, reason="needs ../shared/data/eval")

@@ -147,10 +147,18 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list
             if accelerator is not None and accelerator.num_processes > 1:  # data-parallel: lm-eval shards by rank
                 lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
                 lm.accelerator, lm._device = accelerator, accelerator.device
-            results = lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                log_samples=False, bootstrap_iters=1000, verbosity="ERROR",
-            )
+            try:
+                results = lm_eval.simple_evaluate(
+                    model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                    log_samples=False, bootstrap_iters=1000, verbosity="ERROR",
+                )
+            except AssertionError as exc:  # lm-eval checks a task's few-shot pool with an assert
+                if "fewshot samples requested" not in str(exc):
+                    raise
+                raise LlmclError(f"recipe key 'eval.num_fewshot': {num_fewshot} examples asked, but a task has fewer "
+                                 f"to draw them from ({exc}); a stage task written by a run without "
+                                 "eval.num_fewshot has none: lower eval.num_fewshot, or score those stages in their "
+                                 "own run with it set") from exc
     finally:
         model.train(was_training)
     if results is None:
