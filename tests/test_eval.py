@@ -423,6 +423,12 @@ def test_a_stage_task_reads_its_test_split_for_few_shot_only_when_shots_are_aske
     (borrower / "recipe.yaml").write_text(yaml.safe_dump(data))
     res = run_cli("eval", str(borrower), "--stage", "base")
     assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "'eval.num_fewshot': 1 examples asked" in res.stderr, res.output
+    # more shots than a stage's own test split holds (lm-eval's sampler: random.sample's ValueError): the same line
+    data["eval"].update(stage_tasks=True, include_path=[], num_fewshot=len(docs) + 5)
+    (borrower / "recipe.yaml").write_text(yaml.safe_dump(data))
+    res = run_cli("eval", str(borrower), "--stage", "base")
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "examples asked" in res.stderr, res.output
+    assert (borrower / "eval" / "base.json").read_bytes() == (run_dir / "eval" / "base.json").read_bytes()  # kept
 
 
 @pytest.mark.skipif(not HAS_EVAL_DATA, reason="needs ../shared/data/eval")

@@ -120,6 +120,16 @@ def _parse(task: str, results: dict[str, Any]) -> TaskResult:
     )
 
 
+def _raised_in(exc: BaseException, path_end: str) -> bool:
+    """Whether a frame of `exc`'s traceback is in a file whose path ends with `path_end`."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.replace(os.sep, "/").endswith(path_end):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list[str], include_defaults: bool,
              limit: int | None, batch_size: int | str, num_fewshot: int | None,
              metadata: dict[str, Any] | None = None, accelerator: Any = None) -> dict[str, TaskResult]:
@@ -152,13 +162,13 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list
                     model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                     log_samples=False, bootstrap_iters=1000, verbosity="ERROR",
                 )
-            except AssertionError as exc:  # lm-eval checks a task's few-shot pool with an assert
-                if "fewshot samples requested" not in str(exc):
+            except (AssertionError, ValueError) as exc:  # lm-eval's few-shot sampler: an assert, or random.sample's
+                if not num_fewshot or not _raised_in(exc, "lm_eval/api/samplers.py"):
                     raise
                 raise LlmclError(f"recipe key 'eval.num_fewshot': {num_fewshot} examples asked, but a task has fewer "
-                                 f"to draw them from ({exc}); a stage task written by a run without "
-                                 "eval.num_fewshot has none: lower eval.num_fewshot, or score those stages in their "
-                                 "own run with it set") from exc
+                                 f"to draw them from ({exc}); a stage task draws them from its own test split, and one "
+                                 "written by a run without eval.num_fewshot has none: lower eval.num_fewshot, or score "
+                                 "those stages in their own run with it set") from exc
     finally:
         model.train(was_training)
     if results is None:
