@@ -130,8 +130,8 @@ def setup(recipe, tokenizer) -> None:
             config = yaml.safe_load(path.read_text())
             config.pop("fewshot_config", None)
             path.write_text(yaml.safe_dump(config, sort_keys=False))
-        for label, tasks_dir in (("as written", Path(tmp) / "eval" / "tasks"),
-                                 ("with the test split read into the few-shot pool", pooled)):
+        dirs = {"as written": Path(tmp) / "eval" / "tasks", "with the test split read into the few-shot pool": pooled}
+        for label, tasks_dir in dirs.items():
             seconds = []
             for _ in range(3):
                 with harness.offline_and_quiet():
@@ -144,13 +144,12 @@ def setup(recipe, tokenizer) -> None:
         # Llama): the set-up is most of it; the two layouts alternate, the first call of each is not counted
         tiny = load_base_model(recipe_mod.load(REPO / "recipes" / "benchmarks" / "cl_standard.yaml",
                                                ["model.path=builtin:tiny"]).model, recipe.seed).eval()
-        rows: dict[str, list[float]] = {"as written": [], "pooled": []}
+        rows: dict[str, list[float]] = {label: [] for label in dirs}
         for k in range(8):
-            label = ("as written", "pooled")[k % 2]
+            label = list(dirs)[k % 2]
             t0 = time.perf_counter()
-            harness.evaluate(tiny, tokenizer, names, include_path=[str(Path(tmp) / "eval" / "tasks" if k % 2 == 0
-                                                                       else pooled)],
-                             include_defaults=False, limit=recipe.eval.limit, batch_size=16, num_fewshot=None)
+            harness.evaluate(tiny, tokenizer, names, include_path=[str(dirs[label])], include_defaults=False,
+                             limit=recipe.eval.limit, batch_size=16, num_fewshot=None)
             if k >= 2:
                 rows[label].append(time.perf_counter() - t0)
         for label, seconds in rows.items():

@@ -23,8 +23,9 @@ of the two is what a new batch shape costs. It answers whether the loop's code l
 and whether a packed row's new length at every step does.
 
 --shapes counts, on the loop's batches of every stage (--steps of them a stage, the stages in turn), how many steps
-meet a batch width the run has already seen: unpacked (rows padded to the longest example), packed (one row of every token), and packed
-with the row rounded up to a multiple of 64 tokens (a padding span of its own), with the tokens that rounding adds.
+meet a batch width the run has already seen: unpacked (rows padded to the longest example), packed (one row of
+every token), and packed with the row rounded up to a multiple of 64 tokens (a padding span of its own), with the
+tokens that rounding adds.
 Shape-keyed kernel caches (oneDNN's, in bf16) are cold at every width not seen before.
 
 Prints per layout: mean step seconds and its forward / backward / optimizer parts, real tokens per second, and
@@ -132,7 +133,7 @@ def main() -> None:
 
 
 def shapes(args) -> None:
-    """--shapes: how often the loop's micro-batch widths repeat within a stage, unpacked, packed, packed to 64."""
+    """--shapes: how often the loop's micro-batch widths repeat over a run, unpacked, packed, packed to 64."""
     from llmcl.data.batching import BatchPlan, fetch
 
     recipe = recipe_mod.load(REPO / "recipes" / "benchmarks" / RECIPES[args.method], [])
@@ -149,10 +150,12 @@ def shapes(args) -> None:
         for step in range(args.steps):
             lengths = [len(e.input_ids) for e in fetch([pool], [(0, j) for j in plan.micro_indices(step, 0, 0)])]
             widths.append((max(lengths), sum(lengths), -(-sum(lengths) // 64) * 64))
-        counts = []
-        for i in range(3):
-            repeats = sum(w[i] in seen[i] or seen[i].add(w[i]) is not None for w in widths)
-            counts.append(f"{repeats} ({len(seen[i])})")
+        repeats = [0, 0, 0]
+        for w in widths:
+            for i in range(3):
+                repeats[i] += w[i] in seen[i]
+                seen[i].add(w[i])
+        counts = [f"{repeats[i]} ({len(seen[i])})" for i in range(3)]
         added = sum(w[2] - w[1] for w in widths) / sum(w[1] for w in widths)
         print(f"{recipe.stages[k].name:10} {counts[0]:>12} {counts[1]:>12} {counts[2]:>12} {added:15.1%}")
 
