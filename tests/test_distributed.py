@@ -44,7 +44,7 @@ REFUSED = {f"zero{k}": [m for m in sorted(method_registry.REGISTRY) if m not in 
 STEPS = 3
 
 
-def _recipe(tmp_path, method, per_rank_batch, stage1_accum=False):
+def _recipe(tmp_path, method, per_rank_batch, stage1_accum=False, precision="auto"):
     extra = {}
     if stage1_accum:  # stage 2 as 2 micro-batches of half the size: the same step, another DeepSpeed config
         extra["stages"] = [{"data": {"path": "builtin:facts"}},
@@ -55,10 +55,10 @@ def _recipe(tmp_path, method, per_rank_batch, stage1_accum=False):
         wikitext = SHARED_DATA / "eval" / "wikitext2"
         extra = {"replay": {"ratio": 0.5}, "eval": {"after_each_stage": True, "limit": 4, "tasks_limit": 2, **(
             {"tasks": ["llmcl_wikitext2"], "data_dir": str(SHARED_DATA / "eval")} if wikitext.is_dir() else {})}}
-    return write_recipe(tmp_path / f"{method}-b{per_rank_batch}{'-acc' if stage1_accum else ''}.yaml",
+    return write_recipe(tmp_path / f"{method}-b{per_rank_batch}{'-acc' if stage1_accum else ''}-{precision}.yaml",
                         **{"method": {"name": method.split("_")[0], **VARIANTS.get(method, {})}, **extra},
                         train={"lr": 1e-3, "max_steps": STEPS, "batch_size": per_rank_batch, "seq_len": 48,
-                               "warmup": 0})
+                               "warmup": 0, "precision": precision})
 
 
 def _launch(config, pairs, processes, tmp_path, dump_ranks=False, sigterm_at=None):
@@ -232,6 +232,53 @@ def test_deepspeed_zero_runs_every_supported_method_and_refuses_the_others(confi
         line = next(x for x in out.splitlines() if x.startswith(f"refused: {tmp_path / f'{config}-{m}'}"))
         assert f"does not support DeepSpeed ZeRO-{zero}" in line
         assert not (tmp_path / f"{config}-{m}" / "stage-00-facts").exists()  # refused before any training
+
+
+def _saved(run_dir, index):
+    """{file:tensor name: tensor} of every weight file stage `index` saved."""
+    d = next(run_dir.glob(f"stage-{index:02d}-*"))
+    return {f"{p.relative_to(d)}:{k}": v for p in sorted(d.rglob("*.safetensors")) for k, v in load_file(str(p)).items()}
+
+
+def _unchanged(before, after):
+    """Names (without the file) whose tensor `after` holds bitwise as `before` did."""
+    by_name = {k.split(":", 1)[1]: v for k, v in before.items()}
+    return {k.split(":", 1)[1] for k, v in after.items()
+            if k.split(":", 1)[1] in by_name and torch.equal(by_name[k.split(":", 1)[1]], v)}
+
+
+@pytest.mark.slow  # 1-2 min a config: -m slow, which CI runs (.ci/run)
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_deepspeed_in_bf16_runs_every_supported_method_and_saves_frozen_weights_as_they_came_in(config, tmp_path):
+    """DeepSpeed's bf16 casts the whole module (parameters, not buffers) and keeps fp32 masters of the trained
+    parameters only. Every supported method trains two stages under it, and each stage saves what one plain
+    process in bf16 mixed precision saves: the same dtypes, and every weight that process leaves untouched in a
+    stage (HFT's frozen half, OSFT's embeddings and norms, the base weights) bitwise as the stage began."""
+    from llmcl.models import load_base_model
+    from llmcl.recipe import load as load_recipe
+
+    methods = SUPPORTED[config]
+    refs, pairs = {}, []
+    for m in methods:
+        recipe = _recipe(tmp_path, m, 2, precision="bf16")
+        res = run_cli("train", str(recipe), "--run-dir", str(tmp_path / f"ref-{m}"))
+        assert res.exit_code == 0, res.output
+        refs[m] = tmp_path / f"ref-{m}"
+        pairs.append((recipe, tmp_path / f"{config}-{m}"))
+    out = _launch(config, pairs, 2, tmp_path)
+    recipe = load_recipe(pairs[0][0])
+    base = {f"model:{k}": v for k, v in load_base_model(recipe.model, recipe.seed).state_dict().items()}
+    for m in methods:
+        run, ref = tmp_path / f"{config}-{m}", refs[m]
+        assert f"done: {run}" in out
+        for i in (0, 1):
+            got, want = _saved(run, i), _saved(ref, i)
+            assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in want.items()}, (m, i)
+            start_ref, start_run = (base, base) if i == 0 else (_saved(ref, 0), _saved(run, 0))
+            kept = _unchanged(start_ref, want)
+            assert kept <= _unchanged(start_run, got), (m, i, sorted(kept - _unchanged(start_run, got))[:3])
+            if m in ("hft", "osft"):  # frozen weights every stage: the check above is not empty
+                assert kept, (m, i)
 
 
 def test_the_readme_compatibility_table_is_what_the_tests_check():

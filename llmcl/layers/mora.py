@@ -46,7 +46,8 @@ class MoRALinear(nn.Module):
         self.top_k, self.tau, self.threshold, self.scale, self.signed = top_k, tau, threshold, scale, signed
         dtype, device = base.weight.dtype, base.weight.device
         # the frozen bank is a buffer, not a parameter: never trained, and DeepSpeed ZeRO-3 neither shards it nor
-        # chokes on it while it is empty (stage 0)
+        # chokes on it while it is empty (stage 0). DeepSpeed's bf16/fp16 casts parameters, not buffers: the
+        # forward casts the bank to the activations' dtype
         self.register_buffer("bank_a", torch.empty(0, base.in_features, dtype=dtype, device=device))
         self.register_buffer("bank_b", torch.empty(base.out_features, 0, dtype=dtype, device=device))
         self.new_a = nn.Parameter(torch.empty(0, base.in_features, dtype=dtype, device=device))
@@ -92,7 +93,7 @@ class MoRALinear(nn.Module):
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, w): every expert's activation and its gate weight (zero outside the selected experts)."""
-        z = torch.cat([nn.functional.linear(x, self.bank_a), nn.functional.linear(x, self.new_a)], dim=-1)
+        z = torch.cat([nn.functional.linear(x, self.bank_a.to(x.dtype)), nn.functional.linear(x, self.new_a)], dim=-1)
         s = z / (z.norm(dim=-1, keepdim=True) + 1e-12)
         k = min(self.top_k, z.shape[-1])
         top, idx = (s if self.signed else s.abs()).topk(k, dim=-1)
@@ -118,7 +119,7 @@ class MoRALinear(nn.Module):
         z, w = self.gates(x)
         h = w * z
         n = self.n_bank
-        delta = nn.functional.linear(h[..., :n], self.bank_b) + nn.functional.linear(h[..., n:], self.new_b)
+        delta = nn.functional.linear(h[..., :n], self.bank_b.to(h.dtype)) + nn.functional.linear(h[..., n:], self.new_b)
         return y + self.scale * delta
 
 

@@ -252,23 +252,70 @@ def configure_stage(accelerator: Any, cfg: Any) -> None:
     accelerator.gradient_accumulation_steps = cfg.grad_accum
 
 
-def full_state_dict(accelerator: Any, model: Any, named: list) -> dict[str, Any] | None:
+def frozen_weights(accelerator: Any, model: Any) -> dict[str, tuple[Any, Any]]:
+    """Under DeepSpeed with bf16/fp16, taken before accelerator.prepare: {parameter name: (dtype, value)} of every
+    frozen floating-point parameter, `value` a CPU copy where the half precision would round the weight, else
+    None; on the main process only, {} elsewhere. DeepSpeed casts the whole module to half precision and keeps
+    fp32 master copies of the trained parameters only: full_state_dict puts these back, so that a frozen weight
+    leaves the stage exactly as it came in (HFT's frozen half, OSFT's embeddings and norms); one whose
+    half-precision value changed in the stage is saved as the module holds it."""
+    import torch
+
+    if deepspeed_plugin(accelerator) is None or accelerator.mixed_precision not in ("bf16", "fp16") \
+            or not accelerator.is_main_process:
+        return {}
+    half = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
+    frozen = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != half:
+            w = p.detach()
+            frozen[name] = (w.dtype, None if torch.equal(w.to(half).to(w.dtype), w) else w.cpu().clone())
+    return frozen
+
+
+def full_state_dict(accelerator: Any, model: Any, named: list,
+                    frozen: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any] | None:
     """Under DeepSpeed, the state dict to save (all ranks take part); None = save the module as it is.
 
     ZeRO-3 shards every parameter across ranks, so it is gathered into one full state dict. With bf16/fp16
     DeepSpeed keeps the module itself in half precision: the trained parameters are taken from the fp32 master
-    weights instead, so a stage checkpoint is what a DDP run would save."""
+    weights instead, and the frozen ones from `frozen` (frozen_weights, taken before the stage), so a stage
+    checkpoint is what a DDP run would save; tied names (embeddings and LM head) share one tensor again, which
+    save_pretrained writes once."""
     if deepspeed_plugin(accelerator) is None:
         return None
     half = accelerator.mixed_precision in ("bf16", "fp16")
     if zero_stage(accelerator) != 3 and not half:
         return None
     state = accelerator.get_state_dict(model)
-    if half:
-        from deepspeed.utils import safe_get_full_fp32_param
+    if not half:
+        return state
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
 
-        for pname, p in named:
-            full = safe_get_full_fp32_param(p)  # collective under ZeRO-3
-            if state is not None and full is not None and pname in state:
-                state[pname] = full.detach().cpu()
+    masters = {}
+    for pname, p in named:
+        full = safe_get_full_fp32_param(p)  # collective under ZeRO-3
+        if full is not None:
+            masters[pname] = full.detach().cpu()
+    if state is None:
+        return None
+    frozen = frozen or {}
+    tied: dict[int, list[str]] = {}
+    for name, q in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        tied.setdefault(id(q), []).append(name)
+    for names in tied.values():
+        name = names[0]  # named_parameters' name (remove_duplicate keeps the first)
+        if name not in state:
+            continue
+        value = masters.get(name)
+        if value is None and name in frozen:
+            dtype, kept = frozen[name]
+            now = state[name]  # a frozen weight a method changed in the stage (I-LoRA's slow learner) keeps its value
+            same = kept is not None and torch.equal(kept.to(now.dtype), now.to(kept.device))
+            value = kept if same else now.to(dtype)
+        if value is not None:
+            for alias in names:
+                if alias in state:
+                    state[alias] = value
     return state

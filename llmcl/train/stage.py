@@ -89,6 +89,8 @@ class StageContext:
     """train.packing's row capacity: None = a micro-batch is one row (attention runs per example), else seq_len."""
     logits_at_labels: bool = False
     """The LM head runs at the trained positions only (llmcl.models.logits_at_labels): same loss, less work."""
+    frozen: dict[str, Any] = field(default_factory=dict)
+    """Under DeepSpeed in half precision, the frozen weights as the stage began (distributed.frozen_weights)."""
 
     @property
     def name(self) -> str:
@@ -194,6 +196,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
 
     # 5) the distributed wrappers, then the RNG as the step checkpoint left it (model init above consumed some)
     distributed.configure_stage(accelerator, cfg)
+    frozen = distributed.frozen_weights(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.gradient_accumulation_steps = cfg.grad_accum
     accelerator.step = 0
@@ -208,7 +211,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
                        tokens_done=resume["state"]["tokens"] if resume else 0,
                        wall_before=resume["state"]["wall_seconds"] if resume else 0.0,
                        skipped=resume["state"].get("skipped_steps", 0) if resume else 0, row_tokens=row_tokens,
-                       logits_at_labels=at_labels)
+                       logits_at_labels=at_labels, frozen=frozen)
     run.display.start_stage(i, len(recipe.stages), stage.name, plan.steps, start, _stage_note(ctx, kept))
     return ctx
 
@@ -261,7 +264,7 @@ def save_model(ctx: StageContext, model: torch.nn.Module, *, branch: bool = Fals
     """The stage directory with `model` (the unwrapped model), or with `branch` the infinite schedule's
     pre-anneal branch; written by rank 0, every rank takes part in gathering sharded weights."""
     run, accelerator, method = ctx.run, ctx.run.accelerator, ctx.method
-    full_state = distributed.full_state_dict(accelerator, ctx.model, ctx.named)
+    full_state = distributed.full_state_dict(accelerator, ctx.model, ctx.named, ctx.frozen)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         recipe, cfg, i = run.recipe, ctx.cfg, ctx.index
