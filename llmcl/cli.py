@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from llmcl.errors import LlmclError, environment_fault
-from llmcl.train.signals import RESUMABLE_EXIT, Stopped, defer_from_start, stop_deferring
+from llmcl.errors import LlmclError, environment_fault, path_fault
+from llmcl.train.signals import INTERRUPTED_EXIT, RESUMABLE_EXIT, Stopped, defer_from_start, stop_deferring
 
 
 class _Group(click.Group):
@@ -25,8 +25,12 @@ class _Group(click.Group):
         except Stopped as exc:
             click.echo("stopped: " + str(exc), err=True)
             ctx.exit(RESUMABLE_EXIT)
+        except KeyboardInterrupt:  # Ctrl-C outside training, or a second one inside it (llmcl.train.signals)
+            click.echo("error: interrupted (Ctrl-C); finished stages are kept, and the same command continues",
+                       err=True)
+            ctx.exit(INTERRUPTED_EXIT)
         except Exception as exc:  # noqa: BLE001  (what the user or the machine caused: one line; the rest: a traceback)
-            error = exc if isinstance(exc, LlmclError) else environment_fault(exc)
+            error = exc if isinstance(exc, LlmclError) else environment_fault(exc) or path_fault(exc)
             if error is None:
                 raise
             click.echo("error: " + " ".join(str(error).split()), err=True)

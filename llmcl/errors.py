@@ -38,9 +38,12 @@ class EnvironmentFault(LlmclError):
 _ENVIRONMENT = {
     errno.ENOSPC: ("no space left on device", "free some space and rerun the same command"),
     errno.EDQUOT: ("disk quota exceeded", "free some space and rerun the same command"),
-    errno.EROFS: ("read-only file system", "use a writable --run-dir"),
-    errno.EACCES: ("permission denied", "fix the permissions or use another --run-dir"),
-    errno.EPERM: ("operation not permitted", "fix the permissions or use another --run-dir"),
+    errno.EROFS: ("read-only file system", "write somewhere writable (--run-dir, --to, --out; LLMCL_CACHE for the "
+                                           "model cache)"),
+    errno.EACCES: ("permission denied", "fix the permissions or write somewhere else (--run-dir, --to, --out; "
+                                        "LLMCL_CACHE for the model cache)"),
+    errno.EPERM: ("operation not permitted", "fix the permissions or write somewhere else (--run-dir, --to, --out; "
+                                             "LLMCL_CACHE for the model cache)"),
     errno.EIO: ("input/output error", "check the disk and rerun the same command"),
 }
 # the same faults as libraries report them without an errno (safetensors' Rust I/O, torch's zip writer)
@@ -66,6 +69,25 @@ def environment_fault(exc: BaseException, path: Any = None) -> EnvironmentFault 
             where = f"{path}: " if path else ""
             return EnvironmentFault(f"{where}{what}; {way_out} (finished stages are kept)")
         seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return None
+
+
+# errno -> what a path the user gave (a --run-dir, --to, --out, --markdown, --json, HOME) is instead
+_PATHS = {
+    errno.ENOENT: "does not exist (nor does a directory on its way)",
+    errno.ENOTDIR: "has a file where a directory is needed on its way",
+    errno.EISDIR: "is a directory where a file is needed",
+    errno.EEXIST: "exists and is not a directory (a file, or a link to nothing)",
+    errno.ELOOP: "has a loop of symbolic links",
+    errno.ENAMETOOLONG: "is too long a name",
+}
+
+
+def path_fault(exc: BaseException) -> LlmclError | None:
+    """The one-line input error for an OSError about a path that is not what it must be (a file where a
+    directory goes, a missing directory, a dangling link), naming the path; None for anything else."""
+    if isinstance(exc, OSError) and exc.errno in _PATHS and exc.filename:
+        return LlmclError(f"{exc.filename} {_PATHS[exc.errno]}; give another path or fix this one")
     return None
 
 

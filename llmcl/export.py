@@ -115,6 +115,9 @@ def export_stage(run_dir: Path, to: Path, *, stage: str = "last", merge: bool = 
     index = resolve_stage(ledger, stage)
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise LlmclError(f"--to {to}: exists and is not an empty directory; choose a new one")
+    blocking = next((p for p in to.parents if p.exists() or p.is_symlink()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise LlmclError(f"--to {to}: {blocking} is not a directory; choose another path")
     if dtype != "auto" and dtype not in DTYPES:
         raise LlmclError(f"--dtype {dtype}: expected auto, {', '.join(DTYPES)}")
     manifest = ledger.manifest(index)  # the stage's files checked against what it wrote

@@ -188,7 +188,45 @@ FAULTS = {
     "eval_unknown_task": (lambda r, d, t: ["eval", str(d), "--stage", "0", "--tasks", "no_such_task_xyz"], 2,
                           "--tasks 'no_such_task_xyz'"),
     "eval_not_a_run_dir": (lambda r, d, t: ["eval", str(t)], 2, "is not an llmcl run directory"),
+    "ledger_unknown_status": (lambda r, d, t: (_edit_json(d / "ledger.json", lambda j: j["stages"][0].update(
+        status="finished")), _train(r, d))[1], 2, "ledger.json is damaged"),
+    "stage_manifest_not_an_object": (lambda r, d, t: (d.joinpath(STAGE0, "manifest.json").write_text("[1]"),
+                                                      _train(r, d))[1], 2, "manifest.json is damaged"),
+    "step_state_step_beyond_the_stage": (lambda r, d, t: (_edit_json(d / "step-checkpoint" / "state.json",
+                                                                     lambda j: j.update(step=99999)),
+                                                          _train(r, d))[1], 2, "state.json is damaged (step 99999"),
+    "lock_is_a_directory": (lambda r, d, t: ((d / "lock").unlink(missing_ok=True), (d / "lock").mkdir(),
+                                             _train(r, d))[2], 2, "is a directory where a file is needed"),
+    "metrics_is_a_directory": (lambda r, d, t: ((d / "metrics.jsonl").unlink(), (d / "metrics.jsonl").mkdir(),
+                                                _train(r, d))[2], 2, "is a directory where a file is needed"),
+    # paths that are not what they must be
+    "run_dir_under_a_file": (lambda r, d, t: (t.joinpath("afile").write_text("x"), _train(r, t / "afile" / "fresh"))[1],
+                             2, "has a file where a directory is needed"),
+    "run_dir_a_dangling_link": (lambda r, d, t: (t.joinpath("link").symlink_to(t / "nowhere"), _train(r, t / "link"))[1],
+                                2, "exists and is not a directory"),
+    "run_dir_is_a_finished_stage": (lambda r, d, t: _train(r, d / STAGE0), 2, "is a stage directory of a run"),
+    "export_to_under_a_file": (lambda r, d, t: (t.joinpath("afile").write_text("x"),
+                                                ["export", str(d), "--stage", "0", "--to", str(t / "afile" / "x")])[1],
+                               2, "afile is not a directory"),
+    # methods whose options select nothing to train
+    "lora_targets_match_nothing": (lambda r, d, t: _train(r, t / "fresh", "method.name=lora",
+                                                          "method.target_modules=[q_proj,nonexistent_proj]"), 2,
+                                   "recipe key 'method.target_modules'"),
+    "mora_targets_match_nothing": (lambda r, d, t: _train(r, t / "fresh", "method.name=mora",
+                                                          "method.target_modules=[nonexistent_proj]"), 2,
+                                   "recipe key 'method.target_modules'"),
+    "hft_ratio_trains_nothing": (lambda r, d, t: _train(r, t / "fresh", "method.name=hft", "method.ratio=0.01"), 2,
+                                 "left no parameter to train"),
+    "eval_data_dir_without_the_tasks_files": (lambda r, d, t: _train(
+        r, t / "fresh", "eval.after_each_stage=true", "eval.tasks=[llmcl_arc_easy]", f"eval.data_dir={t}"), 2,
+        "has no arc_easy/arc_easy.jsonl"),
 }
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
@@ -204,7 +242,7 @@ def test_fault_is_one_line_and_keeps_the_finished_stage(fault, run_copy, tmp_pat
     assert_contract(result, code, text)
     if "stage_weights" not in fault and "stage_manifest" not in fault:
         assert fingerprint(run_dir / STAGE0) == before  # the finished stage is untouched
-    if fault != "ledger_truncated":
+    if not fault.startswith("ledger_"):
         assert (run_dir / "ledger.json").read_bytes() == ledger_before  # nothing was marked done
     assert not (tmp_path / "fresh" / STAGE0).exists()  # input faults are refused before anything trains
 
@@ -336,7 +374,7 @@ def test_read_only_run_dir_is_an_environment_error(run_copy, tmpfs):
     shutil.copytree(run_dir, tmpfs / "run")
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     result = cli(*_train(recipe, tmpfs / "run"))
-    assert_contract(result, 74, "read-only file system; use a writable --run-dir")
+    assert_contract(result, 74, "read-only file system; write somewhere writable (--run-dir")
 
 
 @pytest.mark.parametrize("code,text", [(errno.EACCES, "permission denied"), (errno.ENOSPC, "no space left"),
@@ -408,3 +446,37 @@ def test_a_failed_stage_write_keeps_the_pre_anneal_branch(tmp_path, monkeypatch)
     monkeypatch.setattr(artifacts, "fingerprint", real)  # the rerun writes the stage with its branch inside
     artifacts.write_stage(tmp_path, 0, "a", artifact=artifact, tokenizer=Tok(), method_state={})
     assert not pending.exists() and (tmp_path / "stage-00-a" / "continue" / "manifest.json").exists()
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(monkeypatch, tmp_path):
+    """A KeyboardInterrupt (Ctrl-C while a recipe is read, a model loads or lm-eval scores outside a run) is
+    the one line of an interrupted command, not click's 'Aborted!' and exit 1 (which the README keeps for bugs)."""
+    import llmcl.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llmcl.cli, "load_checked", interrupted)
+    result = cli("validate", str(write_recipe(tmp_path / "r.yaml")))
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 130 and len(lines) == 1 and lines[0].startswith("error: interrupted"), result.output
+
+
+def test_ctrl_c_while_training_asks_for_a_stop_and_a_second_one_interrupts_at_once():
+    """The first SIGINT is recorded like SIGTERM (the loop saves a step checkpoint and stops: test_resume.py);
+    a second one raises KeyboardInterrupt where the code is; outside the block Ctrl-C is Python's again."""
+    import os
+
+    from llmcl.train.signals import StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -123,7 +123,8 @@ def _interrupted_run(tmp_path, clean, save_every, ready, sig, after=None):
     recipe = _signal_recipe(tmp_path / "r.yaml", save_every)
     hit = tmp_path / "interrupted"
     proc = subprocess.Popen(_train_cmd(recipe, hit), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # Ctrl-C's default, even where a shell ignored it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not ready(hit):
         assert proc.poll() is None, "the run finished before the signal; make the stage longer"
@@ -163,8 +164,10 @@ def test_sigkill_mid_stage_then_restart_is_bitwise_equal(tmp_path, uninterrupted
     _interrupted_run(tmp_path, uninterrupted, 3, ready, signal.SIGKILL, after)
 
 
-def test_sigterm_mid_stage_saves_a_checkpoint_and_the_rerun_is_bitwise_equal(tmp_path, uninterrupted):
-    """SLURM preemption: SIGTERM to a running `llmcl train` with no periodic checkpoints at all."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_mid_stage_saves_a_checkpoint_and_the_rerun_is_bitwise_equal(tmp_path, uninterrupted, sig):
+    """SLURM preemption: SIGTERM to a running `llmcl train` with no periodic checkpoints at all; Ctrl-C (SIGINT)
+    stops the same way."""
 
     def ready(run_dir):
         rows = _metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
@@ -172,12 +175,12 @@ def test_sigterm_mid_stage_saves_a_checkpoint_and_the_rerun_is_bitwise_equal(tmp
 
     def after(run_dir, proc, err):
         assert proc.returncode == 75, err  # stopped, resumable: not success, not an error
-        assert "stopped: SIGTERM: stopped after step" in err and "Traceback" not in err
+        assert f"stopped: {sig.name}: stopped after step" in err and "Traceback" not in err
         state = json.loads((run_dir / "step-checkpoint" / "state.json").read_text())
         assert state["stage"] == 1 and 5 <= state["step"] < SIGNAL_STEPS
-        assert "SIGTERM" in json.loads((run_dir / "stopped.json").read_text())["reason"]
+        assert sig.name in json.loads((run_dir / "stopped.json").read_text())["reason"]
 
-    hit = _interrupted_run(tmp_path, uninterrupted, 0, ready, signal.SIGTERM, after)
+    hit = _interrupted_run(tmp_path, uninterrupted, 0, ready, sig, after)
     assert not (hit / "stopped.json").exists()  # the rerun removed the marker
     assert [m["stage"] for m in _metrics(hit)].count(1) == SIGNAL_STEPS  # every step of stage 2 logged once
 
@@ -243,3 +246,54 @@ def test_a_signal_during_evaluation_stops_it_at_once_and_the_rerun_scores_the_ro
         assert run_cli("train", str(recipe), "--run-dir", str(hit)).exit_code == 0
         assert _equal(_final_weights(clean), _final_weights(hit))
         assert clean_rows == {p.name: json.loads(p.read_text())["tasks"] for p in sorted((hit / "eval").glob("*.json"))}
+
+
+def _as_if_written_on_cuda(path):
+    """Relabel every tensor storage of a torch.save file as cuda:0 (what a GPU run's optimizer state records)."""
+    import zipfile
+
+    src = zipfile.ZipFile(path)
+    entries = [(info, src.read(info.filename)) for info in src.infolist()]
+    src.close()
+    relabelled = 0
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as out:
+        for info, data in entries:
+            if info.filename.endswith("data.pkl"):
+                relabelled += data.count(b"X\x03\x00\x00\x00cpu")
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            out.writestr(info, data)
+    assert relabelled
+    if not torch.cuda.is_available():  # the file now loads only where cuda:0 exists, unless mapped
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+
+
+def test_optimizer_state_written_on_a_gpu_loads_on_the_cpu_not_on_gpu_0(tmp_path):
+    """A step checkpoint and a kept optimizer state hold rank 0's tensors as they were saved (cuda:0 on a GPU
+    node): they are read onto the CPU, then placed at each parameter's device, so that no rank materialises
+    the whole state on GPU 0, and a GPU run resumes on a CPU node."""
+    from llmcl.rundir.integrity import fingerprint
+    from llmcl.rundir.steps import STATE, load_optimizer_by_name, load_step, save_step
+
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.randn(4, 4)
+    opt.step()
+    save_step(tmp_path, stage=0, step=1, params={"w": p}, optimizer_state=opt.state_dict(), method_state={},
+              progress={"tokens": 0, "wall_seconds": 0.0})
+    step_dir = tmp_path / "step-checkpoint"
+    _as_if_written_on_cuda(step_dir / "optimizer.pt")
+    state = json.loads((step_dir / STATE).read_text())
+    state["files"] = fingerprint(step_dir, skip=(STATE,))
+    (step_dir / STATE).write_text(json.dumps(state))
+    loaded = load_step(tmp_path, 0, 5)["optimizer"]
+    assert loaded["state"][0]["exp_avg"].device.type == "cpu"
+    assert torch.equal(loaded["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+    from llmcl.rundir.steps import save_optimizer_by_name
+
+    save_optimizer_by_name(opt, [("w", p)], tmp_path / "optimizer.pt")
+    _as_if_written_on_cuda(tmp_path / "optimizer.pt")
+    fresh = torch.optim.AdamW([q := torch.nn.Parameter(torch.randn(4, 4))])
+    assert load_optimizer_by_name(fresh, [("w", q)], tmp_path / "optimizer.pt", "cpu") == 1
+    assert torch.equal(fresh.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])

@@ -202,9 +202,16 @@ def check_task_names(recipe: Any) -> None:
     if not names:
         return
     local = set(local_task_names())
-    if local & set(names) and data_dir(recipe) is None:
+    directory = data_dir(recipe)
+    if local & set(names) and directory is None:
         raise RecipeError("eval.data_dir", message="recipe key 'eval.data_dir': the llmcl_* tasks need their local "
                           "data (a directory like ../shared/data/eval); set eval.data_dir or LLMCL_EVAL_DATA")
+    for name in sorted(local & set(names)):
+        file = yaml.load((LOCAL_TASKS_DIR / f"{name}.yaml").read_text(), Loader=_LenientLoader)["dataset_kwargs"]["file"]
+        if not (Path(directory) / file).is_file():
+            raise RecipeError("eval.data_dir", message=f"recipe key 'eval.data_dir': {directory} has no {file} (the "
+                              f"data of {name}); point eval.data_dir or LLMCL_EVAL_DATA at a directory like "
+                              "../shared/data/eval")
     known = known_tasks(recipe, names)
     for i, name in enumerate(names):
         if name not in known:

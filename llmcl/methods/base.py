@@ -50,6 +50,20 @@ class AdapterConfig(MethodConfig):
     def check(self, key: KeyFn) -> None:
         require(self.r > 0, key("r"), self.r, "a positive integer")
 
+    def check_targets(self, model: torch.nn.Module) -> None:
+        """Refuse, naming method.target_modules, a list with a name no linear layer of `model` (not yet adapted)
+        ends with: PEFT would stop with its own error, or drop that name silently where another one matches."""
+        if self.target_modules == "all-linear":
+            return
+        from llmcl.errors import RecipeError
+
+        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        missing = [t for t in self.target_modules if not any(n == t or n.endswith("." + t) for n in linear)]
+        if missing or not self.target_modules:
+            suffixes = ", ".join(sorted({n.split(".")[-1] for n in linear}))
+            raise RecipeError("method.target_modules", self.target_modules,
+                              f"'all-linear' or names of this model's linear layers ({suffixes})")
+
 
 @dataclass
 class LoraStyleConfig(AdapterConfig):

@@ -111,6 +111,7 @@ class ILora(Method):
 
         lora = self.config.peft_config()
         if not isinstance(model, PeftModel):
+            self.config.check_targets(model)
             model = get_peft_model(model, lora, adapter_name=SLOW)
         if FAST not in model.peft_config:
             model.add_adapter(FAST, lora)

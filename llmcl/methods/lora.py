@@ -45,6 +45,7 @@ class Lora(Method):
             if cfg.between_stages == "continue":
                 return model  # loaded trainable from the previous stage's adapter
             model = model.merge_and_unload()
+        cfg.check_targets(model)
         return get_peft_model(model, cfg.peft_config(use_rslora=cfg.use_rslora))
 
     def save(self, model: torch.nn.Module, out_dir: Path, stage: StageInfo,

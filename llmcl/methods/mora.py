@@ -76,6 +76,8 @@ class MoRA(Method):
         c = self.config
         for p in model.parameters():
             p.requires_grad_(False)
+        if not mora_layers.layers(model):  # stage 0: the layers to wrap
+            c.check_targets(model)
         mora_layers.inject(model, c.target_modules, c.top_k, c.tau, c.threshold, c.scale, c.select == "signed")
         generator = torch.Generator().manual_seed(stage.seed)
         self.layers, self.stage, self.reduce_sum = mora_layers.layers(model), stage.index, stage.reduce_sum

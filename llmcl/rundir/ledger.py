@@ -71,6 +71,8 @@ class Ledger:
             data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
                 raise ValueError("no 'stages' list")
+            for i, entry in enumerate(data["stages"]):
+                _check_entry(i, entry)
         return cls(run_dir, data)
 
     def save(self) -> None:
@@ -125,8 +127,21 @@ class Ledger:
         directory = self.stage_dir(index)
         way_out = stage_way_out(directory)
         manifest = read_json(directory / MANIFEST, way_out)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("kind"), str):
+            raise LlmclError(f"{directory / MANIFEST} is damaged (no checkpoint kind); {way_out}")
         verify(directory, manifest.get("files"), way_out)
         return manifest
+
+
+STATUSES = ("pending", "running", "done")
+
+
+def _check_entry(i: int, entry: Any) -> None:
+    """A ledger's stage entry as llmcl writes it, or ValueError (read() reports the ledger as damaged)."""
+    if not isinstance(entry, dict) or entry.get("status", "pending") not in STATUSES:
+        raise ValueError(f"stage {i}'s status is not one of {', '.join(STATUSES)}")
+    if entry.get("status") == "done" and not isinstance(entry.get("checkpoint"), str):
+        raise ValueError(f"stage {i} is done but names no checkpoint directory")
 
 
 def stage_way_out(directory: Path) -> str:

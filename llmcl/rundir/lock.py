@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llmcl.errors import LlmclError, environment_fault
-from llmcl.rundir.layout import LOCK
+from llmcl.rundir.layout import LOCK, MANIFEST
 
 
 class RunLock:
@@ -43,6 +43,10 @@ def acquire(run_dir: Path, command: str | None = None) -> RunLock:
     """Take the run directory's lock (creating the directory), or raise a one-line LlmclError naming the holder."""
     run_dir = Path(run_dir)
     path = run_dir / LOCK
+    if (run_dir / MANIFEST).exists() or (run_dir / "config.json").exists():  # nothing is written into those
+        what = "a stage directory of a run" if (run_dir / MANIFEST).exists() else "a model directory"
+        raise LlmclError(f"--run-dir {run_dir} is {what}, not a run directory; give the run's own directory, or "
+                         "a new or empty one")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -63,8 +63,9 @@ def save_step_sharded(run_dir: Path, *, stage: int, step: int, save_shards: Call
     barrier()
 
 
-def load_step(run_dir: Path, stage: int) -> dict[str, Any] | None:
-    """The step checkpoint of `stage`, or None (a checkpoint of another stage is stale and ignored)."""
+def load_step(run_dir: Path, stage: int, steps: int) -> dict[str, Any] | None:
+    """The step checkpoint of `stage` (of `steps` optimizer steps), or None (a checkpoint of another stage is
+    stale and ignored)."""
     directory = recover_dir(run_dir / STEP_DIR)
     if directory is None:
         return None
@@ -74,6 +75,9 @@ def load_step(run_dir: Path, stage: int) -> dict[str, Any] | None:
         raise LlmclError(f"{directory / STATE} is damaged (no stage); {way_out}")
     if state["stage"] != stage:
         return None
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= steps:
+        raise LlmclError(f"{directory / STATE} is damaged (step {step!r} of a stage of {steps} steps); {way_out}")
     verify(directory, state.get("files"), way_out)
     with reading(directory, way_out):
         common = {"state": state, "rng": load_file(str(directory / "rng.safetensors")),
@@ -84,7 +88,7 @@ def load_step(run_dir: Path, stage: int) -> dict[str, Any] | None:
             **common,
             "params": load_file(str(directory / "trainable.safetensors")),
             # written by this run; weights_only refuses anything but tensors and plain containers
-            "optimizer": torch.load(directory / "optimizer.pt", weights_only=True),
+            "optimizer": torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True),
         }
 
 
@@ -118,7 +122,7 @@ def load_optimizer_by_name(optimizer: Any, named: list, path: Path, device: Any)
     if not path.exists():
         raise LlmclError(f"train.optimizer_state=keep, but the previous stage saved no optimizer state ({path}); "
                          "it was trained before this setting was chosen")
-    saved = torch.load(path, weights_only=True)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     restored = 0
     for n, p in named:
         s = saved.get(n)

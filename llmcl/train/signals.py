@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 RESUMABLE_EXIT = 75  # EX_TEMPFAIL: the work is not done, rerun the same command to continue
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: a Ctrl-C that stopped the command where it was
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -68,7 +69,11 @@ class _Interrupt(BaseException):
 
 
 class StopSignals:
-    """Context manager: while inside, SIGTERM/SIGUSR1 set `requested` (the signal's name) instead of killing."""
+    """Context manager: while inside, SIGTERM/SIGUSR1 set `requested` (the signal's name) instead of killing.
+
+    Ctrl-C (SIGINT) does the same while training: the run stops at the next step with a step checkpoint, as
+    after SIGTERM. A second Ctrl-C raises KeyboardInterrupt where the code is, for a user who will not wait
+    (what is being written is written atomically; the CLI exits INTERRUPTED_EXIT)."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -76,6 +81,8 @@ class StopSignals:
         self._at_once = False
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested == "SIGINT":
+            raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
         if self._at_once:
             self._at_once = False  # one interrupt: a second signal while it unwinds only records itself
@@ -97,7 +104,7 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         self.requested = _early
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            for sig in SIGNALS:
+            for sig in (*SIGNALS, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

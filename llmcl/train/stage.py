@@ -176,6 +176,9 @@ def build_stage(run: RunContext, i: int) -> StageContext:
 
     # 3) optimizer over what the method trains: fresh moments, or the previous stage's (optimizer_state: keep)
     named = method.trainable_parameters(model)
+    if not named:
+        raise LlmclError(f"method {recipe.method.name!r} left no parameter to train in stage {i}; check the recipe's "
+                         "method options (method.target_modules, method.ratio, ...)")
     optimizer = adamw(named, cfg)
     kept = 0
     if cfg.optimizer_state == "keep" and prev_dir is not None:
@@ -183,7 +186,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
     keep_next = i + 1 < len(recipe.stages) and recipe.stage_train(i + 1).optimizer_state == "keep"
 
     # 4) resume from this stage's step checkpoint, if a previous attempt left one (and read the same data)
-    resume = load_step(run.run_dir, i)
+    resume = load_step(run.run_dir, i, plan.steps)
     data_files = data_fingerprint([stage.data] + [data for _, data, _ in replay_plan(recipe, i)])
     if resume is not None:
         _same_data(run.run_dir, resume["state"].get("data_files"), data_files)
