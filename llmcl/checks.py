@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcl.data.formatting import check_record
+from llmcl.data.mixing import data_sources
 from llmcl.data.sources import is_builtin, is_local, load_records
 from llmcl.data.stream import iter_records
 from llmcl.errors import RecipeError
@@ -23,7 +24,7 @@ def check(recipe: Recipe) -> None:
         if not any(importlib.util.find_spec(m) for m in _TRACKER_PACKAGES[tracker]):
             raise RecipeError("logging.trackers", message=f"recipe key 'logging.trackers': {tracker} is not installed "
                               f"(pip install {_TRACKER_PACKAGES[tracker][0]})")
-    formats = {key: check_records(data, key, recipe.seed) for key, data in _sources(recipe)}
+    formats = {key: check_records(data, key, recipe.seed) for key, data in data_sources(recipe)}
     for i, stage in enumerate(recipe.stages):
         fmt = formats[f"stages.{i}.data"]
         if fmt is not None and stage.data.choices is not None:
@@ -34,15 +35,6 @@ def check(recipe: Recipe) -> None:
     from llmcl.train.plan import plan_stages
 
     plan_stages(recipe, world=int(os.environ.get("WORLD_SIZE") or recipe.distributed.num_processes or 1))
-
-
-def _sources(recipe: Recipe) -> list[tuple[str, Any]]:
-    """(recipe key, data config) of every stage's data and every replay dataset, each once."""
-    out: list[tuple[str, Any]] = [(f"stages.{i}.data", stage.data) for i, stage in enumerate(recipe.stages)]
-    for i, stage in enumerate(recipe.stages):
-        prefix = f"stages.{i}.replay" if "datasets" in stage.replay else "replay"
-        out += [(f"{prefix}.datasets.{j}", data) for j, data in enumerate(recipe.stage_replay(i).datasets)]
-    return list(dict(out).items())  # the recipe-wide replay datasets once
 
 
 def check_records(data: Any, key: str, seed: int) -> str | None:

@@ -247,3 +247,151 @@ def test_holdout_makes_a_disjoint_seeded_test_split(tmp_path):
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert test == load_records(cfg, "test", 0) and test != load_records(cfg, "test", 1)
     assert len(load_records(DataConfig(path=str(tmp_path / "all.jsonl"), holdout=5), "test", 0)) == 5
+
+
+# one line naming the recipe key or the file, before stage 0 trains: `llmcl validate` (which `llmcl train` runs first)
+
+def _validate(tmp_path, *overrides):
+    from conftest import run_cli, write_recipe
+
+    return run_cli("validate", str(write_recipe(tmp_path / "r.yaml")), *overrides)
+
+
+def _one_line_error(res, *parts):
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    for part in parts:
+        assert part in res.stderr, res.stderr
+
+
+def _facts_file(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in builtin.generate("facts", "train", 0)))
+    return path
+
+
+@pytest.mark.parametrize("content,kind", [("42", "a number"), ("null", "null"), ('"text"', "a string"),
+                                          ("true", "true or false")])
+def test_a_json_file_holding_no_list_of_records_is_one_line(content, kind, tmp_path):
+    (tmp_path / "scalar.json").write_text(content + "\n")
+    res = _validate(tmp_path, f"stages.1.data.path={tmp_path / 'scalar.json'}")
+    _one_line_error(res, "scalar.json: holds " + kind, "must hold a list of records")
+    with pytest.raises(LlmclError, match="must hold a list of records"):
+        read_file(tmp_path / "scalar.json")
+
+
+@pytest.mark.parametrize("attr,template,message", [
+    ("prompt_template", "{prompt", "is not a format template (expected '}' before end of string)"),
+    ("prompt_template", "Q {} {prompt}", "has the positional field {}"),
+    ("prompt_template", "{0}", "has the positional field {0}"),
+    ("prompt_template", "{prompt!z}", "has the conversion !z in {prompt}"),
+    ("prompt_template", "{prompt:d}", "record 1 of facts.jsonl: '{prompt:d}' cannot render the record (Unknown format"),
+    ("prompt_template", "{prompt.x}", "cannot render the record ('str' object has no attribute 'x'"),
+    ("completion_template", "{completion:d}", "cannot render the record (Unknown format code 'd'"),
+    ("completion_template", "}{completion}", "is not a format template (Single '}'"),
+])
+def test_a_template_that_cannot_render_the_records_is_refused_naming_its_key(attr, template, message, tmp_path):
+    res = _validate(tmp_path, f"stages.1.data.path={_facts_file(tmp_path)}",
+                    f"stages.1.data.{attr}={json.dumps(template)}")
+    _one_line_error(res, f"error: recipe key 'stages.1.data.{attr}': ", message)
+
+
+def test_templates_with_literal_braces_conversions_and_specs_still_validate(tmp_path):
+    res = _validate(tmp_path, f"stages.1.data.path={_facts_file(tmp_path)}",
+                    'stages.1.data.prompt_template="{{literal}} {prompt!s:>5} {prompt[0]}"',
+                    'stages.1.data.completion_template="{completion!r}"')
+    assert res.exit_code == 0, res.stderr
+
+
+def test_render_names_the_template_key():
+    from llmcl.data.formatting import render
+
+    cfg = DataConfig(path="org/hub-dataset", prompt_template="{prompt:d}")
+    with pytest.raises(LlmclError, match=r"recipe key 'stages.2.data.prompt_template': '\{prompt:d\}' cannot render"):
+        render(cfg, {"prompt": "p", "completion": "c"}, "stages.2.data")
+
+
+@pytest.mark.parametrize("rows,message", [("Q1,A1,X\n", "record 1 (line 2) has 3 values, the header 2"),
+                                          ("Q1,A1\nQ2\n", "record 2 (line 3) has 1 value, the header 2")])
+def test_a_csv_row_with_more_or_fewer_values_than_the_header_is_one_line(rows, message, tmp_path):
+    (tmp_path / "x.csv").write_text("question,answer\n" + rows)
+    res = _validate(tmp_path, f"stages.1.data.path={tmp_path / 'x.csv'}", 'stages.1.data.prompt_template="{question}"',
+                    'stages.1.data.completion_template="{answer}"')
+    _one_line_error(res, "x.csv: " + message)
+    with pytest.raises(LlmclError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_file(tmp_path / "x.csv")  # the non-streaming reader (holdout, test splits) as well
+
+
+def test_a_record_with_an_odd_key_is_still_described_in_one_line():
+    from llmcl.data.formatting import check_record
+
+    with pytest.raises(LlmclError, match=r"cannot tell the data format from the record fields \['None', 'a'\]"):
+        check_record(DataConfig(path="x.jsonl"), {None: ["x"], "a": "b"}, "stages.0.data")
+
+
+def _no_chat_template_tokenizer():
+    tok = _tokenizer()
+    tok.chat_template = None
+    return tok
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"stages__1__data__chat_template": True}, "stages.1.data.chat_template"),
+    ({"stages__0__data__path": str(FIXTURES / "sharegpt.jsonl")}, "stages.0.data.path"),
+    ({"stages__1__data__path": str(FIXTURES / "alpaca.jsonl"), "stages__1__data__format": "alpaca"},
+     "stages.1.data.format"),
+])
+def test_data_needing_a_chat_template_the_tokenizer_lacks_is_refused_before_training(overrides, key, tmp_path):
+    from conftest import write_recipe
+    from llmcl import recipe as recipe_mod
+    from llmcl.data.mixing import check_chat_templates
+
+    recipe = recipe_mod.load(write_recipe(tmp_path / "r.yaml", **overrides))
+    check_chat_templates(recipe, _tokenizer())  # the built-in tokenizer has one
+    with pytest.raises(LlmclError, match=rf"^recipe key '{key}': .*tokenizer of model.path='builtin:tiny' has no"):
+        check_chat_templates(recipe, _no_chat_template_tokenizer())
+
+
+def test_encoding_chat_data_without_a_chat_template_is_one_line():
+    cfg = DataConfig(path="x.jsonl", chat_template=True)
+    with pytest.raises(LlmclError, match="recipe key 'data.chat_template': the tokenizer of model.path="):
+        encode([{"prompt": "p", "completion": "c"}], cfg, _no_chat_template_tokenizer(), 64)
+    with pytest.raises(LlmclError, match="recipe key 'data.path': messages data is rendered with the tokenizer's"):
+        encode([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+               DataConfig(path="x.jsonl"), _no_chat_template_tokenizer(), 64)
+
+
+@pytest.mark.parametrize("make,overrides,parts", [
+    (None, ["stages.1.data.path="], ["recipe key 'stages.1.data.path': got ''; expected a built-in task"]),
+    (None, ["stages.1.data.test_path=builtin:facts"],
+     ["recipe key 'stages.1.data.test_path': got 'builtin:facts'; expected a local file"]),
+    ("empty", ["stages.1.data.path={d}"], ["recipe key 'stages.1.data.path': data directory", "holds no data file"]),
+    ("test-only", ["stages.1.data.path={d}"],
+     ["has no train.<jsonl|json|csv|parquet|txt> file", "data files there: test.jsonl"]),
+    ("file", ["stages.1.data.path={d}/facts.jsonl", "stages.1.data.holdout=1000"],
+     ["data.holdout=1000 of data.path", "facts.jsonl' leaves no training or no test records (48 records); "
+      "expected 1 to 47 records"]),
+])
+def test_poor_data_paths_are_one_clear_line(make, overrides, parts, tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    if make == "test-only":
+        _facts_file(tmp_path).rename(d / "test.jsonl")
+    elif make == "file":
+        _facts_file(tmp_path).rename(d / "facts.jsonl")
+    _one_line_error(_validate(tmp_path, *[o.format(d=d) for o in overrides]), *parts)
+
+
+@pytest.mark.parametrize("name,text,where", [
+    ("jl.json", '{"prompt": "a", "completion": "b"}\n{"prompt": oops}\n', "line 2 column 12: Expecting value"),
+    ("jl.jsonl", '{"prompt": "a", "completion": "b"}\n\n{"prompt": oops}\n', "line 3 column 12: Expecting value"),
+    ("arr.json", '[\n {"prompt": "a", "completion": "b"},\n {"prompt": oops}\n]\n',
+     "line 3 column 13: Expecting value"),
+])
+def test_a_bad_line_of_a_json_file_names_its_own_line(name, text, where, tmp_path):
+    (tmp_path / name).write_text(text)
+    _one_line_error(_validate(tmp_path, f"stages.1.data.path={tmp_path / name}"), f"{name}: {where}")
+    _one_line_error(_validate(tmp_path, f"stages.1.data.path={tmp_path / name}", "stages.1.data.holdout=1"),
+                    f"{name}: {where}")  # read whole, not streamed
+    with pytest.raises(LlmclError, match=where):
+        read_file(tmp_path / name)

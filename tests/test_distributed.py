@@ -450,6 +450,31 @@ def test_deepspeed_sigterm_saves_a_sharded_step_checkpoint_and_the_rerun_resumes
             untimed(json.loads((stopped / "stage-01-reverse" / "method_state.json").read_text())), m
 
 
+@pytest.mark.slow  # two 2-process launches (~1 min): -m slow, which CI runs (.ci/run)
+def test_ddp_sigterm_with_dropout_resumes_every_rank_bitwise(tmp_path):
+    """Under DDP every rank draws its own dropout masks from its own RNG: a step checkpoint keeps every rank's RNG
+    state, and two processes stopped by SIGTERM after step 3 of stage 2 and launched again end with the weights,
+    the losses and, on each rank, the RNG state of an uninterrupted launch (LoRA with dropout 0.1). On the CPU
+    a rank given rank 0's state ends the same (the old code passes everything here but the saved keys); on a GPU
+    each rank's device generator advances with its own batches and would not: test_resume.py checks that each
+    rank restores its own state."""
+    recipe = write_recipe(tmp_path / "lora.yaml", method={"name": "lora", "dropout": 0.1},
+                          train={"lr": 1e-3, "max_steps": 5, "batch_size": 2, "seq_len": 48, "warmup": 0})
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    out = _launch("ddp_cpu", [(recipe, clean), (recipe, stopped)], 2, tmp_path, dump_ranks=True,
+                  sigterm_at="stopped:8")
+    assert f"stopped: {stopped}: SIGTERM: stopped after step 3/5 of stage 1" in out
+    rng = load_file(str(stopped / "step-checkpoint" / "rng.safetensors"))
+    assert {"cpu.0", "cpu.1"} <= rng.keys() and not torch.equal(rng["cpu.0"], rng["cpu.1"])  # the ranks differ
+    _launch("ddp_cpu", [(recipe, stopped)], 2, tmp_path, dump_ranks=True)
+    a, b = _final(clean), _final(stopped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(clean) == _losses(stopped)
+    for r in (0, 1):
+        dumps = [json.loads((tmp_path / f"{run}.rank{r}.stage1.json").read_text()) for run in ("clean", "stopped")]
+        assert dumps[0]["rng"] == dumps[1]["rng"], f"rank {r} resumed with another RNG state"
+
+
 @pytest.mark.slow  # a 2-process launch of training and evaluation: -m slow, which CI runs (.ci/run)
 def test_llmcl_eval_under_accelerate_launch_shares_the_requests_among_the_processes(tmp_path):
     """`accelerate launch -m llmcl eval` with 2 CPU processes: each scores its share, rank 0 writes the rows, and

@@ -208,6 +208,9 @@ FAULTS = {
     "export_to_under_a_file": (lambda r, d, t: (t.joinpath("afile").write_text("x"),
                                                 ["export", str(d), "--stage", "0", "--to", str(t / "afile" / "x")])[1],
                                2, "afile is not a directory"),
+    "chat_data_without_a_chat_template": (lambda r, d, t: _train(r, t / "fresh", f"model.path={_no_chat(d, t)}",
+                                                                 "stages.1.data.chat_template=true"), 2,
+                                          "recipe key 'stages.1.data.chat_template'"),
     # methods whose options select nothing to train
     "lora_targets_match_nothing": (lambda r, d, t: _train(r, t / "fresh", "method.name=lora",
                                                           "method.target_modules=[q_proj,nonexistent_proj]"), 2,
@@ -221,6 +224,13 @@ FAULTS = {
         r, t / "fresh", "eval.after_each_stage=true", "eval.tasks=[llmcl_arc_easy]", f"eval.data_dir={t}"), 2,
         "has no arc_easy/arc_easy.jsonl"),
 }
+
+
+def _no_chat(run_dir: Path, tmp: Path) -> Path:
+    """A copy of stage 0's model whose tokenizer has no chat template."""
+    shutil.copytree(run_dir / STAGE0 / "model", tmp / "nochat")
+    (tmp / "nochat" / "chat_template.jinja").unlink()
+    return tmp / "nochat"
 
 
 def _edit_json(path: Path, edit) -> None:

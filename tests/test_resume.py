@@ -273,14 +273,14 @@ def test_optimizer_state_written_on_a_gpu_loads_on_the_cpu_not_on_gpu_0(tmp_path
     node): they are read onto the CPU, then placed at each parameter's device, so that no rank materialises
     the whole state on GPU 0, and a GPU run resumes on a CPU node."""
     from llmcl.rundir.integrity import fingerprint
-    from llmcl.rundir.steps import STATE, load_optimizer_by_name, load_step, save_step
+    from llmcl.rundir.steps import STATE, load_optimizer_by_name, load_step, rng_state, save_step
 
     p = torch.nn.Parameter(torch.randn(4, 4))
     opt = torch.optim.AdamW([p])
     p.grad = torch.randn(4, 4)
     opt.step()
     save_step(tmp_path, stage=0, step=1, params={"w": p}, optimizer_state=opt.state_dict(), method_state={},
-              progress={"tokens": 0, "wall_seconds": 0.0})
+              progress={"tokens": 0, "wall_seconds": 0.0}, rng=rng_state(0))
     step_dir = tmp_path / "step-checkpoint"
     _as_if_written_on_cuda(step_dir / "optimizer.pt")
     state = json.loads((step_dir / STATE).read_text())
@@ -297,3 +297,26 @@ def test_optimizer_state_written_on_a_gpu_loads_on_the_cpu_not_on_gpu_0(tmp_path
     fresh = torch.optim.AdamW([q := torch.nn.Parameter(torch.randn(4, 4))])
     assert load_optimizer_by_name(fresh, [("w", q)], tmp_path / "optimizer.pt", "cpu") == 1
     assert torch.equal(fresh.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+
+
+def test_each_rank_resumes_with_its_own_rng_state(monkeypatch):
+    """A step checkpoint holds every rank's RNG state (cpu.R, cuda.R: the device that rank uses); rank R restores
+    its own. One written before that holds rank 0's CPU state and every device's, restored in device order."""
+    from llmcl.rundir.steps import restore_rng
+
+    states = {}
+    for r in (0, 1):
+        torch.manual_seed(100 + r)
+        states[r] = torch.get_rng_state()
+    cuda = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: cuda.update(own=s))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda ss: cuda.update(all=ss))
+    saved = {"cpu.0": states[0], "cpu.1": states[1], "cuda.0": torch.tensor([0], dtype=torch.uint8),
+             "cuda.1": torch.tensor([1], dtype=torch.uint8)}
+    for r in (1, 0):
+        restore_rng(saved, r)
+        assert torch.equal(torch.get_rng_state(), states[r]) and int(cuda["own"]) == r
+    legacy = {"cpu": states[0], **{f"cuda{i}": torch.tensor([i], dtype=torch.uint8) for i in (0, 1, 2, 10, 11)}}
+    restore_rng(legacy, 1)
+    assert torch.equal(torch.get_rng_state(), states[0]) and [int(s) for s in cuda["all"]] == [0, 1, 2, 10, 11]

@@ -10,6 +10,7 @@ Conversations come in the three shapes fine-tuning datasets use, all rendered th
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +36,28 @@ class EncodeStats:
     notes: list[str] = field(default_factory=list)
 
 
-def template_fields(template: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+def template_fields(template: str, key: str = "data.prompt_template") -> set[str]:
+    """The record fields a prompt/completion template names (`{sentence[0]}` names 'sentence'); raises naming
+    `key` for a template str.format cannot apply to a record: an unmatched brace, a positional field ({} or
+    {0}), a conversion other than !s, !r or !a."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise LlmclError(f"recipe key '{key}': {template!r} is not a format template ({exc}); expected fields as "
+                         "{name} and literal braces doubled as {{ and }}") from None
+    names: set[str] = set()
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        base = re.match(r"[^.\[]*", name).group()
+        if not base or base.isdigit():
+            raise LlmclError(f"recipe key '{key}': {template!r} has the positional field {{{name}}}; expected "
+                             "record fields by name, e.g. {prompt}")
+        if conversion not in (None, "s", "r", "a"):
+            raise LlmclError(f"recipe key '{key}': {template!r} has the conversion !{conversion} in {{{name}}}; "
+                             "expected !s, !r or !a")
+        names |= {base} | (template_fields(spec, key) if spec else set())
+    return names
 
 
 DEFAULT_TEMPLATES = ("{prompt}", "{completion}")
@@ -57,12 +78,13 @@ def detect_format(cfg: Any, record: dict[str, Any], key: str = "data") -> str:
         return "sharegpt"
     if {"instruction", "output"} <= set(record):
         return "alpaca"
-    if template_fields(cfg.prompt_template) | template_fields(cfg.completion_template) <= set(record):
+    if (template_fields(cfg.prompt_template, f"{key}.prompt_template")
+            | template_fields(cfg.completion_template, f"{key}.completion_template")) <= set(record):
         return "prompt_completion"
     if cfg.text_field in record:
         return "text"
     raise LlmclError(
-        f"recipe key '{key}.format': cannot tell the data format from the record fields {sorted(record)}; set "
+        f"recipe key '{key}.format': cannot tell the data format from the record fields {fields(record)}; set "
         f"{key}.format, or {key}.text_field / messages_field / prompt_template + completion_template to your fields")
 
 
@@ -76,26 +98,27 @@ def check_record(cfg: Any, record: dict[str, Any], key: str, fmt: str | None = N
     fmt = fmt or detect_format(cfg, record, key)
     if fmt == "prompt_completion":
         for attr in ("prompt_template", "completion_template"):
-            names = template_fields(getattr(cfg, attr))
+            names = template_fields(getattr(cfg, attr), f"{key}.{attr}")
             missing = names - set(record)
             if missing:
                 raise LlmclError(f"recipe key '{key}.{attr}': {where}field(s) {sorted(missing)} not in the record "
-                                 f"(fields: {sorted(record)})")
+                                 f"(fields: {fields(record)})")
             for name in sorted(names):
                 if not isinstance(record[name], (str, int, float)) or isinstance(record[name], bool):
                     raise LlmclError(f"recipe key '{key}.{attr}': {where}field {name!r} holds "
                                      f"{_kind(record[name])}, not text or a number")
+            _fill(getattr(cfg, attr), record, f"{key}.{attr}", where)
     elif fmt == "text":
         if cfg.text_field not in record:
             raise LlmclError(f"recipe key '{key}.text_field': {where}{cfg.text_field!r} not in the record "
-                             f"(fields: {sorted(record)})")
+                             f"(fields: {fields(record)})")
         if not isinstance(record[cfg.text_field], str):
             raise LlmclError(f"recipe key '{key}.text_field': {where}field {cfg.text_field!r} holds "
                              f"{_kind(record[cfg.text_field])}, not text")
     elif fmt == "messages":
         if cfg.messages_field not in record:
             raise LlmclError(f"recipe key '{key}.messages_field': {where}{cfg.messages_field!r} not in the record "
-                             f"(fields: {sorted(record)})")
+                             f"(fields: {fields(record)})")
         messages = record[cfg.messages_field]
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -130,7 +153,7 @@ def _check_text(record: dict[str, Any], names: tuple[str, ...], key: str, where:
             continue
         if name not in record:
             raise LlmclError(f"recipe key '{key}.format': {where}field {name!r} not in the record "
-                             f"(fields: {sorted(record)})")
+                             f"(fields: {fields(record)})")
         if not isinstance(record[name], str):
             raise LlmclError(f"recipe key '{key}.format': {where}field {name!r} holds {_kind(record[name])}, not text")
 
@@ -152,9 +175,49 @@ def _kind(value: Any) -> str:
     return "null" if value is None else f"a {type(value).__name__}"
 
 
-def render(cfg: Any, record: dict[str, Any]) -> tuple[str, str]:
+def fields(record: dict[str, Any]) -> list[str]:
+    """A record's field names, sorted, for messages (str() so that no odd key can break the sort)."""
+    return sorted(str(name) for name in record)
+
+
+def _fill(template: str, record: dict[str, Any], key: str, where: str = "") -> str:
+    """`template` filled from a record; one line naming `key` when the template cannot render it (a format spec
+    such as {prompt:d} on text, {prompt.x} on a field without x, a missing field)."""
+    try:
+        return template.format_map(record)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        what = f"field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise LlmclError(f"recipe key '{key}': {where}{template!r} cannot render the record ({what}; "
+                         f"fields: {fields(record)})") from None
+
+
+def render(cfg: Any, record: dict[str, Any], key: str = "data") -> tuple[str, str]:
     """(prompt, completion) strings of a prompt/completion record."""
-    return cfg.prompt_template.format_map(record), cfg.completion_template.format_map(record)
+    return (_fill(cfg.prompt_template, record, f"{key}.prompt_template"),
+            _fill(cfg.completion_template, record, f"{key}.completion_template"))
+
+
+def chat_template_key(cfg: Any, fmt: str, key: str = "data") -> str | None:
+    """The recipe key that sends a stage's data through the tokenizer's chat template; None when nothing does."""
+    if fmt in CHAT_FORMATS:
+        return f"{key}.format" if cfg.format == fmt else f"{key}.path"
+    if fmt == "prompt_completion" and cfg.chat_template:
+        return f"{key}.chat_template"
+    return None
+
+
+def check_chat_template(cfg: Any, fmt: str, tokenizer: Any, key: str = "data", model_path: str | None = None) -> None:
+    """Raise naming the recipe key when the data (`fmt`) needs a chat template and the tokenizer has none."""
+    needs = chat_template_key(cfg, fmt, key)
+    if needs is None or getattr(tokenizer, "chat_template", None):
+        return
+    model = model_path or getattr(tokenizer, "name_or_path", "") or "?"
+    if needs.endswith(".chat_template"):
+        raise LlmclError(f"recipe key '{needs}': the tokenizer of model.path={model!r} has no chat template; set "
+                         f"{needs}: false or use a model whose tokenizer has one")
+    raise LlmclError(f"recipe key '{needs}': {fmt} data is rendered with the tokenizer's chat template and the "
+                     f"tokenizer of model.path={model!r} has none; use a model whose tokenizer has one, or "
+                     "prompt/completion data")
 
 
 def _chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
@@ -196,6 +259,7 @@ def encode(records: list[dict[str, Any]], cfg: Any, tokenizer: Any, seq_len: int
     if not records:
         raise LlmclError(f"data.path {cfg.path!r}: no training records")
     stats = EncodeStats(format=detect_format(cfg, records[0]))
+    check_chat_template(cfg, stats.format, tokenizer)
     if stats.format == "text":
         examples = pack([r[cfg.text_field] for r in records], tokenizer, seq_len)
     else:

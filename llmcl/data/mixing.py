@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcl.data.batching import ListPool
-from llmcl.data.formatting import EncodeStats, detect_format, encode
+from llmcl.data.formatting import EncodeStats, check_chat_template, detect_format, encode
 from llmcl.data.sources import load_records
 from llmcl.data.stream import iter_records, text_blocks
 
@@ -61,3 +61,23 @@ def replay_sources(recipe: Any, index: int, tokenizer: Any, seq_len: int, cache_
     """The replay pools of stage `index` with their weights (empty when the stage replays nothing)."""
     return [Source(name, build_pool(data, tokenizer, seq_len, recipe.seed, cache_dir)[0], weight)
             for name, data, weight in replay_plan(recipe, index)]
+
+
+def data_sources(recipe: Any) -> list[tuple[str, Any]]:
+    """(recipe key, data config) of every stage's data and every replay dataset, each once."""
+    out: list[tuple[str, Any]] = [(f"stages.{i}.data", stage.data) for i, stage in enumerate(recipe.stages)]
+    for i, stage in enumerate(recipe.stages):
+        prefix = f"stages.{i}.replay" if "datasets" in stage.replay else "replay"
+        out += [(f"{prefix}.datasets.{j}", data) for j, data in enumerate(recipe.stage_replay(i).datasets)]
+    return list(dict(out).items())  # the recipe-wide replay datasets once
+
+
+def check_chat_templates(recipe: Any, tokenizer: Any) -> None:
+    """Before stage 0 trains (the tokenizer of model.path loaded): every stage and replay source whose data goes
+    through the chat template (chat_template: true, messages/sharegpt/alpaca data) has one to go through; one
+    line naming the key otherwise. Reads nothing when the tokenizer has a chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    for key, cfg in data_sources(recipe):
+        fmt = detect_format(cfg, first_record(cfg, recipe.seed), key) if cfg.format == "auto" else cfg.format
+        check_chat_template(cfg, fmt, tokenizer, key, recipe.model.path)

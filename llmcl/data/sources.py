@@ -6,12 +6,13 @@ import csv
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from llmcl.data import builtin
 from llmcl.errors import LlmclError, RecipeError, did_you_mean
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+SUFFIXES = "|".join(e[1:] for e in EXTENSIONS)
 
 
 def is_builtin(path: str) -> bool:
@@ -28,9 +29,14 @@ def is_local(path: str) -> bool:
 
 def check_path(path: str, key: str, local_only: bool = False) -> None:
     """Validate a data path without reading it (builtin names, file existence, extensions)."""
+    if not path.strip():
+        raise RecipeError(key, path, "a local file or directory" if local_only
+                          else "a built-in task (builtin:NAME), a local file or directory, or a hub dataset id")
     if is_builtin(path):
         name = path.split(":", 1)[1]
-        if local_only or name not in builtin.TASKS:
+        if local_only:
+            raise RecipeError(key, path, "a local file (a built-in task brings its own test split)")
+        if name not in builtin.TASKS:
             raise RecipeError(key, message=f"recipe key '{key}': unknown built-in task {path!r}"
                               + did_you_mean(name, builtin.TASKS))
         return
@@ -43,6 +49,9 @@ def check_path(path: str, key: str, local_only: bool = False) -> None:
         raise RecipeError(key, message=f"recipe key '{key}': data file {path!r} does not exist")
     if p.is_file() and p.suffix not in EXTENSIONS:
         raise RecipeError(key, path, "a file ending in " + ", ".join(EXTENSIONS))
+    if p.is_dir() and data_files(p) == []:
+        raise RecipeError(key, message=f"recipe key '{key}': data directory {path!r} holds no data file; expected "
+                          f"train.<{SUFFIXES}> (and test.<{SUFFIXES}>) in it, or a data file")
 
 
 def read_file(path: Path) -> list[dict[str, Any]]:
@@ -50,22 +59,12 @@ def read_file(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix
     try:
         if suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return _json_lines(path, path.read_text(encoding="utf-8"))
         if suffix == ".json":
-            text = path.read_text(encoding="utf-8")
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError:  # JSON lines under a .json name
-                return [json.loads(line) for line in text.splitlines() if line.strip()]
-            if isinstance(data, dict):
-                lists = [v for v in data.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise LlmclError(f"{path}: a JSON object must hold exactly one list of records")
-                data = lists[0]
-            return list(data)
+            return _json_records(path, path.read_text(encoding="utf-8"))
         if suffix == ".csv":
             with path.open(newline="", encoding="utf-8") as fh:
-                return list(csv.DictReader(fh))
+                return list(csv_records(path, fh))
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -75,6 +74,54 @@ def read_file(path: Path) -> list[dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001
         raise unreadable(path, exc) from None
     raise LlmclError(f"data file {path}: unsupported extension {suffix!r} (use {', '.join(EXTENSIONS)})")
+
+
+def json_line(path: Path, line: str, n: int) -> Any:
+    """The record on line `n` of a JSON-lines file; a bad line is one line naming the file, line and column."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise LlmclError(f"cannot read data file {path}: line {n} column {exc.colno}: {exc.msg}") from None
+
+
+def _json_lines(path: Path, text: str) -> list[Any]:
+    return [json_line(path, line, n) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+
+def _json_records(path: Path, text: str) -> list[Any]:
+    """A .json file: a list of records, an object holding exactly one list of records, or JSON lines."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        first = next((line for line in text.split("\n") if line.strip()), "")
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:  # not JSON lines either: one document, where the decoder stopped
+            raise LlmclError(f"cannot read data file {path}: line {exc.lineno} column {exc.colno}: "
+                             f"{exc.msg}") from None
+        return _json_lines(path, text)  # JSON lines under a .json name
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise LlmclError(f"{path}: a JSON object must hold exactly one list of records")
+        data = lists[0]
+    if not isinstance(data, list):
+        kind = {bool: "true or false", int: "a number", float: "a number", str: "a string"}.get(type(data), "null")
+        raise LlmclError(f"{path}: holds {kind}; a .json data file must hold a list of records (or an object "
+                         "holding exactly one list of records)")
+    return data
+
+
+def csv_records(path: Path, fh: Any) -> Iterator[dict[str, Any]]:
+    """The rows of an open CSV file as records keyed by its header; a row with more or fewer values than the
+    header is one line naming the file and the row."""
+    reader = csv.DictReader(fh)
+    for n, record in enumerate(reader, start=1):
+        if None in record or None in record.values():  # DictReader's place for extra values / missing ones
+            count = sum(v is not None for k, v in record.items() if k is not None) + len(record.get(None) or [])
+            raise LlmclError(f"cannot read data file {path}: record {n} (line {reader.line_num}) has {count} "
+                             f"value{'s' * (count != 1)}, the header {len(reader.fieldnames or [])}")
+        yield record
 
 
 def unreadable(path: Path, exc: Exception, where: str = "") -> Exception:
@@ -93,6 +140,21 @@ def _split_file(directory: Path, split: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def data_files(directory: Path) -> list[str] | None:
+    """The names of the data files in a directory; None when it cannot be listed (left to the read to report)."""
+    try:
+        return sorted(f.name for f in directory.iterdir() if f.suffix in EXTENSIONS and f.is_file())
+    except OSError:
+        return None
+
+
+def missing_split(directory: Path, split: str, split_name: str) -> LlmclError:
+    """The error for a data directory without the file of a split ('train' or 'test', named `split_name`)."""
+    present = ", ".join(data_files(directory) or []) or "none"
+    return LlmclError(f"data directory {directory} (data.path) has no {split_name}.<{SUFFIXES}> file for "
+                      f"data.{split}_split={split_name!r}; data files there: {present}")
 
 
 def _hub(path: str, subset: str | None, split: str) -> list[dict[str, Any]]:
@@ -119,7 +181,9 @@ def _held_out(cfg: Any, split: str, seed: int) -> list[dict[str, Any]]:
     full = _load(dataclasses.replace(cfg, holdout=None, max_train_samples=None), "train", seed) or []
     n = cfg.holdout if isinstance(cfg.holdout, int) else round(cfg.holdout * len(full))
     if not 0 < n < len(full):
-        raise LlmclError(f"data.holdout={cfg.holdout!r} leaves no training or no test records ({len(full)} records)")
+        raise LlmclError(f"data.holdout={cfg.holdout!r} of data.path {cfg.path!r} leaves no training or no test "
+                         f"records ({len(full)} records); expected 1 to {len(full) - 1} records or a fraction "
+                         "that gives as many")
     order = list(range(len(full)))
     random.Random(f"llmcl-holdout:{seed}").shuffle(order)
     chosen = sorted(order[:n]) if split == "test" else sorted(order[n:])
@@ -150,7 +214,7 @@ def _load(cfg: Any, split: str, seed: int) -> list[dict[str, Any]] | None:
             if f is None:
                 if split == "test":
                     return None
-                raise LlmclError(f"data directory {p} has no {split_name}.<{'|'.join(e[1:] for e in EXTENSIONS)}> file")
+                raise missing_split(p, split, split_name)
             records = read_file(f)
         elif split == "test" and not cfg.test_path:
             return None  # a single file is the training data; name test_path for a test split

@@ -10,7 +10,6 @@ any block length can be cut from the same file.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -20,8 +19,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from llmcl.data import builtin
-from llmcl.data.formatting import Example
-from llmcl.data.sources import is_builtin, is_local, read_file, unreadable
+from llmcl.data.formatting import Example, fields
+from llmcl.data.sources import csv_records, is_builtin, is_local, json_line, read_file, unreadable
 from llmcl.errors import LlmclError
 
 DTYPE = np.uint32
@@ -52,11 +51,11 @@ def iter_records(cfg: Any, split: str, seed: int) -> Iterator[dict[str, Any]]:
         return
     p = Path(path).expanduser()
     if p.is_dir():
-        from llmcl.data.sources import _split_file
+        from llmcl.data.sources import _split_file, missing_split
 
         f = _split_file(p, split_name)
         if f is None:
-            raise LlmclError(f"data directory {p} has no {split_name} file")
+            raise missing_split(p, split, split_name)
         p = f
     yield from _local_records(p)
 
@@ -70,11 +69,10 @@ def _local_records(p: Path) -> Iterator[dict[str, Any]]:
                 for line in fh:
                     n += 1
                     if line.strip():
-                        yield json.loads(line) if p.suffix == ".jsonl" else {"text": line.rstrip("\n")}
+                        yield json_line(p, line, n) if p.suffix == ".jsonl" else {"text": line.rstrip("\n")}
         elif p.suffix == ".csv":
             with p.open(newline="", encoding="utf-8") as fh:
-                for n, record in enumerate(csv.DictReader(fh), start=1):
-                    yield record
+                yield from csv_records(p, fh)
         elif p.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -126,7 +124,8 @@ def tokenize_to_file(records: Iterator[dict[str, Any]], field: str, tokenizer: A
             if limit is not None and count >= limit:
                 break
             if field not in record:
-                raise LlmclError(f"a text record has no field {field!r} (fields: {sorted(record)}); set data.text_field")
+                raise LlmclError(f"a text record has no field {field!r} (fields: {fields(record)}); "
+                                 "set data.text_field")
             batch.append(record[field])
             if len(batch) >= BATCH:
                 total += flush()

@@ -24,10 +24,17 @@ STATE = "state.json"  # the step, the progress counters and the files of the ste
 DEEPSPEED = "deepspeed"  # inside a step checkpoint: DeepSpeed's own checkpoint of every rank's shard
 
 
-def _write_common(tmp: Path, stage: int, step: int, method_state: dict[str, Any], progress: dict[str, Any]) -> None:
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+def rng_state(rank: int) -> dict[str, torch.Tensor]:
+    """This process's RNG state, keyed by its rank: every rank draws its own dropout masks (over batches of its
+    own shapes), so a step checkpoint holds every rank's (llmcl.train.steps gathers them for rank 0)."""
+    state = {f"cpu.{rank}": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state[f"cuda.{rank}"] = torch.cuda.get_rng_state()  # the current device's, the one this rank uses
+    return state
+
+
+def _write_common(tmp: Path, stage: int, step: int, method_state: dict[str, Any], progress: dict[str, Any],
+                  rng: dict[str, torch.Tensor]) -> None:
     save_file(rng, str(tmp / "rng.safetensors"))
     save_tree(method_state, tmp, METHOD_STATE)
     files = fingerprint(tmp)  # everything but state.json itself, checked before a resume trusts it
@@ -35,20 +42,21 @@ def _write_common(tmp: Path, stage: int, step: int, method_state: dict[str, Any]
 
 
 def save_step(run_dir: Path, *, stage: int, step: int, params: dict[str, torch.Tensor], optimizer_state: dict,
-              method_state: dict[str, Any], progress: dict[str, Any]) -> None:
-    """Everything needed to continue stage `stage` after optimizer step `step` bit for bit."""
+              method_state: dict[str, Any], progress: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
+    """Everything needed to continue stage `stage` after optimizer step `step` bit for bit (`rng`: every rank's
+    rng_state)."""
 
     def write(tmp: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        _write_common(tmp, stage, step, method_state, progress)
+        _write_common(tmp, stage, step, method_state, progress, rng)
 
     write_dir(run_dir / STEP_DIR, write)
 
 
 def save_step_sharded(run_dir: Path, *, stage: int, step: int, save_shards: Callable[[Path], None], main: bool,
                       barrier: Callable[[], None], method_state: Callable[[], dict[str, Any]],
-                      progress: dict[str, Any]) -> None:
+                      progress: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
     """The same under DeepSpeed: every rank calls this; `save_shards(dir)` writes this rank's shard."""
     tmp = run_dir / (STEP_DIR + ".tmp")
     if main:
@@ -58,7 +66,7 @@ def save_step_sharded(run_dir: Path, *, stage: int, step: int, save_shards: Call
     save_shards(tmp / DEEPSPEED)
     barrier()
     if main:
-        _write_common(tmp, stage, step, method_state(), progress)
+        _write_common(tmp, stage, step, method_state(), progress, rng)
         swap_in(tmp, run_dir / STEP_DIR)
     barrier()
 
@@ -96,11 +104,17 @@ def step_way_out(run_dir: Path) -> str:
     return f"delete {Path(run_dir) / STEP_DIR} to restart the stage from its first step"
 
 
-def restore_rng(rng: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(rng["cpu"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+def restore_rng(rng: dict[str, torch.Tensor], rank: int) -> None:
+    """Give this rank the RNG state it had when the step checkpoint was written."""
+    if f"cpu.{rank}" not in rng:  # written before every rank's state was kept: rank 0's CPU state, every device's
+        torch.set_rng_state(rng["cpu"])
+        cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda")), key=lambda k: int(k[4:]))]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        return
+    torch.set_rng_state(rng[f"cpu.{rank}"])
+    if f"cuda.{rank}" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng[f"cuda.{rank}"])
 
 
 def clear_step(run_dir: Path) -> None:

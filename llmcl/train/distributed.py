@@ -150,6 +150,15 @@ def collectives(accelerator: Any) -> dict[str, Any]:
     return {"reduce_sum": lambda t: accelerator.reduce(t, "sum"), "gather": lambda obj: gather_object([obj])}
 
 
+def gather_rng(accelerator: Any, own: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's RNG state (llmcl.rundir.steps.rng_state, keyed by rank) merged, on every rank (all call it)."""
+    if accelerator.num_processes == 1:
+        return own
+    from accelerate.utils import gather_object
+
+    return {k: v for state in gather_object([own]) for k, v in state.items()}
+
+
 def describe(accelerator: Any) -> str:
     """How this run is distributed, for the ledger: no, multi_cpu, multi_gpu, deepspeed-zero2, ..."""
     stage = zero_stage(accelerator)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcl import methods
-from llmcl.data.mixing import build_pool
+from llmcl.data.mixing import build_pool, check_chat_templates
 from llmcl.errors import LlmclError
 from llmcl.models import load_tokenizer
 from llmcl.recipe import Recipe
@@ -131,6 +131,7 @@ def run_context(recipe: Recipe, run_dir: Path, accelerator: Any, ledger: Ledger,
     """What the stages of a run share: the tokenizer, every stage's plan, the metrics log. Stages after `upto`
     (a `--stage N` job) are planned only where that needs no data."""
     tokenizer = load_tokenizer(recipe.model)
+    check_chat_templates(recipe, tokenizer)  # chat data needs the tokenizer's template: refused before stage 0
 
     def pool_size(j: int) -> int | None:  # only stages that train for epochs need it
         if upto is not None and j > upto:

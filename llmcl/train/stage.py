@@ -206,7 +206,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
     if resume is not None:
         if "deepspeed" in resume:
             distributed.load_shards(model, resume["deepspeed"])
-        restore_rng(resume["rng"])
+        restore_rng(resume["rng"], rank)
     if accelerator.is_main_process:
         run.ledger.mark(i, "running", started_at=now())
     ctx = StageContext(run, i, plan, cfg, pools, batches, stats, replay, method, info, model, optimizer, named,

@@ -25,7 +25,7 @@ from llmcl.data.batching import fetch, label_positions, make_batch, model_inputs
 from llmcl.errors import LlmclError
 from llmcl.methods.base import Method, StepInputs
 from llmcl.rundir import artifacts
-from llmcl.rundir.steps import save_step, save_step_sharded
+from llmcl.rundir.steps import rng_state, save_step, save_step_sharded
 from llmcl.schedules import lr_at
 from llmcl.train import distributed
 from llmcl.train.signals import Stopped
@@ -182,15 +182,17 @@ def _save_step(ctx: StageContext, done: int) -> None:
     accelerator = ctx.run.accelerator
     progress = {"tokens": ctx.tokens_done, "wall_seconds": ctx.wall_seconds, "skipped_steps": ctx.skipped,
                 "data_files": ctx.data_files}
+    rng = distributed.gather_rng(accelerator, rng_state(accelerator.process_index))  # every rank's
     if distributed.deepspeed_plugin(accelerator) is not None:  # sharded: every rank writes its own shard
         save_step_sharded(ctx.run.run_dir, stage=ctx.index, step=done, save_shards=distributed.shard_saver(ctx.model),
                           main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
-                          method_state=ctx.method.state_dict, progress=progress)
+                          method_state=ctx.method.state_dict, progress=progress, rng=rng)
         return
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_step(ctx.run.run_dir, stage=ctx.index, step=done, params={n: p for n, p in ctx.named},
-                  optimizer_state=ctx.optimizer.state_dict(), method_state=ctx.method.state_dict(), progress=progress)
+                  optimizer_state=ctx.optimizer.state_dict(), method_state=ctx.method.state_dict(), progress=progress,
+                  rng=rng)
     accelerator.wait_for_everyone()
 
 

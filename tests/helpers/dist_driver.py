@@ -11,7 +11,8 @@ With LLMCL_SIGTERM_AT=NAME:N[,NAME:N...] the run whose directory is named NAME g
 optimizer step (counted over its stages); the driver reports it and goes on with the next recipe.
 
 With LLMCL_DUMP_RANKS=1 every rank writes, at the end of every stage (before it is saved), a digest of its
-trainable parameters and its method state to RUN_DIR.rank<R>.stage<I>.json: ranks that drifted apart differ.
+trainable parameters, its method state and its RNG state to RUN_DIR.rank<R>.stage<I>.json: ranks that drifted
+apart differ.
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ def _dump_ranks() -> None:
     finish = loop.finish_stage
 
     def finish_stage(ctx):
+        import torch
+
         params = {n: _digest(p) for n, p in ctx.named}
         state = _digest(ctx.method.state_dict())
         rank = ctx.run.accelerator.process_index
         Path(f"{ctx.run.run_dir}.rank{rank}.stage{ctx.index}.json").write_text(
-            json.dumps({"params": params, "method_state": state}, indent=1, sort_keys=True, default=str))
+            json.dumps({"params": params, "method_state": state, "rng": _digest(torch.get_rng_state())}, indent=1,
+                       sort_keys=True, default=str))
         finish(ctx)
 
     loop.finish_stage = finish_stage
