@@ -29,7 +29,15 @@ def shipped() -> list[Path]:
 
 
 def purpose(path: Path) -> str:
-    """The recipe's opening comment line (without '#')."""
+    """The recipe's `description`, else its opening comment line (without '#')."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        recipe = None
+    if isinstance(recipe, dict) and isinstance(recipe.get("description"), str) and recipe["description"].strip():
+        return " ".join(recipe["description"].split())
     for line in path.read_text().splitlines():
         if line.startswith("#"):
             return line.lstrip("#").strip()

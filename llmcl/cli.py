@@ -41,7 +41,7 @@ def _quiet_defaults() -> None:
     """Offline first (never reach the hub unless the user set HF_HUB_OFFLINE=0), and no library progress bars
     or banners competing with llmcl's own display."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ["HF_HUB_OFFLINE"])  # datasets reads its own first
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

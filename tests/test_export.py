@@ -85,6 +85,20 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", CASE_IDS)
+def test_stages_and_exports_are_readable_as_the_umask_allows(case, exported):
+    """transformers writes safetensors weights 0600: a stage or an export another user (or a group) should load
+    gets the umask's modes, like every other file llmcl writes."""
+    import os
+
+    run, out, res, _ = exported[0][case]
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [p for d in [out, *run.glob("stage-*")] for p in d.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
 def test_an_exported_stage_loads_in_plain_transformers_with_the_logits_eval_scores(case, exported):
     (run, out, res, dest), proc = exported[0][case], exported[1]
     kind = Ledger.read(run).manifest(1)["kind"]
@@ -168,6 +182,12 @@ def test_the_model_card_carries_the_runs_matrix_stages_and_recipe(tmp_path):
 
 def test_the_card_links_a_builtin_model_published_on_the_hub():
     assert model_card.hub_id("builtin:smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for written in ("PEFT adapter", "merged model"):  # and says that the builtin is the hub's model quantized
+        card = model_card.render(recipe={"name": "r", "model": {"path": "builtin:smollm2-135m"}}, recipe_text="",
+                                 stage=0, stages=[{"name": "a", "data": "x", "steps": 1, "status": "done"}],
+                                 method="lora", export={"as": written, "dtype": "float32"}, matrix=None)
+        assert "dequantized from the Q4_1 GGUF" in card
+        assert ("other logits than llmcl scored" in card) == (written == "PEFT adapter")
     assert model_card.hub_id("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     assert model_card.hub_id("builtin:tiny") is None and model_card.hub_id("/models/llama") is None
 

@@ -103,3 +103,22 @@ def test_lora_merge_folds_each_adapter_into_the_base(tmp_path):
     # the stage-1 adapter started fresh: it is not stage 0's adapter trained further
     a1 = _adapter(run_dir, "stage-01-reverse")
     assert not torch.allclose(a1[f"{prefix}.lora_A.weight"], a0[f"{prefix}.lora_A.weight"])
+
+
+@pytest.mark.parametrize("model_type", sorted(__import__("llmcl.methods.arch", fromlist=["x"]).ARCHITECTURES))
+def test_every_mapped_architecture_maps_all_of_a_layers_matrices_and_norms(model_type):
+    """A tiny random model of each architecture the layer map names (README: the mapped layouts): it maps, and
+    every linear layer and every norm with a weight in a decoder layer is in one of its categories (an unmapped
+    norm would stay frozen under HFT whatever its ratio; OLMo-2 has no input_layernorm)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmcl.methods import arch
+
+    config = AutoConfig.for_model(model_type, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=2, vocab_size=64, head_dim=8)
+    model = AutoModelForCausalLM.from_config(config)
+    mapping = arch.layer_map(model, "hft")
+    layer = arch.decoder_layers(model, mapping)[0]
+    weighted = {n for n, m in layer.named_modules() if n and isinstance(getattr(m, "weight", None), torch.nn.Parameter)}
+    assert weighted == set(mapping.attention + mapping.ffn) | {n for n in mapping.norms if n in weighted}
+    assert {n for n in weighted if "norm" in n} <= set(mapping.norms)

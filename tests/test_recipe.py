@@ -249,3 +249,13 @@ def test_the_key_reference_covers_every_recipe_key():
     keys = list(leaves("", recipe.Recipe)) + list(leaves("stages.N.", recipe.StageConfig))
     missing = [k for k in keys if f"`{k}`" not in text]
     assert not missing and len(keys) > 60, missing
+
+
+def test_llmcl_recipes_shows_a_recipes_description_else_its_opening_comment(tmp_path):
+    from llmcl.catalog import purpose
+
+    path = tmp_path / "r.yaml"
+    path.write_text("# the opening comment\nname: x\n")
+    assert purpose(path) == "the opening comment"
+    path.write_text("# the opening comment\nname: x\ndescription: >\n  what this recipe\n  is for\n")
+    assert purpose(path) == "what this recipe is for"

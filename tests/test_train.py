@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -296,3 +297,21 @@ def test_bf16_on_a_cpu_without_native_bfloat16_is_noted_in_one_line(native, prec
     assert len(lines) == (1 if noted else 0), res.output
     if noted:
         assert "train.precision: fp32" in lines[0] and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("hub,datasets_expected", [(None, "1"), ("1", "1"), ("0", "0")])
+def test_hf_hub_offline_0_lets_hub_datasets_through_too(monkeypatch, hub, datasets_expected):
+    """The README's one switch: llmcl keeps the hub offline unless HF_HUB_OFFLINE=0, and `datasets` reads
+    HF_DATASETS_OFFLINE before it, so that one follows HF_HUB_OFFLINE unless the user set it."""
+    from llmcl.cli import _quiet_defaults
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    if hub is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", hub)
+    _quiet_defaults()
+    assert os.environ["HF_DATASETS_OFFLINE"] == datasets_expected
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # set by the user: kept
+    _quiet_defaults()
+    assert os.environ["HF_DATASETS_OFFLINE"] == "1"

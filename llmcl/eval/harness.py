@@ -58,13 +58,14 @@ def _silent_tqdm(*args: Any, **kwargs: Any):
 
 @contextlib.contextmanager
 def offline_and_quiet() -> Iterator[None]:
-    """Nothing reaches the network during evaluation unless the user explicitly set HF_*_OFFLINE=0; no
+    """Nothing reaches the network during evaluation unless the user explicitly set HF_HUB_OFFLINE=0 (which
+    HF_DATASETS_OFFLINE follows unless it is set itself); no
     progress bars from datasets/lm-eval (tqdm) and no `git` probe of the working directory by lm-eval."""
     from unittest import mock
 
     import datasets
 
-    defaults = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    defaults = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     old = {k: os.environ.get(k) for k in defaults}
     for k, v in defaults.items():
         os.environ.setdefault(k, v)

@@ -28,8 +28,15 @@ class LayerMap:
     """Token embeddings, the LM head and the final norm (outside the decoder layers)."""
 
 
+_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # per-head norms of the queries and keys (Qwen3, OLMo-2)
+# the norms of a layer, where they are not Llama's two (every norm with a weight in a decoder layer is mapped:
+# tests/test_methods.py builds each architecture and checks)
+_NORMS = {"qwen3": _LLAMA_NORMS + _QK_NORMS,
+          "gemma2": _LLAMA_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+          "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm") + _QK_NORMS}
+
 ARCHITECTURES: dict[str, LayerMap] = {
-    **{t: LayerMap("model.layers", _LLAMA_ATTN, _LLAMA_FFN, _LLAMA_NORMS,
+    **{t: LayerMap("model.layers", _LLAMA_ATTN, _LLAMA_FFN, _NORMS.get(t, _LLAMA_NORMS),
                    ("model.embed_tokens", "lm_head", "model.norm"))
        for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite")},
     "gpt_neox": LayerMap("gpt_neox.layers", ("attention.query_key_value", "attention.dense"),

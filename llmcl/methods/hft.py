@@ -4,7 +4,7 @@ freezes the other half, so roughly half of what earlier stages learned is left u
 Mask, drawn at the start of every stage from (seed, stage), per decoder layer and weight category:
   attention  {q, k, v, o}      train 2 of 4 in every layer
   ffn        {gate, up, down}  train 2 of 3 in a random half of the layers and 1 of 3 in the other half
-  norms      {input, post-attn} train 1 of 2
+  norms      {input, post-attn} train 1 of 2 (half of a layer's norms where it has more, llmcl.methods.arch)
 With another `ratio` each category trains round(ratio x matrices in it) matrices, spread over the layers as
 evenly as possible. `granularity: layer` trains all of a random half of the layers; `model` draws the half
 from all block matrices at once (the paper's coarser ablations).

@@ -52,9 +52,20 @@ def write_dir(final: Path, write: Callable[[Path], None]) -> None:
     try:
         tmp.mkdir(parents=True)
         write(tmp)
+        _as_umask_allows(tmp)
     except Exception as exc:
         _give_up(exc, tmp, final)
     swap_in(tmp, final)
+
+
+def _as_umask_allows(directory: Path) -> None:
+    """Every file under `directory` readable as the user's umask allows: libraries write some through 0600
+    temporary files (transformers' safetensors weights), which another user or a group could not load."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
 
 
 def swap_in(tmp: Path, final: Path) -> None:

@@ -580,8 +580,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="recipe overrides for an ablation, applied to every "
                    "method's recipe (method.* keys only to the methods that take them), e.g. method.ema=0.25; use "
                    "another --out")
-    p.add_argument("--quick", action="store_true", help="order 1 only, 30 test items per task (about 45 minutes "
-                                                       "on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="order 1 only, 30 test items per task (about 36 minutes "
+                                                       "on 2 cores with native bf16; under 30 with --jobs 2)")
     p.add_argument("--full", action="store_true", help="the papers' sizes: 1000 samples per task (replayed ones included), "
                                                       "512 tokens, the whole test split (a GPU job)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1): on a CPU each gets an equal share "
