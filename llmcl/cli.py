@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -19,6 +20,26 @@ from llmcl.train.signals import INTERRUPTED_EXIT, RESUMABLE_EXIT, Stopped, defer
 
 
 class _Group(click.Group):
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """click's main, but a command-line mistake is one `error:` line like every other (click prints usage,
+        a hint and the error on four)."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `llmcl`: the help, as click shows it
+                exc.show()
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if isinstance(exc, click.UsageError) and ctx else ""
+            click.echo("error: " + " ".join(exc.format_message().split()) + hint, err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C while click itself reads (a prompt): as in invoke below
+            click.echo("error: interrupted (Ctrl-C)", err=True)
+            sys.exit(INTERRUPTED_EXIT)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

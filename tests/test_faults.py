@@ -211,6 +211,12 @@ FAULTS = {
     "chat_data_without_a_chat_template": (lambda r, d, t: _train(r, t / "fresh", f"model.path={_no_chat(d, t)}",
                                                                  "stages.1.data.chat_template=true"), 2,
                                           "recipe key 'stages.1.data.chat_template'"),
+    # the command line itself: click's usage errors, one line too
+    "usage_option_without_its_value": (lambda r, d, t: ["train", str(r), "--run-dir"], 2,
+                                       "Option '--run-dir' requires an argument"),
+    "usage_unknown_option": (lambda r, d, t: ["eval", str(d), "--no-such-flag"], 2, "No such option"),
+    "usage_not_an_integer": (lambda r, d, t: ["slurm", str(r), "--nodes", "two"], 2, "'two' is not a valid integer"),
+    "usage_run_dir_is_a_file": (lambda r, d, t: ["eval", str(d / "ledger.json")], 2, "ledger.json"),
     # methods whose options select nothing to train
     "lora_targets_match_nothing": (lambda r, d, t: _train(r, t / "fresh", "method.name=lora",
                                                           "method.target_modules=[q_proj,nonexistent_proj]"), 2,
