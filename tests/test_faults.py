@@ -136,6 +136,8 @@ FAULTS = {
     "lr_inf": (lambda r, d, t: _train(r, t / "fresh", "train.lr=.inf"), 2, "expected a finite number"),
     "lr_nan": (lambda r, d, t: _train(r, t / "fresh", "train.lr=.nan"), 2, "expected a finite number"),
     "seed_too_big": (lambda r, d, t: _train(r, t / "fresh", f"seed={2**32}"), 2, "recipe key 'seed'"),
+    "num_fewshot_negative": (lambda r, d, t: _train(r, t / "fresh", "eval.num_fewshot=-1"), 2,
+                             "recipe key 'eval.num_fewshot'"),
     "seed_negative": (lambda r, d, t: _train(r, t / "fresh", "seed=-1"), 2, "recipe key 'seed'"),
     "recipe_not_utf8": (lambda r, d, t: (t.joinpath("x.yaml").write_bytes(Path(r).read_bytes() + b"# \xff\xfe\n"),
                                          _train(t / "x.yaml", t / "fresh"))[1], 2, "is not UTF-8"),

@@ -278,6 +278,8 @@ class EvalConfig:
         require(self.tasks_limit in (None, "same") or (isinstance(self.tasks_limit, int) and self.tasks_limit > 0),
                 key("tasks_limit"), self.tasks_limit, "a positive integer, null or 'same'")
         require(self.max_new_tokens > 0, key("max_new_tokens"), self.max_new_tokens, "a positive integer")
+        require(self.num_fewshot is None or self.num_fewshot >= 0, key("num_fewshot"), self.num_fewshot,
+                "a number of shots >= 0 or null")
         require(self.max_prompt_tokens is None or (type(self.max_prompt_tokens) is int and self.max_prompt_tokens > 0),
                 key("max_prompt_tokens"), self.max_prompt_tokens, "a positive integer or null")
         require(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0),
