@@ -498,3 +498,23 @@ def test_ctrl_c_while_training_asks_for_a_stop_and_a_second_one_interrupts_at_on
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_refused_write_names_its_file_and_keeps_what_the_file_held(tmp_path, monkeypatch):
+    """A full disk reported at the flush (no file name in the OSError, as for an evaluation's task files): the
+    one line names the file, the file keeps its old content and no temporary copy is left."""
+    import os
+
+    from llmcl.errors import EnvironmentFault
+    from llmcl.rundir.atomic import write_text
+
+    path = tmp_path / "stage.jsonl"
+    path.write_text("old\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(EnvironmentFault, match=f"{path}: no space left on device"):
+        write_text(path, "new\n")
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["stage.jsonl"]

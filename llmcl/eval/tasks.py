@@ -22,6 +22,7 @@ from llmcl.data.formatting import CHAT_FORMATS, conversation, detect_format, ren
 from llmcl.data.sources import load_records
 from llmcl.errors import LlmclError, RecipeError, did_you_mean
 from llmcl.rundir import EVAL
+from llmcl.rundir.atomic import write_text
 
 LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 STAGE_PREFIX = "llmcl_stage_"
@@ -152,7 +153,7 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool
         random.Random(f"llmcl-eval-order:{recipe.seed}:{i}").shuffle(rows)
         data_file = out_dir / f"{stage.name}.jsonl"
         if write:
-            data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            write_text(data_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         # a classification stage is scored both ways: its generated label (exact match) and loglikelihood over
         # its label set, so "forgot the task" and "answers in another task's labels" can be told apart
         views = [(kind, stage_task_name(stage.name), out_dir / f"{stage.name}.yaml")]
@@ -163,7 +164,7 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool
                 config = _yaml_for(task, view, data_file, rows, tokenizer, recipe.eval.max_new_tokens,
                                    few_shot=bool(recipe.eval.num_fewshot))
                 yaml_file.parent.mkdir(exist_ok=True)
-                yaml_file.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+                write_text(yaml_file, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
             written.append(StageTask(i, stage.name, task, view, len(rows)))
     return written
 
