@@ -24,6 +24,13 @@ def check(recipe: Recipe) -> None:
         if not any(importlib.util.find_spec(m) for m in _TRACKER_PACKAGES[tracker]):
             raise RecipeError("logging.trackers", message=f"recipe key 'logging.trackers': {tracker} is not installed "
                               f"(pip install {_TRACKER_PACKAGES[tracker][0]})")
+    for i, stage in enumerate(recipe.stages):  # a replay share with no source to draw it from
+        replay = recipe.stage_replay(i)
+        if replay.ratio > 0 and not replay.previous_stages and not replay.datasets:
+            key = f"stages.{i}.replay.ratio" if "ratio" in stage.replay else "replay.ratio"
+            raise RecipeError(key, message=f"recipe key '{key}': {replay.ratio} of every step is to be replayed, but "
+                              "there is nothing to replay (replay.previous_stages is false and there are no "
+                              "replay.datasets); set the ratio to 0 or give a replay source")
     formats = {key: check_records(data, key, recipe.seed) for key, data in data_sources(recipe)}
     for i, stage in enumerate(recipe.stages):
         fmt = formats[f"stages.{i}.data"]

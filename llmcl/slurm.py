@@ -27,6 +27,8 @@ def templates_dir() -> Path:
 
 
 _SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:+-]+")  # partitions, accounts, times (1-00:00:00); nothing a shell or sbatch parses
+# sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]], or no limit
+_SBATCH_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|(?i:unlimited|infinite)")
 
 
 @dataclass
@@ -76,6 +78,9 @@ def render(recipe_path: Path, overrides: list[str], run_dir: Path, recipe_name: 
         if value and not _SBATCH_VALUE.fullmatch(value):
             raise LlmclError(f"--{flag} {value!r}: expected letters, digits and _ . , : + - only (it goes into an "
                              "#SBATCH line)")
+        if flag == "time" and value and not _SBATCH_TIME.fullmatch(value):
+            raise LlmclError(f"--time {value!r}: expected a SLURM time limit: minutes, hours:minutes:seconds or "
+                             "days-hours:minutes:seconds (e.g. 1-00:00:00)")
         if value:
             header.append(f"#SBATCH --{flag}={value}")
     header += ["#SBATCH --requeue", "#SBATCH --signal=USR1@180", "#SBATCH --open-mode=append",

@@ -136,6 +136,9 @@ FAULTS = {
     "lr_inf": (lambda r, d, t: _train(r, t / "fresh", "train.lr=.inf"), 2, "expected a finite number"),
     "lr_nan": (lambda r, d, t: _train(r, t / "fresh", "train.lr=.nan"), 2, "expected a finite number"),
     "seed_too_big": (lambda r, d, t: _train(r, t / "fresh", f"seed={2**32}"), 2, "recipe key 'seed'"),
+    "replay_with_nothing_to_replay": (lambda r, d, t: _train(r, t / "fresh", "replay.ratio=0.5",
+                                                             "replay.previous_stages=false"), 2,
+                                      "recipe key 'replay.ratio': 0.5 of every step is to be replayed"),
     "num_fewshot_negative": (lambda r, d, t: _train(r, t / "fresh", "eval.num_fewshot=-1"), 2,
                              "recipe key 'eval.num_fewshot'"),
     "seed_negative": (lambda r, d, t: _train(r, t / "fresh", "seed=-1"), 2, "recipe key 'seed'"),
@@ -148,6 +151,8 @@ FAULTS = {
                               "recipe key 'eval.data_dir'"),
     "slurm_partition_injection": (lambda r, d, t: ["slurm", str(r), "--partition", "gpu\n#SBATCH --wrap=x",
                                                    "--print"], 2, "--partition"),
+    "slurm_time_not_a_time": (lambda r, d, t: ["slurm", str(r), "--time", "forever", "--print"], 2,
+                              "--time 'forever': expected a SLURM time limit"),
     "slurm_account_injection": (lambda r, d, t: ["slurm", str(r), "--account", "a;rm -rf ~", "--print"], 2,
                                 "--account"),
     # the data, every record of every stage before stage 0 trains
@@ -189,6 +194,9 @@ FAULTS = {
         '{"row": "base", "tasks": {"x'), ["report", str(d)])[2], 2, "base.json is damaged"),
     "eval_unknown_task": (lambda r, d, t: ["eval", str(d), "--stage", "0", "--tasks", "no_such_task_xyz"], 2,
                           "--tasks 'no_such_task_xyz'"),
+    "eval_task_yaml_that_does_not_parse": (lambda r, d, t: (t.joinpath("tasks").mkdir(), t.joinpath(
+        "tasks", "mytask.yaml").write_text("task: mytask\ndataset_kwargs: {file: [\n"), _train(
+        r, t / "fresh", f"eval.include_path=[{t / 'tasks'}]", "eval.tasks=[mytask]"))[2], 2, "mytask.yaml ("),
     "eval_not_a_run_dir": (lambda r, d, t: ["eval", str(t)], 2, "is not an llmcl run directory"),
     "ledger_unknown_status": (lambda r, d, t: (_edit_json(d / "ledger.json", lambda j: j["stages"][0].update(
         status="finished")), _train(r, d))[1], 2, "ledger.json is damaged"),

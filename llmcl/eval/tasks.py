@@ -216,8 +216,22 @@ def check_task_names(recipe: Any) -> None:
     known = known_tasks(recipe, names)
     for i, name in enumerate(names):
         if name not in known:
+            broken = _unreadable_task_files(recipe.eval.include_path)
             raise RecipeError(f"eval.tasks.{i}", message=f"recipe key 'eval.tasks.{i}': unknown lm-eval task {name!r}"
-                              + did_you_mean(name, known))
+                              + did_you_mean(name, known)
+                              + (f"; eval.include_path has task YAMLs that do not parse: {broken}" if broken else ""))
+
+
+def _unreadable_task_files(paths: list[str]) -> str:
+    """The task YAMLs under `paths` that do not parse (the first three, with the parser's reason), or ''."""
+    bad = []
+    for p in paths:
+        for f in sorted(Path(p).expanduser().rglob("*.yaml")):
+            try:
+                yaml.load(f.read_text(), Loader=_LenientLoader)
+            except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+                bad.append(f"{f} ({' '.join(str(exc).split())[:120]})")
+    return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
 
 
 def known_tasks(recipe: Any, names: list[str], run_dir: Path | None = None) -> set[str]:
