@@ -110,7 +110,7 @@ def export_stage(run_dir: Path, to: Path, *, stage: str = "last", merge: bool = 
     from llmcl.rundir.atomic import write_dir
 
     run_dir, to = Path(run_dir), Path(to)
-    recipe = load_run_recipe(run_dir)
+    recipe = load_run_recipe(run_dir, data_files=False)
     ledger = Ledger.read(run_dir)
     index = resolve_stage(ledger, stage)
     if to.exists() and (not to.is_dir() or any(to.iterdir())):

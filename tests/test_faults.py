@@ -526,3 +526,22 @@ def test_a_refused_write_names_its_file_and_keeps_what_the_file_held(tmp_path, m
     with pytest.raises(EnvironmentFault, match=f"{path}: no space left on device"):
         write_text(path, "new\n")
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["stage.jsonl"]
+
+
+def test_a_run_kept_without_its_data_still_reports_and_exports(tmp_path):
+    """`llmcl report` and `llmcl export` read the run's recipe, rows and weights, not its data: a run archived
+    without its data files still reports and exports; `llmcl eval`, which renders the stages' test splits from
+    the data, says in one line which file is missing."""
+    data = _write_jsonl(tmp_path / "facts.jsonl", _records("facts"))
+    recipe = write_recipe(tmp_path / "r.yaml", train={"max_steps": 2, "batch_size": 4, "seq_len": 48},
+                          stages=[{"name": "facts", "data": {"path": str(data), "holdout": 8}}],
+                          eval={"after_each_stage": True, "limit": 2})
+    run_dir = tmp_path / "run"
+    trained = cli(*_train(recipe, run_dir))
+    assert trained.exit_code == 0, trained.output
+    data.unlink()
+    report = cli("report", str(run_dir))
+    assert report.exit_code == 0 and "facts" in report.output, report.output
+    exported = cli("export", str(run_dir), "--to", str(tmp_path / "export"))
+    assert exported.exit_code == 0 and (tmp_path / "export" / "model.safetensors").exists(), exported.output
+    assert_contract(cli("eval", str(run_dir), "--stage", "0"), 2, f"data file {str(data)!r} does not exist")

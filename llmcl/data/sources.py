@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import json
 import random
@@ -27,8 +29,24 @@ def is_local(path: str) -> bool:
     return p.exists() or path.startswith((".", "/", "~")) or p.suffix in EXTENSIONS or path.count("/") > 1
 
 
+_UNCHECKED = contextvars.ContextVar("llmcl_data_files_unchecked", default=False)
+
+
+@contextlib.contextmanager
+def files_unchecked() -> Iterator[None]:
+    """Inside, check_path leaves local data files alone: for reading back the recipe of a finished run whose data
+    is not needed (`llmcl report`, `llmcl export` of a run archived without its data)."""
+    token = _UNCHECKED.set(True)
+    try:
+        yield
+    finally:
+        _UNCHECKED.reset(token)
+
+
 def check_path(path: str, key: str, local_only: bool = False) -> None:
     """Validate a data path without reading it (builtin names, file existence, extensions)."""
+    if _UNCHECKED.get() and path.strip() and not is_builtin(path):
+        return
     if not path.strip():
         raise RecipeError(key, path, "a local file or directory" if local_only
                           else "a built-in task (builtin:NAME), a local file or directory, or a hub dataset id")

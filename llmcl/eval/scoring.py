@@ -45,7 +45,9 @@ def read_row(run_dir: Path, row: str | int) -> dict[str, Any] | None:
     return data
 
 
-def load_run_recipe(run_dir: Path) -> Recipe:
+def load_run_recipe(run_dir: Path, *, data_files: bool = True) -> Recipe:
+    """The recipe a run was trained with (its recipe.yaml); `data_files=False` when the caller reads no data (a
+    report, an export), so that a run kept without its data files still loads."""
     path = run_dir / RECIPE
     if not path.exists():
         raise LlmclError(f"{run_dir} is not an llmcl run directory (no {RECIPE})")
@@ -53,7 +55,12 @@ def load_run_recipe(run_dir: Path) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError("not a recipe mapping")
-    return from_dict(data)
+    if data_files:
+        return from_dict(data)
+    from llmcl.data.sources import files_unchecked
+
+    with files_unchecked():
+        return from_dict(data)
 
 
 def _load_model(run_dir: Path, recipe: Recipe, row: str | int, device: Any = None):
