@@ -212,6 +212,19 @@ def whole() -> Any:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
+def positions_note(model: Any, seq_len: int, key: str) -> str | None:
+    """A one-line note when `key` (a stage's train.seq_len) reaches past the positions the model was trained
+    at (max_position_embeddings, or GPT-2's n_positions), else None: rotary models run there untrained, models
+    with learned positions cannot."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int) or seq_len <= limit:
+        return None
+    return (f"note: {key}={seq_len} is beyond the {limit} positions this model was trained at: examples longer than "
+            f"{limit} tokens use positions it never saw (set {key} to at most {limit} unless the model's rope "
+            "scaling extends it)")
+
+
 def load_base_model(model_cfg: Any, seed: int):
     """The recipe's starting model (in train dtype), before any stage."""
     with whole():

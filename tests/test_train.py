@@ -315,3 +315,18 @@ def test_hf_hub_offline_0_lets_hub_datasets_through_too(monkeypatch, hub, datase
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # set by the user: kept
     _quiet_defaults()
     assert os.environ["HF_DATASETS_OFFLINE"] == "1"
+
+
+def test_a_seq_len_past_the_models_positions_is_a_note_naming_the_key(tmp_path):
+    """builtin:tiny was made for 2048 positions: train.seq_len 4096 trains (rotary positions run past it), with a
+    note naming the key and the limit; 2048 gives none."""
+    from llmcl.models import positions_note
+
+    recipe = write_recipe(tmp_path / "r.yaml", train={"max_steps": 1, "batch_size": 2, "seq_len": 4096})
+    res = run_cli("train", str(recipe), "--run-dir", str(tmp_path / "run"), "stages.1.train.seq_len=2048")
+    assert res.exit_code == 0, res.output
+    assert "note: train.seq_len=4096 is beyond the 2048 positions this model was trained at" in " ".join(res.output.split())
+    assert "stages.1.train.seq_len" not in res.output
+    model = type("M", (), {"config": type("C", (), {"n_positions": 1024})()})()  # GPT-2's name for the limit
+    assert "stages.0.train.seq_len=2048 is beyond the 1024" in positions_note(model, 2048, "stages.0.train.seq_len")
+    assert positions_note(model, 1024, "train.seq_len") is None

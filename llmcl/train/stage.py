@@ -24,7 +24,7 @@ from llmcl.data.sources import local_files
 from llmcl.errors import LlmclError
 from llmcl.layers import varlen
 from llmcl.methods.base import Method, StageInfo
-from llmcl.models import count_parameters, load_base_model, logits_at_labels, why_not_packable
+from llmcl.models import count_parameters, load_base_model, logits_at_labels, positions_note, why_not_packable
 from llmcl.recipe import Recipe
 from llmcl.rundir import CACHE, Ledger, artifacts, load_tree, now
 from llmcl.rundir.integrity import file_record
@@ -164,6 +164,9 @@ def build_stage(run: RunContext, i: int) -> StageContext:
             raise LlmclError(f"{key}.packing: true needs a model whose positions come from position_ids, "
                              f"and {why}; set it to false")
         row_tokens = varlen.row_capacity(model, cfg.seq_len)
+    seq_key = f"stages.{i}.train.seq_len" if "seq_len" in stage.train else "train.seq_len"
+    if (note := positions_note(model, cfg.seq_len, seq_key)) is not None:
+        run.display.message(note)
     at_labels = stats.format != "text" and logits_at_labels(model)  # text trains every position: nothing to skip
     if prev_dir is not None:
         method.load_state_dict(load_tree(prev_dir, METHOD_STATE))
