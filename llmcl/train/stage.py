@@ -105,10 +105,12 @@ class StageContext:
         return None
 
 
-def adamw(named: list[tuple[str, torch.nn.Parameter]], cfg: Any) -> torch.optim.Optimizer:
-    """AdamW, fused where torch supports it; no weight decay on biases and norm weights (1-D tensors)."""
+def adamw(named: list[tuple[str, torch.nn.Parameter]], cfg: Any, what: str) -> torch.optim.Optimizer:
+    """AdamW, fused where torch supports it; no weight decay on biases and norm weights (1-D tensors). `what`
+    (the method and stage) names who left nothing to train."""
     if not named:
-        raise LlmclError("the method left no trainable parameters")
+        raise LlmclError(f"{what} left no parameter to train; check the recipe's method options "
+                         "(method.target_modules, method.ratio, ...)")
     decay = [p for _, p in named if p.ndim >= 2]
     no_decay = [p for _, p in named if p.ndim < 2]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
@@ -157,16 +159,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
                      seed=recipe.seed + i, origin=origin, batches=calibration_batches, rank=rank, world_size=world,
                      zero=distributed.zero_stage(accelerator), **distributed.collectives(accelerator))
     model = method.prepare(model, info)
-    row_tokens = cfg.seq_len
-    if cfg.packing:
-        if (why := why_not_packable(model)) is not None:
-            key = f"stages.{i}.train" if "packing" in stage.train else "train"
-            raise LlmclError(f"{key}.packing: true needs a model whose positions come from position_ids, "
-                             f"and {why}; set it to false")
-        row_tokens = varlen.row_capacity(model, cfg.seq_len)
-    seq_key = f"stages.{i}.train.seq_len" if "seq_len" in stage.train else "train.seq_len"
-    if (note := positions_note(model, cfg.seq_len, seq_key)) is not None:
-        run.display.message(note)
+    row_tokens = _row_tokens(run, model, cfg, i)
     at_labels = stats.format != "text" and logits_at_labels(model)  # text trains every position: nothing to skip
     if prev_dir is not None:
         method.load_state_dict(load_tree(prev_dir, METHOD_STATE))
@@ -179,10 +172,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
 
     # 3) optimizer over what the method trains: fresh moments, or the previous stage's (optimizer_state: keep)
     named = method.trainable_parameters(model)
-    if not named:
-        raise LlmclError(f"method {recipe.method.name!r} left no parameter to train in stage {i}; check the recipe's "
-                         "method options (method.target_modules, method.ratio, ...)")
-    optimizer = adamw(named, cfg)
+    optimizer = adamw(named, cfg, f"method {recipe.method.name!r} in stage {i}")
     kept = 0
     if cfg.optimizer_state == "keep" and prev_dir is not None:
         kept = load_optimizer_by_name(optimizer, named, prev_dir / OPTIMIZER, device)
@@ -220,6 +210,22 @@ def build_stage(run: RunContext, i: int) -> StageContext:
                        logits_at_labels=at_labels, frozen=frozen)
     run.display.start_stage(i, len(recipe.stages), stage.name, plan.steps, start, _stage_note(ctx, kept))
     return ctx
+
+
+def _row_tokens(run: RunContext, model: Any, cfg: Any, i: int) -> int:
+    """The stage's row capacity (train.packing: the model's packed row, refused where it cannot pack), with a
+    note when train.seq_len reaches past the positions the model was trained at."""
+    stage = run.recipe.stages[i]
+    if (note := positions_note(model, cfg.seq_len, f"stages.{i}.train.seq_len" if "seq_len" in stage.train
+                               else "train.seq_len")) is not None:
+        run.display.message(note)
+    if not cfg.packing:
+        return cfg.seq_len
+    if (why := why_not_packable(model)) is not None:
+        key = f"stages.{i}.train" if "packing" in stage.train else "train"
+        raise LlmclError(f"{key}.packing: true needs a model whose positions come from position_ids, "
+                         f"and {why}; set it to false")
+    return varlen.row_capacity(model, cfg.seq_len)
 
 
 def data_fingerprint(sources: list[Any]) -> dict[str, Any]:
