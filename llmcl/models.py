@@ -212,14 +212,28 @@ def whole() -> Any:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
+def learned_positions(model: Any, limit: int) -> bool:
+    """Whether `model` looks its positions up in a learned table (GPT-2's wpe, OPT's embed_positions): an
+    embedding, other than the token embeddings, with `limit` rows (OPT keeps 2 more). Such a model cannot run
+    past `limit` positions at all; rotary and ALiBi models can, untrained."""
+    import torch
+
+    tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return any(isinstance(m, torch.nn.Embedding) and m is not tokens and limit <= m.num_embeddings <= limit + 2
+               for m in (model.modules() if hasattr(model, "modules") else ()))
+
+
 def positions_note(model: Any, seq_len: int, key: str) -> str | None:
     """A one-line note when `key` (a stage's train.seq_len) reaches past the positions the model was trained
-    at (max_position_embeddings, or GPT-2's n_positions), else None: rotary models run there untrained, models
-    with learned positions cannot."""
+    at (max_position_embeddings, or GPT-2's n_positions), else None: rotary models run there untrained. A model
+    with learned positions cannot, and is refused (LlmclError naming the key) before the stage trains."""
     config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not isinstance(limit, int) or seq_len <= limit:
         return None
+    if learned_positions(model, limit):
+        raise LlmclError(f"{key}={seq_len} is beyond the {limit} positions this model has: it learned one "
+                         f"embedding per position, so longer examples cannot run; set {key} to at most {limit}")
     return (f"note: {key}={seq_len} is beyond the {limit} positions this model was trained at: examples longer than "
             f"{limit} tokens use positions it never saw (set {key} to at most {limit} unless the model's rope "
             "scaling extends it)")

@@ -330,3 +330,46 @@ def test_a_seq_len_past_the_models_positions_is_a_note_naming_the_key(tmp_path):
     model = type("M", (), {"config": type("C", (), {"n_positions": 1024})()})()  # GPT-2's name for the limit
     assert "stages.0.train.seq_len=2048 is beyond the 1024" in positions_note(model, 2048, "stages.0.train.seq_len")
     assert positions_note(model, 1024, "train.seq_len") is None
+
+
+def test_a_seq_len_past_learned_positions_is_refused_naming_the_key_and_the_stage_before_stays(tmp_path):
+    """A model with learned positions (GPT-2's wpe) cannot run past them: the stage whose train.seq_len reaches
+    past is refused in one line naming its key, exit 2, before it trains; the stage before it is kept as it
+    was. Rotary models only get the note (the test above)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from llmcl.models import smollm2_tokenizer_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer), n_positions=32)
+                    ).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    recipe = write_recipe(tmp_path / "r.yaml", model={"path": str(tmp_path / "gpt2")},
+                          train={"max_steps": 1, "batch_size": 2, "seq_len": 32})
+    run_dir = tmp_path / "run"
+    res = run_cli("train", str(recipe), "--run-dir", str(run_dir), "stages.1.train.seq_len=40")
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    assert "stages.1.train.seq_len=40 is beyond the 32 positions" in lines[0], lines[0]
+    assert "at most 32" in lines[0]
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [s["status"] for s in ledger["stages"]] == ["done", "pending"], ledger
+    assert (run_dir / "stage-00-facts" / "model").is_dir() and not (run_dir / "stage-01-reverse").exists()
+
+
+@pytest.mark.parametrize("where", ["stages.1.data", "replay.datasets.0"])
+def test_data_that_trains_nothing_within_seq_len_is_refused_naming_its_recipe_key(where, tmp_path):
+    """Records whose prompt fills train.seq_len keep no trained token: the source is refused in one line that
+    names its recipe key (a later stage's data, or a replay dataset), not a bare `data.path`, exit 2. Found when
+    the stage that reads it starts (tokenizing every stage up front would double the tokenization)."""
+    bad = tmp_path / "long.jsonl"
+    bad.write_text("".join(json.dumps({"prompt": "word " * 200, "completion": "y"}) + "\n" for _ in range(6)))
+    changes = {"stages__1__data__path": str(bad)} if where.startswith("stages") else \
+        {"replay": {"ratio": 0.25, "previous_stages": False, "datasets": [{"path": str(bad)}]}}
+    recipe = write_recipe(tmp_path / "r.yaml", train={"max_steps": 1, "batch_size": 2, "seq_len": 48}, **changes)
+    res = run_cli("train", str(recipe), "--run-dir", str(tmp_path / "run"))
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    assert lines[0].startswith(f"error: {where}.path {str(bad)!r}: no example keeps a trained token"), lines[0]

@@ -254,10 +254,12 @@ def _encode_supervised(tokenizer: Any, segments: list[tuple[str, bool]], add_eos
     return Example(ids, labels)
 
 
-def encode(records: list[dict[str, Any]], cfg: Any, tokenizer: Any, seq_len: int) -> tuple[list[Example], EncodeStats]:
-    """Tokenize a stage's training records into examples of at most seq_len tokens."""
+def encode(records: list[dict[str, Any]], cfg: Any, tokenizer: Any, seq_len: int,
+           key: str = "data") -> tuple[list[Example], EncodeStats]:
+    """Tokenize a stage's training records into examples of at most seq_len tokens (`key`: the data config's
+    recipe key, for the messages)."""
     if not records:
-        raise LlmclError(f"data.path {cfg.path!r}: no training records")
+        raise LlmclError(f"{key}.path {cfg.path!r}: no training records")
     stats = EncodeStats(format=detect_format(cfg, records[0]))
     check_chat_template(cfg, stats.format, tokenizer)
     if stats.format == "text":
@@ -281,7 +283,8 @@ def encode(records: list[dict[str, Any]], cfg: Any, tokenizer: Any, seq_len: int
             if any(label != IGNORE for label in ex.labels[1:]):
                 examples.append(ex)
     if not examples:
-        raise LlmclError(f"data.path {cfg.path!r}: no example keeps a trained token within train.seq_len={seq_len}")
+        raise LlmclError(f"{key}.path {cfg.path!r}: no example keeps a trained token within its first {seq_len} "
+                         "tokens (train.seq_len)")
     stats.examples = len(examples)
     stats.tokens = sum(len(e.input_ids) for e in examples)
     stats.label_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in examples)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmcl.data.batching import ListPool
 from llmcl.data.formatting import EncodeStats, check_chat_template, detect_format, encode
@@ -23,52 +23,68 @@ class Source:
     weight: float
 
 
-def first_record(cfg: Any, seed: int) -> dict[str, Any]:
+def first_record(cfg: Any, seed: int, key: str = "data") -> dict[str, Any]:
     for record in iter_records(cfg, "train", seed):
         return record
     from llmcl.errors import LlmclError
 
-    raise LlmclError(f"data.path {cfg.path!r}: no training records")
+    raise LlmclError(f"{key}.path {cfg.path!r}: no training records")
 
 
-def build_pool(cfg: Any, tokenizer: Any, seq_len: int, seed: int, cache_dir: Path) -> tuple[Any, EncodeStats]:
-    """A data source as a pool of examples: packed memory-mapped blocks for text, tokenized examples otherwise."""
-    fmt = detect_format(cfg, first_record(cfg, seed))
+def build_pool(cfg: Any, tokenizer: Any, seq_len: int, seed: int, cache_dir: Path,
+               key: str = "data") -> tuple[Any, EncodeStats]:
+    """A data source as a pool of examples: packed memory-mapped blocks for text, tokenized examples otherwise
+    (`key`: its recipe key, e.g. stages.2.data, for the messages)."""
+    fmt = detect_format(cfg, first_record(cfg, seed, key), key)
     if fmt == "text":
         blocks = text_blocks(cfg, "train", tokenizer, seq_len, seed, cache_dir)
         stats = EncodeStats(examples=len(blocks), tokens=len(blocks) * seq_len, format="text",
                             label_tokens=len(blocks) * (seq_len - 1))
         return blocks, stats
-    examples, stats = encode(load_records(cfg, "train", seed), cfg, tokenizer, seq_len)
+    examples, stats = encode(load_records(cfg, "train", seed), cfg, tokenizer, seq_len, key)
     return ListPool(examples), stats
 
 
-def replay_plan(recipe: Any, index: int) -> list[tuple[str, Any, float]]:
-    """(name, data config, weight) of every replay source of stage `index`; empty when it replays nothing.
-    A pure function of the recipe."""
+class Planned(NamedTuple):
+    """One replay source of a stage."""
+
+    name: str  # in the stage's line and the metrics: stage:<name> or the dataset's path
+    key: str  # its recipe key, for the messages: stages.K.data, replay.datasets.J or stages.I.replay.datasets.J
+    data: Any  # its data config
+    weight: float  # its share of the replayed part of a step, relative to the other sources
+
+
+def replay_plan(recipe: Any, index: int) -> list[Planned]:
+    """Every replay source of stage `index`; empty when it replays nothing. A pure function of the recipe."""
     replay = recipe.stage_replay(index)
     if replay.ratio <= 0:
         return []
-    planned: list[tuple[str, Any, float]] = []
+    planned: list[Planned] = []
     if replay.previous_stages and index > 0 and replay.previous_weight > 0:
         share = replay.previous_weight / index
-        planned += [(f"stage:{recipe.stages[k].name}", recipe.stages[k].data, share) for k in range(index)]
-    planned += [(d.path, d, d.weight) for d in replay.datasets]
+        planned += [Planned(f"stage:{recipe.stages[k].name}", f"stages.{k}.data", recipe.stages[k].data, share)
+                    for k in range(index)]
+    key = _datasets_key(recipe, index)
+    planned += [Planned(d.path, f"{key}.{j}", d, d.weight) for j, d in enumerate(replay.datasets)]
     return planned
+
+
+def _datasets_key(recipe: Any, index: int) -> str:
+    """The recipe key of stage `index`'s replay datasets: its own, or the recipe-wide list."""
+    return f"stages.{index}.replay.datasets" if "datasets" in recipe.stages[index].replay else "replay.datasets"
 
 
 def replay_sources(recipe: Any, index: int, tokenizer: Any, seq_len: int, cache_dir: Path) -> list[Source]:
     """The replay pools of stage `index` with their weights (empty when the stage replays nothing)."""
-    return [Source(name, build_pool(data, tokenizer, seq_len, recipe.seed, cache_dir)[0], weight)
-            for name, data, weight in replay_plan(recipe, index)]
+    return [Source(p.name, build_pool(p.data, tokenizer, seq_len, recipe.seed, cache_dir, p.key)[0], p.weight)
+            for p in replay_plan(recipe, index)]
 
 
 def data_sources(recipe: Any) -> list[tuple[str, Any]]:
     """(recipe key, data config) of every stage's data and every replay dataset, each once."""
     out: list[tuple[str, Any]] = [(f"stages.{i}.data", stage.data) for i, stage in enumerate(recipe.stages)]
-    for i, stage in enumerate(recipe.stages):
-        prefix = f"stages.{i}.replay" if "datasets" in stage.replay else "replay"
-        out += [(f"{prefix}.datasets.{j}", data) for j, data in enumerate(recipe.stage_replay(i).datasets)]
+    for i in range(len(recipe.stages)):
+        out += [(f"{_datasets_key(recipe, i)}.{j}", data) for j, data in enumerate(recipe.stage_replay(i).datasets)]
     return list(dict(out).items())  # the recipe-wide replay datasets once
 
 
@@ -79,5 +95,5 @@ def check_chat_templates(recipe: Any, tokenizer: Any) -> None:
     if getattr(tokenizer, "chat_template", None):
         return
     for key, cfg in data_sources(recipe):
-        fmt = detect_format(cfg, first_record(cfg, recipe.seed), key) if cfg.format == "auto" else cfg.format
+        fmt = detect_format(cfg, first_record(cfg, recipe.seed, key), key) if cfg.format == "auto" else cfg.format
         check_chat_template(cfg, fmt, tokenizer, key, recipe.model.path)

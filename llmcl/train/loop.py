@@ -138,7 +138,7 @@ def run_context(recipe: Recipe, run_dir: Path, accelerator: Any, ledger: Ledger,
             return None
         with accelerator.main_process_first():
             return len(build_pool(recipe.stages[j].data, tokenizer, recipe.stage_train(j).seq_len, recipe.seed,
-                                  run_dir / CACHE)[0])
+                                  run_dir / CACHE, f"stages.{j}.data")[0])
 
     plans = plan_stages(recipe, accelerator.num_processes, pool_size)
     metrics = MetricsLog(run_dir, accelerator, trackers=list(recipe.logging.trackers),

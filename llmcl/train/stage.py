@@ -133,7 +133,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
     # 1) data: the stage's pool, the replay pools, and a deterministic step -> items plan
     cache = run.run_dir / CACHE
     with accelerator.main_process_first():  # rank 0 tokenizes text corpora into the cache first
-        own, stats = build_pool(stage.data, tokenizer, cfg.seq_len, recipe.seed, cache)
+        own, stats = build_pool(stage.data, tokenizer, cfg.seq_len, recipe.seed, cache, f"stages.{i}.data")
         replay = replay_sources(recipe, i, tokenizer, cfg.seq_len, cache)
     pools = [own] + [src.pool for src in replay]
     batches = BatchPlan(len(own), cfg.batch_size, cfg.grad_accum, world, recipe.seed, i,
@@ -180,7 +180,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
 
     # 4) resume from this stage's step checkpoint, if a previous attempt left one (and read the same data)
     resume = load_step(run.run_dir, i, plan.steps)
-    data_files = data_fingerprint([stage.data] + [data for _, data, _ in replay_plan(recipe, i)])
+    data_files = data_fingerprint([stage.data] + [p.data for p in replay_plan(recipe, i)])
     if resume is not None:
         _same_data(run.run_dir, resume["state"].get("data_files"), data_files)
     if resume is not None and "deepspeed" in resume:  # the shards are loaded into the engine below
