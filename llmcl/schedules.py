@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 
 def to_steps(amount: int | float, total: int) -> int:
-    """An integer is a number of steps; a float is a fraction of the stage's steps."""
+    """An integer is a number of steps; a float is a fraction of the stage's steps; at most the stage's steps."""
     steps = amount if isinstance(amount, int) else round(amount * total)
     return max(0, min(int(steps), total))
 

@@ -123,7 +123,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate of the decay as a fraction of lr."""
     warmup: int | float = 0.03
-    """Linear warmup at the start of every stage: an integer is a number of steps, a float a fraction of the stage."""
+    """Linear warmup at the start of every stage: an integer is a number of steps, a float a fraction of the stage;
+    more steps than the stage has warm up over the whole stage (its last step at lr)."""
     warmup_start: Literal["zero", "previous"] = "zero"
     """Where warmup starts: 0, or the previous stage's final lr (re-warming from where the last stage ended)."""
     schedule: Literal["cosine", "linear", "constant", "wsd", "infinite"] = "cosine"
