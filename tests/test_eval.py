@@ -526,3 +526,34 @@ def test_a_stage_is_evaluated_in_eval_dtype_and_auto_follows_training(run_dir, d
                               batch_size=4, num_fewshot=None)
     assert seen == {expected}
     assert result["llmcl_stage_sentiment-choice"].n == 4
+
+
+def test_stage_tasks_give_lm_eval_the_fields_as_written_not_read_as_python_literals(tmp_path):
+    """lm-eval reads a rendered template that looks like a Python literal as one: a completion "[1, 2]" became a
+    list of two alternative answers (exact match 0 for the right answer, a TypeError for lists of numbers) and a
+    prompt "42" of a choice task the number 42. The stage tasks name their fields, which lm-eval passes as written."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from llmcl import recipe as recipe_mod
+    from llmcl.eval.tasks import choice_task_name, stage_task_name, write_stage_tasks
+
+    data = tmp_path / "lists"
+    data.mkdir()
+    rows = [{"n": str(40 + i), "label": "[1, 2]" if i % 2 else "[3]"} for i in range(8)]
+    for split, part in (("train", rows[:4]), ("test", rows[4:])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    path = write_recipe(tmp_path / "r.yaml", stages=[{"name": "lists", "data": {
+        "path": str(data), "prompt_template": "{n}", "completion_template": "{label}", "choices": ["[1, 2]", "[3]"]}}])
+    r = recipe_mod.load(path, [])
+    write_stage_tasks(r, tmp_path / "run", load_tokenizer(r.model))
+    with offline_and_quiet():
+        manager = TaskManager(include_path=[str(tmp_path / "run" / "eval" / "tasks")], include_defaults=False)
+        tasks = get_task_dict([stage_task_name("lists"), choice_task_name("lists")], manager)
+    generate, choice = tasks[stage_task_name("lists")], tasks[choice_task_name("lists")]
+    docs = list(generate.test_docs())
+    assert sorted((generate.doc_to_text(d), generate.doc_to_target(d)) for d in docs) == \
+        sorted((row["n"], row["label"]) for row in rows[4:])
+    for d in choice.test_docs():
+        assert choice.doc_to_text(d) == d["prompt"] and isinstance(d["prompt"], str)
+        assert choice.doc_to_choice(d) == ["[1, 2]", "[3]"] and choice.doc_to_target(d) == ["[1, 2]", "[3]"].index(
+            d["completion"])

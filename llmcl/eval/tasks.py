@@ -101,6 +101,9 @@ def render_test_records(stage: Any, index: int, records: list[dict[str, Any]], t
 
 def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer: Any, max_new_tokens: int,
               few_shot: bool) -> dict:
+    """The lm-eval task config. Its doc_to_* name the data file's fields: lm-eval returns a named field as it is,
+    where a template ("{{completion}}") is rendered and then read as a Python literal when it looks like one (a
+    completion "[1, 2]" became a list of answers, a prompt "42" of a choice task the number 42)."""
     base = {
         "task": task,
         "tag": ["llmcl_stages"],
@@ -112,17 +115,17 @@ def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer
     if not few_shot:  # else lm-eval reads the whole test split into its few-shot sampler when it builds the task, for
         base["fewshot_config"] = {"sampler": "first_n", "samples": []}  # every row (seconds; no shot is drawn)
     if kind == "perplexity":
-        return {**base, "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+        return {**base, "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "text",
                 "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"},
                                 {"metric": "bits_per_byte"}]}
     if kind == "choice":
-        return {**base, "output_type": "multiple_choice", "doc_to_text": "{{prompt}}", "doc_to_choice": "{{choices}}",
-                "doc_to_target": "{{gold}}", "target_delimiter": "",
+        return {**base, "output_type": "multiple_choice", "doc_to_text": "prompt", "doc_to_choice": "choices",
+                "doc_to_target": "gold", "target_delimiter": "",
                 "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
     completions = sorted({r["completion"] for r in rows})  # a classification stage has a handful: one batched call
     longest = max(map(len, tokenizer(completions, add_special_tokens=False)["input_ids"]))
     multiline = any("\n" in r["completion"].strip() for r in rows)
-    return {**base, "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{completion}}",
+    return {**base, "output_type": "generate_until", "doc_to_text": "prompt", "doc_to_target": "completion",
             "target_delimiter": "",
             "generation_kwargs": {"until": [] if multiline else ["\n"], "do_sample": False,
                                   "max_gen_toks": min(max_new_tokens, longest + 4)},
