@@ -41,9 +41,18 @@ def matrix_markdown(matrix: dict[str, Any]) -> list[str]:
     lines += [f"| {row} | " + " | ".join(_cell(v) for v in values) + " |"
               for row, values in zip(matrix["rows"], matrix["R"])]
     m = matrix["metrics"]
-    lines += ["", "| AA | BWT | FWT | forgetting | general delta |", "|---|---|---|---|---|",
-              f"| {_cell(m.get('AA'))} | {_signed(m.get('BWT'))} | {_signed(m.get('FWT'))} | "
-              f"{_cell(m.get('forgetting'))} | {_signed(m.get('general_delta'))} |"]
+    by_metric = matrix.get("metrics_by_metric") or {}
+    if by_metric:  # stage tasks in different units: a summary per metric
+        lines += ["", "| metric | AA | BWT | FWT | forgetting | general delta |", "|---|---|---|---|---|---|"]
+        lines += [f"| {metric} | {_cell(s.get('AA'))} | {_signed(s.get('BWT'))} | {_signed(s.get('FWT'))} | "
+                  f"{_cell(s.get('forgetting'))} | {_signed(m.get('general_delta'))} |" for metric, s in by_metric.items()]
+    else:
+        lines += ["", "| AA | BWT | FWT | forgetting | general delta |", "|---|---|---|---|---|",
+                  f"| {_cell(m.get('AA'))} | {_signed(m.get('BWT'))} | {_signed(m.get('FWT'))} | "
+                  f"{_cell(m.get('forgetting'))} | {_signed(m.get('general_delta'))} |"]
+    if matrix.get("missing_cells"):
+        lines += ["", f"Incomplete: {len(matrix['missing_cells'])} cells the summary reads have no score; the "
+                  "numbers are over the cells that have one."]
     if matrix.get("metrics_choice"):
         c = matrix["metrics_choice"]
         lines += ["", "Scored by loglikelihood over each stage's label set (the `(labels)` columns):", "",

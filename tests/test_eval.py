@@ -133,16 +133,23 @@ def test_report_matrix_matches_an_independent_computation_from_the_eval_jsons(ru
     assert [c["task"] for c in matrix["columns"]][:3] == tasks
     raw = [[rows[r]["tasks"][t]["value"] for t in tasks] for r in order]
     assert [row[:3] for row in matrix["R"]] == raw
-    sign = [1, 1, -1]  # bits per byte: lower is better
-    s = [[sign[j] * raw[i][j] for j in range(3)] for i in range(4)]
-    base, A = s[0], s[1:]
-    aa = sum(A[2]) / 3
+    assert [c["metric"] for c in matrix["columns"]][:3] == ["exact_match", "exact_match", "bits_per_byte"]
+    # stage tasks in two units: nothing is averaged over both; each metric's stages get their own summary
+    assert matrix["metrics"] == {"AA": None, "BWT": None, "FWT": None, "forgetting": None,
+                                 "general_delta": matrix["metrics"]["general_delta"]}
+    base, A = raw[0], raw[1:]
+    aa = (A[2][0] + A[2][1]) / 2  # exact match: facts (stage 0) and sentiment (stage 1)
     bwt = ((A[2][0] - A[0][0]) + (A[2][1] - A[1][1])) / 2
-    fwt = ((A[0][1] - base[1]) + (A[1][2] - base[2])) / 2
+    fwt = A[0][1] - base[1]
     fgt = ((max(A[0][0], A[1][0]) - A[2][0]) + (max(A[0][1], A[1][1]) - A[2][1])) / 2
-    got = matrix["metrics"]
+    got = matrix["metrics_by_metric"]["exact_match"]
     assert (got["AA"], got["BWT"], got["FWT"], got["forgetting"]) == pytest.approx((aa, bwt, fwt, fgt))
-    assert [a["stage"] for a in matrix["after_stage"]] == [0, 1, 2]
+    got = matrix["metrics_by_metric"]["bits_per_byte"]  # prose (stage 2): lower is better, so negated
+    assert (got["AA"], got["BWT"], got["FWT"], got["forgetting"]) == pytest.approx(
+        (-A[2][2], None, -A[1][2] + base[2], None))
+    assert [(a["stage"], a["metric"]) for a in matrix["after_stage"]] == [
+        (k, m) for m in ("exact_match", "bits_per_byte") for k in range(3)]
+    assert matrix["missing_cells"] == []
     # the label-set view of the one classification stage (sentiment, stage 1): its own AA/BWT/FWT
     c = [rows[r]["tasks"]["llmcl_stage_sentiment-choice"]["value"] for r in order]
     got = matrix["metrics_choice"]
@@ -152,7 +159,9 @@ def test_report_matrix_matches_an_independent_computation_from_the_eval_jsons(ru
         arc = [rows[r]["tasks"]["llmcl_arc_easy"]["value"] for r in order]
         assert matrix["general_delta"]["llmcl_arc_easy"] == pytest.approx(arc[3] - arc[0])
     md = (run_dir / "report" / "report.md").read_text()
-    assert "| base |" in md and "| AA | BWT | FWT | forgetting | general delta |" in md
+    assert "| base |" in md and "| metric | AA | BWT | FWT | forgetting | general delta |" in md
+    assert f"| exact_match | {aa:.3f} |" in md and f"| bits_per_byte | {-A[2][2]:.3f} |" in md
+    assert "Incomplete" not in md
 
 
 def test_a_run_without_its_weights_reports_the_same_matrix_and_a_stage_trained_again_ends_it(run_dir, tmp_path):
@@ -193,13 +202,16 @@ def test_eval_rows_are_logged_to_the_trackers(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accs = [EventAccumulator(str(p.parent)) for p in (run_dir / "tb").rglob("events.out.tfevents*")]
-    accs = [a for a in accs if a.Reload() and "cl/AA" in a.Tags()["scalars"]]
+    accs = [a for a in accs if a.Reload() and "cl/exact_match/AA" in a.Tags()["scalars"]]
     assert len(accs) == 1
-    steps = [e.step for e in accs[0].Scalars("cl/AA")]
+    assert "cl/AA" not in accs[0].Tags()["scalars"]  # the run's stage tasks are in two units: one AA per metric
+    steps = [e.step for e in accs[0].Scalars("cl/exact_match/AA")]
     assert steps == [3, 6, 9]  # logged at the global step where each stage ended
     matrix = json.loads((run_dir / "report" / "matrix.json").read_text()) if (run_dir / "report").exists() else None
     if matrix:
-        assert accs[0].Scalars("cl/AA")[-1].value == pytest.approx(matrix["metrics"]["AA"], rel=1e-5)
+        for metric in ("exact_match", "bits_per_byte"):
+            assert accs[0].Scalars(f"cl/{metric}/AA")[-1].value == pytest.approx(
+                matrix["metrics_by_metric"][metric]["AA"], rel=1e-5)
 
 
 def test_llmcl_eval_rescores_one_row_and_keeps_the_others(run_dir):
@@ -256,7 +268,9 @@ def test_comparison_of_several_runs(run_dir, tmp_path):
     assert "comparison" in res.output and res.output.count("seqft") >= 2
     md = (tmp_path / "cmp.md").read_text().splitlines()
     assert md[0] == "| run | method | AA | BWT | FWT | forgetting | general delta | train time |"
-    assert len(md) == 4 and all(line.count("|") == 9 for line in md)
+    assert len(md) == 6 and all(line.count("|") == 9 for line in md)  # a row per run and metric (two units)
+    assert [line.split(" | ")[0] for line in md[2:]] == [  # two runs of one recipe: named by their directories
+        f"| tiny [{d}] ({m})" for d in ("run", "copy") for m in ("exact_match", "bits_per_byte")]
 
 
 def test_unknown_eval_task_is_a_validation_error_with_near_matches(tiny_recipe):
@@ -309,8 +323,42 @@ def test_metrics_module_and_report_agree_on_partial_runs(run_dir, tmp_path):
     rep = report_mod.collect(partial)
     rows = _rows(partial)
     facts = [rows[r]["tasks"]["llmcl_stage_facts"]["value"] for r in ("stage-00", "base")]
-    assert rep.summary == pytest.approx(M.summary([[facts[0]]], [facts[1]]))
-    assert rep.summary["AA"] == pytest.approx(facts[0]) and rep.summary["BWT"] is None
+    assert rep.by_metric["exact_match"] == pytest.approx(M.summary([[facts[0]]], [facts[1]]))
+    assert rep.by_metric["exact_match"]["AA"] == pytest.approx(facts[0]) and rep.by_metric["exact_match"]["BWT"] is None
+    assert rep.missing == []  # the rows not written are of stages not done
+
+
+def test_a_missing_row_or_cell_is_named_and_the_summary_is_of_the_last_row(run_dir, tmp_path):
+    """A finished run whose stage-1 row is gone and whose last row lacks one task: the summary is still of the
+    last row (it stopped at the gap, describing stage 0 beside a table that shows stage 2), and the report names
+    every cell it reads that has no score, with the command that scores them."""
+    import shutil
+
+    from llmcl.eval import report as report_mod
+
+    gap = tmp_path / "gap"
+    shutil.copytree(run_dir, gap)
+    (gap / "eval" / "stage-01.json").unlink()
+    last = json.loads((gap / "eval" / "stage-02.json").read_text())
+    del last["tasks"]["llmcl_stage_sentiment"]
+    (gap / "eval" / "stage-02.json").write_text(json.dumps(last))
+    rep = report_mod.collect(gap)
+    rows = _rows(gap)
+    assert rep.rows == ["base", "facts", "prose"]
+    facts = [rows[r]["tasks"]["llmcl_stage_facts"]["value"] for r in ("stage-00", "stage-02")]
+    assert rep.by_metric["exact_match"]["AA"] == pytest.approx(facts[1])  # the last row's one exact-match cell
+    assert rep.by_metric["exact_match"]["BWT"] == pytest.approx(facts[1] - facts[0])
+    assert rep.missing == [("sentiment", "facts"), ("sentiment", "sentiment"), ("prose", "sentiment")]
+    if HAS_EVAL_DATA:
+        arc = [rows[r]["tasks"]["llmcl_arc_easy"]["value"] for r in ("base", "stage-02")]
+        assert rep.general_delta["llmcl_arc_easy"] == pytest.approx(arc[1] - arc[0])
+    res = run_cli("report", str(gap))
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "incomplete: 3 cells the summary reads have no score (facts after sentiment, sentiment after sentiment, " \
+           "sentiment after prose)" in text and "--stage N" in text
+    assert "**Incomplete:** 3 cells" in (gap / "report" / "report.md").read_text()
+    assert json.loads((gap / "report" / "matrix.json").read_text())["missing_cells"] == [list(c) for c in rep.missing]
 
 
 @pytest.mark.skipif(not HAS_EVAL_DATA, reason="needs ../shared/data/eval")

@@ -78,4 +78,6 @@ class EvalHooks:
         step = ledger.steps_before(last + 1)
         values = {f"eval/{c.label}": v for c, v in zip(rep.columns, rep.values[-1]) if v is not None}
         values.update({f"cl/{k}": v for k, v in rep.summary.items() if v is not None})
+        values.update({f"cl/{metric}/{k}": v for metric, s in rep.by_metric.items() for k, v in s.items()
+                       if v is not None})  # stage tasks in several units: a summary per metric
         accelerator.log(values, step=step)

@@ -9,8 +9,11 @@ of the base model (before any stage) on task j. Scores are "higher is better": a
                                                                           negative = forgetting
   FWT         = 1/(T-1) * sum_{j>=1}       (A[j-1][j] - b[j])              forward transfer (Lopez-Paz & Ranzato 2017,
                                                                           with the base model as the reference b)
-  Forgetting  = 1/(T-1) * sum_{j<T-1} max_{l<T-1} (A[l][j] - A[T-1][j])   average forgetting (Chaudhry et al. 2018);
+  Forgetting  = 1/(T-1) * sum_{j<T-1} max_{j<=l<T-1} (A[l][j] - A[T-1][j]) average forgetting (Chaudhry et al. 2018,
+                                                                          over the rows since task j was learned);
                                                                           positive = forgotten
+The tasks averaged share one metric: a run whose stage tasks are scored in different units (exact match, bits
+per byte) gets these per metric (llmcl.eval.report), each over the stages of that metric.
 After stage k (k < T-1, a run in progress) the same formulas apply to the first k+1 stages.
 General-ability tasks g: delta_g = G[T-1][g] - G_base[g] (same sign convention); "general delta" is the mean.
 """

@@ -43,7 +43,15 @@ class RunReport:
     summary: dict[str, float | None] = field(default_factory=dict)
     summary_choice: dict[str, float | None] = field(default_factory=dict)
     """AA, BWT, FWT, forgetting over the label-set views (stages with data.choices); empty without them."""
+    by_metric: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    """AA, BWT, FWT, forgetting per metric of the stage tasks, when they are scored with more than one (a text
+    stage's bits per byte beside exact matches): scores in different units are not averaged together, and
+    `summary` is then empty of values."""
     after_stage: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    """(row, column) of the cells AA and BWT read that have no score (a row not written, a task not scored):
+    the summary is over the cells that are there, and says so."""
+    seen_stages: str = "all"
     general_delta: dict[str, float | None] = field(default_factory=dict)
     train_seconds: float = 0.0
     stages_done: int = 0
@@ -55,7 +63,8 @@ class RunReport:
             "columns": [c.__dict__ for c in self.columns],
             "R": self.values, "stderr": self.stderrs,
             "metrics": {**self.summary, "general_delta": _mean_or_none(list(self.general_delta.values()))},
-            "metrics_choice": self.summary_choice,
+            "metrics_choice": self.summary_choice, "metrics_by_metric": self.by_metric,
+            "missing_cells": [list(cell) for cell in self.missing],
             "after_stage": self.after_stage, "general_delta": self.general_delta,
             "train_seconds": round(self.train_seconds, 3), "stages_done": self.stages_done,
             "definitions": "AA, BWT, FWT (Lopez-Paz & Ranzato 2017, base model as reference), forgetting "
@@ -74,7 +83,7 @@ def collect(run_dir: Path) -> RunReport:
     ledger = Ledger.read(run_dir)
     done = ledger.recorded_done()  # rows are results: a stage's weights may be gone (deleted, archived without)
     report = RunReport(run_dir, recipe.name or run_dir.name, recipe.method.name, recipe.model.path,
-                       [s.name for s in recipe.stages], stages_done=len(done),
+                       [s.name for s in recipe.stages], stages_done=len(done), seen_stages=recipe.eval.seen_stages,
                        train_seconds=sum(float(ledger.stage(i).get("wall_seconds") or 0) for i in done))
     rows: list[tuple[str, int | None, dict]] = []
     base = read_row(run_dir, BASE)
@@ -112,44 +121,63 @@ def collect(run_dir: Path) -> RunReport:
 
 
 def _compute_metrics(report: RunReport) -> None:
-    report.after_stage, report.summary = _summaries(report, "stage")
+    groups = _summaries(report, "stage")
+    report.after_stage = [a for after, _ in groups.values() for a in after]
+    if len(groups) == 1:
+        report.summary = next(iter(groups.values()))[1]
+    else:  # scores in different units: one summary per metric, none over all of them
+        report.summary = {"AA": None, "BWT": None, "FWT": None, "forgetting": None}
+        report.by_metric = {metric: summary for metric, (_, summary) in groups.items()}
     if any(c.kind == "stage_choice" for c in report.columns):
-        report.summary_choice = _summaries(report, "stage_choice")[1]
+        report.summary_choice = next(iter(_summaries(report, "stage_choice").values()))[1]
+    report.missing = _missing_cells(report)
     by_stage = {s: k for k, s in enumerate(report.row_stage) if s is not None}
-    done = len(report.after_stage)
-    base = report.row_stage and report.row_stage[0] is None
-    if base and done:
-        last = by_stage[done - 1]
+    if report.row_stage and report.row_stage[0] is None and by_stage:
+        last = by_stage[max(by_stage)]
         for k, c in enumerate(report.columns):
             if c.kind == "general":
                 now, before = (M.oriented(report.values[r][k], c.higher_is_better) for r in (last, 0))
                 report.general_delta[c.task] = None if now is None or before is None else now - before
 
 
-def _summaries(report: RunReport, kind: str) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
-    """(after each stage, at the end): AA, BWT, FWT, forgetting over the columns of `kind`."""
+def _summaries(report: RunReport, kind: str) -> dict[str, tuple[list[dict[str, Any]], dict[str, float | None]]]:
+    """{metric: (after each evaluated stage, at the last one)}: AA, BWT, FWT, forgetting over the columns of `kind`
+    scored with that metric (one entry when they share one; none without such columns: an empty summary)."""
     T = len(report.stage_names)
-    stage_col = {c.stage: k for k, c in enumerate(report.columns) if c.kind == kind}
     by_stage = {s: k for k, s in enumerate(report.row_stage) if s is not None}
+    groups: dict[str, dict[int, int]] = {}  # metric -> {stage: column}
+    for k, c in enumerate(report.columns):
+        if c.kind == kind:
+            groups.setdefault(c.metric, {})[c.stage] = k
+    empty = {"AA": None, "BWT": None, "FWT": None, "forgetting": None}
+    out: dict[str, tuple[list[dict[str, Any]], dict[str, float | None]]] = {}
+    for metric, stage_col in (groups or {"": {}}).items():
+        def score(row_index: int, stage: int) -> float | None:
+            k = stage_col.get(stage)
+            return None if k is None else M.oriented(report.values[row_index][k], report.columns[k].higher_is_better)
 
-    def score(row_index: int, stage: int) -> float | None:
-        k = stage_col.get(stage)
-        if k is None:
-            return None
-        return M.oriented(report.values[row_index][k], report.columns[k].higher_is_better)
+        # A[i][j]: a stage whose row is missing is a row of missing cells, not the end of the matrix
+        A: M.Matrix = [[score(by_stage[i], j) for j in range(T)] if i in by_stage else [None] * T for i in range(T)]
+        base = [score(0, j) for j in range(T)] if report.row_stage and report.row_stage[0] is None else None
+        after = [{"stage": k, "name": report.stage_names[k], **({"metric": metric} if len(groups) > 1 else {}),
+                  **M.summary(A, base, k)} for k in sorted(by_stage)]
+        summary = {key: after[-1][key] for key in empty} if after else dict(empty)
+        out[metric] = (after, summary)
+    return out
 
-    # A[i][j] for the stages evaluated contiguously from 0
-    A: M.Matrix = []
-    for i in range(T):
-        if i not in by_stage:
-            break
-        A.append([score(by_stage[i], j) for j in range(T)])
-    base = [score(0, j) for j in range(T)] if report.row_stage and report.row_stage[0] is None else None
-    after = [{"stage": k, "name": report.stage_names[k], **M.summary(A, base, k)} for k in range(len(A))]
-    summary = dict(after[-1]) if A else {"AA": None, "BWT": None, "FWT": None, "forgetting": None}
-    summary.pop("stage", None)
-    summary.pop("name", None)
-    return after, summary
+
+def _missing_cells(report: RunReport) -> list[tuple[str, str]]:
+    """The stage-task cells AA and BWT read, up to the last evaluated stage, that hold no score: the diagonal,
+    and the last row (every row's lower triangle with eval.seen_stages: all)."""
+    by_stage = {s: k for k, s in enumerate(report.row_stage) if s is not None}
+    if not by_stage:
+        return []
+    last = max(by_stage)
+    cols = {c.stage: k for k, c in enumerate(report.columns) if c.kind == "stage"}
+    wanted = [(i, j) for i in range(last + 1) for j in range(i + 1)
+              if i == j or i == last or report.seen_stages == "all"]
+    return [(report.stage_names[i], report.columns[cols[j]].label) for i, j in wanted
+            if j in cols and (i not in by_stage or report.values[by_stage[i]][cols[j]] is None)]
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -172,10 +200,21 @@ def markdown(report: RunReport) -> str:
              "|---|" + "---|" * len(cols)]
     for label, vals in zip(report.rows, report.values):
         lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in vals) + " |")
-    s = report.summary
-    lines += ["", "| AA | BWT | FWT | forgetting | general delta |", "|---|---|---|---|---|",
-              f"| {_fmt(s.get('AA'))} | {_signed(s.get('BWT'))} | {_signed(s.get('FWT'))} | "
-              f"{_fmt(s.get('forgetting'))} | {_signed(_mean_or_none(list(report.general_delta.values())))} |", ""]
+    general = _signed(_mean_or_none(list(report.general_delta.values())))
+    if report.by_metric:
+        lines += ["", "The stage tasks are scored in different units: AA, BWT, FWT and forgetting over the stages of "
+                  "each metric.", "", "| metric | AA | BWT | FWT | forgetting | general delta |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {metric} | {_fmt(s.get('AA'))} | {_signed(s.get('BWT'))} | {_signed(s.get('FWT'))} | "
+                  f"{_fmt(s.get('forgetting'))} | {general} |" for metric, s in report.by_metric.items()]
+        lines.append("")
+    else:
+        s = report.summary
+        lines += ["", "| AA | BWT | FWT | forgetting | general delta |", "|---|---|---|---|---|",
+                  f"| {_fmt(s.get('AA'))} | {_signed(s.get('BWT'))} | {_signed(s.get('FWT'))} | "
+                  f"{_fmt(s.get('forgetting'))} | {general} |", ""]
+    if report.missing:
+        lines += [f"**Incomplete:** {incomplete_text(report)}", ""]
     if report.summary_choice:
         c = report.summary_choice
         lines += ["The same test items scored by loglikelihood over each stage's label set (the `acc` columns): "
@@ -185,8 +224,8 @@ def markdown(report: RunReport) -> str:
                   f"{_fmt(c.get('forgetting'))} |", ""]
     if report.after_stage:
         lines += ["After each stage:", "", "| stage | AA | BWT | FWT | forgetting |", "|---|---|---|---|---|"]
-        lines += [f"| {a['name']} | {_fmt(a['AA'])} | {_signed(a['BWT'])} | {_signed(a['FWT'])} | "
-                  f"{_fmt(a['forgetting'])} |" for a in report.after_stage]
+        lines += [f"| {a['name']}{' (' + a['metric'] + ')' if 'metric' in a else ''} | {_fmt(a['AA'])} | "
+                  f"{_signed(a['BWT'])} | {_signed(a['FWT'])} | {_fmt(a['forgetting'])} |" for a in report.after_stage]
         lines.append("")
     if report.general_delta:
         lines += ["General ability, change from the base model (negative = lost):", "",
@@ -197,6 +236,14 @@ def markdown(report: RunReport) -> str:
               "(score before a stage − base score); forgetting = mean of (best earlier score − last score). "
               "Lower-is-better metrics enter negated. Definitions: README, 'Forgetting, measured'.", ""]
     return "\n".join(lines)
+
+
+def incomplete_text(report: RunReport) -> str:
+    """One sentence naming the cells the summary lacks and the command that scores them."""
+    cells = ", ".join(f"{task} after {row}" for row, task in report.missing[:6])
+    more = f" and {len(report.missing) - 6} more" if len(report.missing) > 6 else ""
+    return (f"{len(report.missing)} cells the summary reads have no score ({cells}{more}); the numbers above are "
+            f"over the cells that have one. `llmcl eval {report.run_dir} --stage N` scores a stage's row.")
 
 
 def write(report: RunReport) -> list[Path]:
@@ -225,20 +272,24 @@ def tables(report: RunReport) -> list[Any]:
         matrix.add_column(f"{c.label}\n[dim]{c.metric}[/dim]", justify="right")
     for label, vals in zip(report.rows, report.values):
         matrix.add_row(label, *[_fmt(v) for v in vals])
-    s = report.summary
     summary = Table(box=None)
-    for name in ("AA", "BWT", "FWT", "forgetting", "general delta"):
+    for name in (["metric"] if report.by_metric else []) + ["AA", "BWT", "FWT", "forgetting", "general delta"]:
         summary.add_column(name, justify="right")
-    summary.add_row(_fmt(s.get("AA")), _signed(s.get("BWT")), _signed(s.get("FWT")), _fmt(s.get("forgetting")),
-                    _signed(_mean_or_none(list(report.general_delta.values()))))
-    if not report.summary_choice:
-        return [matrix, summary]
-    c = report.summary_choice
-    choice = Table(box=None, title="label-set loglikelihood (acc columns)", title_justify="left")
-    for name in ("AA", "BWT", "FWT", "forgetting"):
-        choice.add_column(name, justify="right")
-    choice.add_row(_fmt(c.get("AA")), _signed(c.get("BWT")), _signed(c.get("FWT")), _fmt(c.get("forgetting")))
-    return [matrix, summary, choice]
+    general = _signed(_mean_or_none(list(report.general_delta.values())))
+    for metric, s in (report.by_metric or {"": report.summary}).items():
+        summary.add_row(*([metric] if report.by_metric else []), _fmt(s.get("AA")), _signed(s.get("BWT")),
+                        _signed(s.get("FWT")), _fmt(s.get("forgetting")), general)
+    out = [matrix, summary]
+    if report.summary_choice:
+        c = report.summary_choice
+        choice = Table(box=None, title="label-set loglikelihood (acc columns)", title_justify="left")
+        for name in ("AA", "BWT", "FWT", "forgetting"):
+            choice.add_column(name, justify="right")
+        choice.add_row(_fmt(c.get("AA")), _signed(c.get("BWT")), _signed(c.get("FWT")), _fmt(c.get("forgetting")))
+        out.append(choice)
+    if report.missing:
+        out.append(f"[yellow]incomplete:[/yellow] {incomplete_text(report)}")
+    return out
 
 
 def compare(reports: list[RunReport]) -> tuple[Any, str]:
@@ -250,13 +301,16 @@ def compare(reports: list[RunReport]) -> tuple[Any, str]:
     for h in head:
         table.add_column(h, justify="left" if h in ("run", "method") else "right")
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    names = [r.name for r in reports]
     for r in reports:
-        s = r.summary
-        cells = [r.name, r.method, _fmt(s.get("AA")), _signed(s.get("BWT")), _signed(s.get("FWT")),
-                 _fmt(s.get("forgetting")), _signed(_mean_or_none(list(r.general_delta.values()))),
-                 f"{r.train_seconds:.0f}s"]
-        table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
+        run = r.name + (f" [{r.run_dir.name}]" if names.count(r.name) > 1 else "")  # runs of one recipe: their dirs
+        for metric, s in (r.by_metric or {"": r.summary}).items():  # a run in several units: a row per metric
+            name = run + (f" ({metric})" if metric else "") + (" (incomplete)" if r.missing else "")
+            cells = [name, r.method, _fmt(s.get("AA")), _signed(s.get("BWT")), _signed(s.get("FWT")),
+                     _fmt(s.get("forgetting")), _signed(_mean_or_none(list(r.general_delta.values()))),
+                     f"{r.train_seconds:.0f}s"]
+            table.add_row(*cells)
+            md.append("| " + " | ".join(cells) + " |")
     return table, "\n".join(md) + "\n"
 
 
