@@ -109,7 +109,7 @@ def train(recipe_file: str, overrides: tuple[str, ...], run_dir: str | None, sta
         if not launch.launched():  # the recipe names its launch: become `accelerate launch ... llmcl train ...`
             args = [recipe_file, *overrides] + (["--run-dir", run_dir] if run_dir else []) \
                 + (["--stage", str(stage)] if stage is not None else [])
-            sys.exit(launch.relaunch(r, args))
+            sys.exit(launch.relaunch(r, args, _run_dir(r, run_dir)))
         if launch.LAUNCHED_ENV not in os.environ and os.environ.get("RANK", "0") == "0":
             click.echo(f"note: distributed.accelerate_config={r.distributed.accelerate_config} is ignored: a launcher "
                        "started llmcl, and its settings win", err=True)

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 LAUNCHED_ENV = "LLMCL_LAUNCHED"
@@ -29,18 +30,32 @@ def accelerate_command(config: str, train_args: list[str], num_processes: int | 
     return cmd + ["-m", "llmcl", "train", *train_args]
 
 
-def relaunch(recipe: Any, train_args: list[str]) -> int:
-    """Run `llmcl train train_args` under accelerate launch with the recipe's config; returns its exit status."""
-    from pathlib import Path
+def relaunch(recipe: Any, train_args: list[str], run_dir: Path) -> int:
+    """Run `llmcl train train_args` under accelerate launch with the recipe's config; returns its exit status, or
+    RESUMABLE_EXIT when the ranks stopped on a signal (they left run_dir/stopped.json: the launcher itself ends
+    with its own status, 1 when a worker exited 75, 143 after a SIGTERM).
+
+    The launch runs in a session of its own, so a terminal's Ctrl-C reaches it once, from here, and not twice
+    (directly and forwarded). Signals are forwarded as the launcher (torch elastic) handles them: SIGINT as
+    SIGINT (the ranks stop with a step checkpoint; a second one stops them at once), SIGTERM, SIGUSR1 and SIGHUP
+    as SIGTERM (torch elastic does not handle SIGUSR1: it would die and leave its ranks training, orphaned)."""
+    from llmcl.rundir import STOPPED
+    from llmcl.train.signals import RESUMABLE_EXIT, SIGNALS, early_signal
 
     config = str(Path(recipe.distributed.accelerate_config).expanduser())
     cmd = accelerate_command(config, train_args, recipe.distributed.num_processes)
     env = dict(os.environ, **{LAUNCHED_ENV: "1"})
-    from llmcl.train.signals import SIGNALS, early_signal
+    marker = Path(run_dir) / STOPPED
+    before = marker.stat().st_mtime_ns if marker.exists() else None
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
-    proc = subprocess.Popen(cmd, env=env)
-    for sig in SIGNALS:  # SIGTERM/SIGUSR1 reach the launch (and through it every rank), which saves and stops
-        signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+    def forward(signum: int, frame: Any) -> None:
+        proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    for sig in (*SIGNALS, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
     if early_signal() is not None:
-        proc.send_signal(signal.Signals[early_signal()])
-    return proc.wait()
+        forward(signal.Signals[early_signal()], None)
+    status = proc.wait()
+    stopped = marker.exists() and marker.stat().st_mtime_ns != before
+    return RESUMABLE_EXIT if status != 0 and stopped else status

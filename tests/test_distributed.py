@@ -348,6 +348,108 @@ def test_a_recipe_that_names_an_accelerate_config_launches_itself_through_it(tmp
     assert [(s["processes"], s["distributed"]) for s in stages] == [(2, "multi_cpu")] * 2
 
 
+_LOCK_ON_EACH_RANK = """
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from llmcl.errors import LlmclError
+from llmcl.rundir.lock import locked
+
+accelerator = Accelerator(cpu=True)
+rank = accelerator.process_index
+said = []
+for mode in ("shared", "local"):  # local: rank 1's --run-dir is a directory of its own, as on an unshared node
+    run_dir = Path(sys.argv[1]) / (mode if mode == "shared" or rank == 0 else f"{mode}-rank{rank}")
+    try:
+        with locked(run_dir, accelerator):
+            said.append(f"{mode} rank {rank}: locked")
+    except LlmclError as exc:
+        said.append(f"{mode} rank {rank}: refused: {exc}")
+Path(sys.argv[1], f"rank{rank}.txt").write_text("\\n".join(said) + "\\n")
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_a_run_dir_that_is_not_shared_by_every_rank_is_refused_on_every_rank(tmp_path):
+    """Ranks that do not see the directory rank 0 locked (a node whose --run-dir is local, or another path)
+    would each decide what is done and where to resume, train other steps than rank 0 and hang at the stage's
+    end: every rank refuses instead, in one line, before anything is read. Control: the same launch on one
+    shared directory locks on both ranks."""
+    script = tmp_path / "lock_each_rank.py"
+    script.write_text(_LOCK_ON_EACH_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ACCELERATE + ["--config_file", str(REPO / "recipes" / "accelerate" / "ddp_cpu.yaml"),
+                        "--main_process_port", "0", str(script), str(tmp_path)]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = sorted(line for rank in (0, 1) for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines())
+    assert lines[:2] == ["local rank 0: refused: --run-dir " + str(tmp_path / "local") + " is not the directory rank 0 "
+                         "locked on every rank: the run directory must be on a file system that every node shares",
+                         "local rank 1: refused: --run-dir " + str(tmp_path / "local-rank1") + " is not the "
+                         "directory rank 0 locked on every rank (rank 1 on " + __import__("socket").gethostname()
+                         + " does not): the run directory must be on a file system that every node shares"], lines
+    assert lines[2:] == ["shared rank 0: locked", "shared rank 1: locked"]
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live processes whose command line holds `text` (orphaned ranks of a run directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow  # two launches of 2 ranks per signal (~1.5 min each)
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM", "SIGINT"])
+def test_a_self_launched_run_stops_on_a_signal_with_status_75_and_no_orphaned_ranks(sig, tmp_path):
+    """`llmcl train` of a recipe with distributed.accelerate_config re-launches itself under accelerate launch.
+    SLURM's SIGUSR1 (torch elastic does not handle it: the launcher died and its ranks trained on, orphaned,
+    holding the lock), SIGTERM (the launcher's 143) and a terminal's Ctrl-C (to the whole foreground group: the
+    parent exited 130 before the ranks had saved) all stop the ranks with a step checkpoint, and `llmcl train`
+    exits 75 like a single process; the same command then finishes the run."""
+    import signal
+    import time
+
+    recipe = write_recipe(tmp_path / "r.yaml", train={"max_steps": 400, "batch_size": 2, "seq_len": 48},
+                          distributed={"accelerate_config": str(REPO / "recipes" / "accelerate" / "ddp_cpu.yaml")},
+                          stages=[{"data": {"path": "builtin:facts"}}])
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "LLMCL_LAUNCHED")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "llmcl", "train", str(recipe), "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,  # its own group, as a terminal's foreground job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    time.sleep(1.0)
+    if sig == "SIGINT":
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+    else:
+        proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 75, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    time.sleep(1.0)
+    assert _processes_naming(str(run_dir)) == []  # no rank left behind
+    assert (run_dir / "stopped.json").exists()
+    state = json.loads((run_dir / "step-checkpoint" / "state.json").read_text())
+    assert 0 < state["step"] < 400
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming after step {state['step']}" in rerun.stderr + rerun.stdout
+    assert json.loads((run_dir / "ledger.json").read_text())["stages"][0]["status"] == "done"
+
+
 def test_launcher_flags_win_over_the_recipes_accelerate_config(tmp_path, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml", train={"max_steps": 1},
                           distributed={"accelerate_config": str(REPO / "recipes" / "accelerate" / "zero3.yaml")})

@@ -185,6 +185,33 @@ def test_sigterm_mid_stage_saves_a_checkpoint_and_the_rerun_is_bitwise_equal(tmp
     assert [m["stage"] for m in _metrics(hit)].count(1) == SIGNAL_STEPS  # every step of stage 2 logged once
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_that_stops_leaves_the_marker_a_batch_script_tests(rank, tmp_path, monkeypatch):
+    """During a data-parallel evaluation a signal stops each rank where it is; the rank that got it may be rank 1
+    while rank 0 fails in a collective its peer left. stopped.json (what train.sbatch requeues on) is written by
+    whichever rank stopped, each through a temporary file of its own, so two at once cannot collide."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from llmcl import recipe as recipe_mod
+    from llmcl.train import loop
+    from llmcl.train.signals import Stopped
+
+    def stopped(*args, **kwargs):
+        raise Stopped("SIGUSR1: stopped while evaluating", step_checkpoint=False)
+
+    monkeypatch.setattr(loop, "locked", lambda run_dir, accelerator: contextlib.nullcontext())
+    monkeypatch.setattr(loop, "_run", stopped)
+    accelerator = SimpleNamespace(process_index=rank, is_main_process=rank == 0)
+    r = recipe_mod.load(write_recipe(tmp_path / "r.yaml"), [])
+    (tmp_path / "run").mkdir()
+    with pytest.raises(Stopped):
+        loop.run(r, tmp_path / "run", accelerator=accelerator)
+    marker = json.loads((tmp_path / "run" / "stopped.json").read_text())
+    assert marker["reason"] == "SIGUSR1: stopped while evaluating" and marker["step_checkpoint"] is False
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["stopped.json"]  # no temporary file left
+
+
 def test_a_signal_during_a_save_lets_the_save_finish_then_stops(tmp_path, monkeypatch):
     """SIGUSR1 (SLURM's time-limit warning) arriving while a step checkpoint is being written."""
     from llmcl.train import steps

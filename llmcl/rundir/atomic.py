@@ -19,13 +19,14 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+def write_json(path: Path, data: Any, writer: str = "") -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", writer)
 
 
-def write_text(path: Path, text: str) -> None:
-    """`path` holds `text` whole, or keeps what it held; a refused write names `path` (EnvironmentFault)."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_text(path: Path, text: str, writer: str = "") -> None:
+    """`path` holds `text` whole, or keeps what it held; a refused write names `path` (EnvironmentFault).
+    `writer` tells apart processes that may write the same file at once (each its own temporary file)."""
+    tmp = path.with_name(path.name + ".tmp" + writer)
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)

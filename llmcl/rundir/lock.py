@@ -25,8 +25,9 @@ from llmcl.rundir.layout import LOCK, MANIFEST
 
 
 class RunLock:
-    def __init__(self, run_dir: Path, fd: int):
+    def __init__(self, run_dir: Path, fd: int, token: str = ""):
         self.run_dir, self.fd = run_dir, fd
+        self.token = token  # written into the lock file: the ranks of a launch read it back (locked)
 
     def release(self) -> None:
         if self.fd < 0:
@@ -55,13 +56,32 @@ def acquire(run_dir: Path, command: str | None = None) -> RunLock:
     try:
         _flock(fd, path)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command or _command(),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": os.urandom(8).hex()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        os.fsync(fd)  # on a network file system, what the other nodes' ranks read back (locked)
     except BaseException:
         os.close(fd)
         raise
-    return RunLock(run_dir, fd)
+    return RunLock(run_dir, fd, me["token"])
+
+
+def _not_shared(run_dir: Path, accelerator: Any, lock: RunLock | None) -> LlmclError | None:
+    """Every rank of a launch must see the run directory rank 0 locked: each reads back the token rank 0 wrote
+    into the lock file. A node where --run-dir is another (local) directory would otherwise decide for itself
+    what is done and where to resume, and train other steps than rank 0, silently, until a collective hangs."""
+    import torch
+    from accelerate.utils import broadcast_object_list
+
+    token = [lock.token if lock is not None else None]
+    broadcast_object_list(token, from_process=0)
+    mine = _holder(Path(run_dir) / LOCK).get("token")
+    flag = torch.tensor([0.0 if mine == token[0] else 1.0], device=accelerator.device)
+    if float(accelerator.reduce(flag, "max")) == 0:
+        return None
+    where = "" if mine == token[0] else f" (rank {accelerator.process_index} on {socket.gethostname()} does not)"
+    return LlmclError(f"--run-dir {run_dir} is not the directory rank 0 locked on every rank{where}: the run "
+                      "directory must be on a file system that every node shares")
 
 
 def _flock(fd: int, path: Path) -> None:
@@ -131,6 +151,8 @@ def locked(run_dir: Path, accelerator: Any = None) -> Iterator[None]:
             flag = torch.tensor([1.0 if error else 0.0], device=accelerator.device)
             if float(accelerator.reduce(flag, "max")) > 0 and error is None:
                 error = LlmclError(f"{run_dir} is in use by another process (rank 0 says which)")
+            if error is None:
+                error = _not_shared(run_dir, accelerator, lock)
         if error is not None:
             raise error
         yield

@@ -50,9 +50,11 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
             try:
                 return _run(recipe, run_dir, only_stage, display, hooks, accelerator, stop)
             except Stopped as exc:  # leave a marker a batch script can test (launchers may not pass status 75 on)
-                if accelerator.is_main_process:
-                    write_json(run_dir / STOPPED, {"reason": str(exc), "step_checkpoint": exc.step_checkpoint,
-                                                   "at": now()})
+                # every rank that stopped writes it: during an evaluation a signal stops each rank where it is,
+                # and rank 0 may have failed instead (its peer gone from a collective)
+                rank = accelerator.process_index
+                write_json(run_dir / STOPPED, {"reason": str(exc), "step_checkpoint": exc.step_checkpoint,
+                                               "at": now()}, writer="" if rank == 0 else f".rank{rank}")
                 raise
 
 

@@ -2,8 +2,9 @@
 
 The handler only records the signal. The training loop looks at it between optimizer steps (every rank the
 same step: the flag is all-reduced), saves a step checkpoint and raises `Stopped`; the CLI then exits with
-RESUMABLE_EXIT so a batch script can tell "stopped, resumable" from success (0) and errors (2, 1); rank 0 also
-writes run_dir/stopped.json, because a launcher between the batch script and llmcl may not pass 75 on.
+RESUMABLE_EXIT so a batch script can tell "stopped, resumable" from success (0) and errors (2, 1); every rank
+that stopped also writes run_dir/stopped.json, because a launcher between the batch script and llmcl may not pass
+75 on (`llmcl train` re-launching itself turns the launcher's status back into 75 when it finds the marker).
 A signal that arrives during a save lets the save finish: no checkpoint is ever half written by us.
 
 Evaluation is the exception: a row can take minutes, longer than SLURM's grace between SIGTERM and SIGKILL, and
