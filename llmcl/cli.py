@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from llmcl.errors import LlmclError, environment_fault, path_fault
+from llmcl.errors import LlmclError, environment_fault, path_fault, peer_lost
 from llmcl.train.signals import INTERRUPTED_EXIT, RESUMABLE_EXIT, Stopped, defer_from_start, stop_deferring
 
 
@@ -51,7 +51,7 @@ class _Group(click.Group):
                        err=True)
             ctx.exit(INTERRUPTED_EXIT)
         except Exception as exc:  # noqa: BLE001  (what the user or the machine caused: one line; the rest: a traceback)
-            error = exc if isinstance(exc, LlmclError) else environment_fault(exc) or path_fault(exc)
+            error = exc if isinstance(exc, LlmclError) else environment_fault(exc) or path_fault(exc) or peer_lost(exc)
             if error is None:
                 raise
             click.echo("error: " + " ".join(str(error).split()), err=True)

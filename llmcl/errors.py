@@ -109,3 +109,32 @@ def did_you_mean(name: str, options: Iterable[str], prefix: str = "") -> str:
     if not options or len(options) > 30:
         return ""
     return " (valid: " + ", ".join(prefix + o for o in options) + ")"
+
+
+# what a collective operation says when the process at the other end is gone (gloo, NCCL, the TCP store)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "ProcessGroupNCCL's watchdog", "Socket Timeout", "recvValue failed")
+
+
+def peer_lost(exc: BaseException) -> EnvironmentFault | None:
+    """Under a launch of several processes, a collective operation that failed because another process left it
+    (that process stopped on a signal, or failed with its own one-line error): one line here too, not a
+    traceback; None when it is something else, or a single process."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    import torch.distributed as dist
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, dist.DistError) or (isinstance(seen, RuntimeError)
+                                                and any(t in str(seen) for t in _PEER_GONE)):
+            rank = os.environ.get("RANK", "?")
+            first = str(seen).strip().splitlines()[0] if str(seen).strip() else type(seen).__name__
+            return EnvironmentFault(f"rank {rank}: another process of this launch left a collective operation (it "
+                                    f"stopped or failed, and its own line says why): {first[:200]}; rerun the same "
+                                    "command once that is fixed (finished stages are kept)")
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return None
+

@@ -394,6 +394,31 @@ def test_a_run_dir_that_is_not_shared_by_every_rank_is_refused_on_every_rank(tmp
     assert lines[2:] == ["shared rank 0: locked", "shared rank 1: locked"]
 
 
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_collective_another_rank_left_is_one_line_on_this_rank(world, tmp_path, monkeypatch):
+    """Rank 1 refused its input (exit 2) or stopped on a signal: rank 0, waiting in a collective, gets gloo's
+    'Connection closed by peer'. Under a launch that is one line naming the cause's place, exit 74, not a
+    traceback; in a single process the same exception has no peer to blame and stays a bug (exit 1)."""
+    from llmcl.train import loop
+
+    def peer_gone(*args, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:41527")
+
+    monkeypatch.setattr(loop, "run", peer_gone)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "0")
+    if world == "1":
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):  # a bug: the traceback
+            run_cli("train", str(write_recipe(tmp_path / "r.yaml")), "--run-dir", str(tmp_path / "run"))
+        return
+    res = run_cli("train", str(write_recipe(tmp_path / "r.yaml")), "--run-dir", str(tmp_path / "run"))
+    assert res.exit_code == 74, res.output
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith(
+        "error: rank 0: another process of this launch left a collective operation"), res.stderr
+    assert "Connection closed by peer" in res.stderr and "finished stages are kept" in res.stderr
+
+
 def _processes_naming(text: str) -> list[int]:
     """Live processes whose command line holds `text` (orphaned ranks of a run directory)."""
     found = []

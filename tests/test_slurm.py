@@ -58,7 +58,8 @@ def test_multi_node_launch_line_comes_from_the_slurm_environment(tmp_path, node_
     hosts = ["gpu-a017", "gpu-a018", "gpu-b002", "gpu-b003"]
     env = {**os.environ, "PATH": f"{_fake_scontrol(tmp_path, hosts)}:{os.environ['PATH']}", "LLMCL_DRY_RUN": "1",
            "SLURM_NNODES": "4", "SLURM_NODEID": str(node_id), "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "gpu-a[017-018],gpu-b[002-003]", "SLURM_SUBMIT_DIR": str(REPO)}
+           "SLURM_JOB_NODELIST": "gpu-a[017-018],gpu-b[002-003]", "SLURM_SUBMIT_DIR": str(REPO),
+           "MASTER_ADDR": "stale-login-node", "MASTER_PORT": "1"}  # the submitting shell's, exported by sbatch
     line = subprocess.run(["bash", str(out / "train.sbatch")], env=env, capture_output=True, text=True, check=True)
     words = line.stdout.split()
     flag = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
@@ -69,6 +70,11 @@ def test_multi_node_launch_line_comes_from_the_slurm_environment(tmp_path, node_
     assert flag["--config_file"].endswith("recipes/accelerate/ddp.yaml")
     assert words[words.index("llmcl") + 1:words.index("llmcl") + 3] == ["train", str(recipe)]
     assert flag["--run-dir"] == str(tmp_path / "run") and "train.lr=3e-4" in words
+    env.update(LLMCL_MASTER_ADDR="head-node", LLMCL_MASTER_PORT="31000")  # what a user sets on purpose
+    words = subprocess.run(["bash", str(out / "train.sbatch")], env=env, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert words[words.index("--main_process_ip") + 1:words.index("--main_process_ip") + 4] == [
+        "head-node", "--main_process_port", "31000"]
 
 
 def test_one_process_runs_llmcl_directly_and_arguments_replace_the_defaults(tmp_path):
