@@ -213,6 +213,8 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
     tokenizer = load_tokenizer(recipe.model)
     with locked(directory, accelerator):  # not while a `llmcl train` or another `llmcl eval` works there
         stage_tasks = prepare_stage_tasks(directory, recipe, tokenizer, accelerator) if rows else []
+        for note in (t.note for t in stage_tasks if t.note):
+            console.print(note, highlight=False, markup=False)
         for r in rows:
             console.print(f"evaluating {'the base model' if r == BASE else f'stage {r}'} ...", highlight=False)
             score_row(directory, r, recipe=recipe, tokenizer=tokenizer, only=only, accelerator=accelerator,

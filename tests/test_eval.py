@@ -162,6 +162,9 @@ def test_report_matrix_matches_an_independent_computation_from_the_eval_jsons(ru
     assert "| base |" in md and "| metric | AA | BWT | FWT | forgetting | general delta |" in md
     assert f"| exact_match | {aa:.3f} |" in md and f"| bits_per_byte | {-A[2][2]:.3f} |" in md
     assert "Incomplete" not in md
+    n = [rows["stage-02"]["tasks"][t]["n"] for t in tasks]  # each column says how many items it scored
+    assert f"| after \\ task | facts (exact_match, n={n[0]}) | sentiment (exact_match, n={n[1]}) | " \
+           f"prose (bits_per_byte, n={n[2]}) |" in md
 
 
 def test_a_run_without_its_weights_reports_the_same_matrix_and_a_stage_trained_again_ends_it(run_dir, tmp_path):
@@ -605,3 +608,34 @@ def test_stage_tasks_give_lm_eval_the_fields_as_written_not_read_as_python_liter
         assert choice.doc_to_text(d) == d["prompt"] and isinstance(d["prompt"], str)
         assert choice.doc_to_choice(d) == ["[1, 2]", "[3]"] and choice.doc_to_target(d) == ["[1, 2]", "[3]"].index(
             d["completion"])
+
+
+def test_answers_longer_than_max_new_tokens_are_a_note_naming_the_key(run_dir, tmp_path):
+    """A generated answer is cut at eval.max_new_tokens: a test answer longer than that scores 0 whatever the model
+    knows. The stage task carries a note counting them and naming the key and the length that would do; `llmcl
+    eval` prints it. The default (32) cuts none of the fixture's answers."""
+    import shutil
+
+    from llmcl import recipe as recipe_mod
+    from llmcl.eval.tasks import write_stage_tasks
+
+    tok = load_tokenizer(ModelConfig(path="builtin:tiny"))
+    r = recipe_mod.load(run_dir.parent / "r.yaml", [])
+    assert [t.note for t in write_stage_tasks(r, tmp_path / "a", tok, write=False)] == [None] * 4
+    r = recipe_mod.load(run_dir.parent / "r.yaml", ["eval.max_new_tokens=1"])
+    notes = {t.task: t.note for t in write_stage_tasks(r, tmp_path / "b", tok, write=False)}
+    rows = [json.loads(line) for line in (run_dir / "eval" / "tasks" / "facts.jsonl").read_text().splitlines()]
+    lengths = [len(tok(row["completion"], add_special_tokens=False)["input_ids"]) for row in rows]
+    assert notes["llmcl_stage_facts"] == (
+        f"note: stage 'facts': {sum(n > 1 for n in lengths)} of {len(rows)} test answers are longer than "
+        f"eval.max_new_tokens=1 tokens (the longest {max(lengths)}): they cannot be matched exactly; set "
+        f"eval.max_new_tokens to at least {max(lengths)}")
+    assert notes["llmcl_stage_prose"] is None and notes["llmcl_stage_sentiment-choice"] is None
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    data = yaml.safe_load((copy / "recipe.yaml").read_text())
+    data["eval"]["max_new_tokens"] = 1
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(data))
+    res = run_cli("eval", str(copy), "--stage", "base", "--tasks", "facts")
+    assert res.exit_code == 0, res.output
+    assert notes["llmcl_stage_facts"] in " ".join(res.output.split())

@@ -45,6 +45,8 @@ class EvalHooks:
         if self._stage_tasks is None:  # the same for every row of the run: rendered and written once
             self._stage_tasks = prepare_stage_tasks(self.run_dir, self.recipe, self._tok(),
                                                     accelerator if parallel else None)
+            for note in (t.note for t in self._stage_tasks if t.note):
+                self.display.message(note)
         score_row(self.run_dir, row, recipe=self.recipe, tokenizer=self._tok(),
                   accelerator=accelerator if parallel else None, stage_tasks=self._stage_tasks)
 

@@ -26,6 +26,7 @@ class Column:
     stage: int | None
     metric: str
     higher_is_better: bool
+    n: int | None = None  # items scored (the first row's count; eval.limit caps it)
 
 
 @dataclass
@@ -102,7 +103,7 @@ def collect(run_dir: Path) -> RunReport:
             if task not in seen:
                 label = {"stage": r["stage_name"], "stage_choice": f"{r['stage_name']} (labels)"}.get(
                     r["kind"], task.removeprefix("llmcl_"))
-                seen[task] = Column(task, label, r["kind"], r["stage"], r["metric"], r["higher_is_better"])
+                seen[task] = Column(task, label, r["kind"], r["stage"], r["metric"], r["higher_is_better"], r.get("n"))
     stage_cols = sorted((c for c in seen.values() if c.kind == "stage"), key=lambda c: c.stage)
     choice_cols = sorted((c for c in seen.values() if c.kind == "stage_choice"), key=lambda c: c.stage)
     general_cols = [c for c in seen.values() if c.kind == "general"]
@@ -186,6 +187,11 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+def _n(column: Column) -> str:
+    """The column's item count as its header shows it (a score over 30 items is not one over 3,000)."""
+    return "" if column.n is None else f", n={column.n}"
+
+
 def _signed(v: float | None) -> str:
     return "—" if v is None else f"{v:+.3f}"
 
@@ -196,7 +202,7 @@ def markdown(report: RunReport) -> str:
              f"method `{report.method}`, model `{report.model}`, {report.stages_done}/{len(report.stage_names)} "
              f"stages done, training {report.train_seconds:.0f}s", "",
              "Accuracy matrix R (row = model after that stage, column = task; metric under the name):", "",
-             "| after \\ task | " + " | ".join(f"{c.label} ({c.metric})" for c in cols) + " |",
+             "| after \\ task | " + " | ".join(f"{c.label} ({c.metric}{_n(c)})" for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for label, vals in zip(report.rows, report.values):
         lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in vals) + " |")
@@ -269,7 +275,7 @@ def tables(report: RunReport) -> list[Any]:
     matrix = Table(title=f"{report.name}: accuracy matrix ({report.method})", title_justify="left")
     matrix.add_column("after \\ task")
     for c in report.columns:
-        matrix.add_column(f"{c.label}\n[dim]{c.metric}[/dim]", justify="right")
+        matrix.add_column(f"{c.label}\n[dim]{c.metric}{_n(c)}[/dim]", justify="right")
     for label, vals in zip(report.rows, report.values):
         matrix.add_row(label, *[_fmt(v) for v in vals])
     summary = Table(box=None)

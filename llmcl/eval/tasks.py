@@ -35,6 +35,8 @@ class StageTask:
     task: str
     kind: str  # generate | choice | perplexity
     n: int
+    note: str | None = None
+    """A one-line note for the user about this task's scores (answers longer than eval.max_new_tokens)."""
 
     @property
     def view(self) -> str:
@@ -168,8 +170,25 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool
                                    few_shot=bool(recipe.eval.num_fewshot))
                 yaml_file.parent.mkdir(exist_ok=True)
                 write_text(yaml_file, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-            written.append(StageTask(i, stage.name, task, view, len(rows)))
+            written.append(StageTask(i, stage.name, task, view, len(rows),
+                                     _cut_answers_note(stage.name, rows, tokenizer, recipe.eval.max_new_tokens)
+                                     if view == "generate" else None))
     return written
+
+
+def _cut_answers_note(stage_name: str, rows: list[dict], tokenizer: Any, max_new_tokens: int) -> str | None:
+    """A note when test answers are longer than the tokens generated for them: those items score 0 whatever
+    the model knows (exact match against a cut answer)."""
+    completions = [r["completion"] for r in rows]
+    unique = sorted(set(completions))
+    length = dict(zip(unique, map(len, tokenizer(unique, add_special_tokens=False)["input_ids"])))
+    cut = sum(length[c] > max_new_tokens for c in completions)
+    if not cut:
+        return None
+    longest = max(length.values())
+    return (f"note: stage {stage_name!r}: {cut} of {len(rows)} test answers are longer than eval.max_new_tokens="
+            f"{max_new_tokens} tokens (the longest {longest}): they cannot be matched exactly; set "
+            f"eval.max_new_tokens to at least {longest}")
 
 
 def data_dir(recipe: Any) -> str | None:
