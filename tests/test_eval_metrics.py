@@ -63,3 +63,18 @@ def test_missing_cells_are_skipped():
     m = [[0.9, None], [0.3, 0.8]]
     assert M.summary(m, None) == {"AA": pytest.approx(0.55), "BWT": pytest.approx(-0.6), "FWT": None,
                                   "forgetting": pytest.approx(0.6)}
+
+
+def test_a_task_with_several_filters_reports_its_first_filter_and_keeps_the_others_by_name():
+    """gsm8k-style results (strict-match first, then flexible-extract): the matrix's value is the first filter's,
+    the task's default, not whichever came last; the other filter's value stays in the row, named."""
+    from llmcl.eval.harness import _parse
+
+    results = {"results": {"t": {"alias": "t", "exact_match,strict-match": 0.30, "exact_match_stderr,strict-match": 0.02,
+                                 "exact_match,flexible-extract": 0.45,
+                                 "exact_match_stderr,flexible-extract": 0.03}},
+               "n-samples": {"t": {"original": 100, "effective": 100}}, "higher_is_better": {"t": {"exact_match": True}},
+               "versions": {"t": 3}}
+    r = _parse("t", results)
+    assert (r.metric, r.value, r.stderr, r.n) == ("exact_match", 0.30, 0.02, 100)
+    assert r.metrics == {"exact_match": 0.30, "exact_match,flexible-extract": 0.45}

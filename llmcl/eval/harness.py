@@ -100,11 +100,11 @@ def _parse(task: str, results: dict[str, Any]) -> TaskResult:
     for key, value in raw.items():
         if "," not in key or not isinstance(value, (int, float)):
             continue
-        name, _filter = key.split(",", 1)
-        if name.endswith("_stderr"):
-            stderrs[name[: -len("_stderr")]] = float(value)
-        else:
-            metrics[name] = float(value)
+        name, filter_name = key.split(",", 1)
+        # a task with several filters (gsm8k: strict-match, flexible-extract) reports each metric once per
+        # filter: the first, the task's own default, is the metric's value; the others keep their filter's name
+        into, name = (stderrs, name[: -len("_stderr")]) if name.endswith("_stderr") else (metrics, name)
+        into[name if name not in into else f"{name},{filter_name}"] = float(value)
     primary = next((m for m in PRIMARY if m in metrics), next(iter(metrics), None))
     if primary is None:
         raise LlmclError(f"lm-eval returned no metric for task {task!r}")
