@@ -70,11 +70,11 @@ def test_a_task_with_several_filters_reports_its_first_filter_and_keeps_the_othe
     the task's default, not whichever came last; the other filter's value stays in the row, named."""
     from llmcl.eval.harness import _parse
 
-    results = {"results": {"t": {"alias": "t", "exact_match,strict-match": 0.30, "exact_match_stderr,strict-match": 0.02,
-                                 "exact_match,flexible-extract": 0.45,
+    results = {"results": {"t": {"alias": "t", "exact_match,strict-match": 0.30,
+                                 "exact_match_stderr,strict-match": 0.02, "exact_match,flexible-extract": 0.45,
                                  "exact_match_stderr,flexible-extract": 0.03}},
-               "n-samples": {"t": {"original": 100, "effective": 100}}, "higher_is_better": {"t": {"exact_match": True}},
-               "versions": {"t": 3}}
+               "n-samples": {"t": {"original": 100, "effective": 100}},
+               "higher_is_better": {"t": {"exact_match": True}}, "versions": {"t": 3}}
     r = _parse("t", results)
     assert (r.metric, r.value, r.stderr, r.n) == ("exact_match", 0.30, 0.02, 100)
     assert r.metrics == {"exact_match": 0.30, "exact_match,flexible-extract": 0.45}
