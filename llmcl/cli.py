@@ -150,23 +150,28 @@ def status(recipe_file: str, overrides: tuple[str, ...], run_dir: str | None) ->
 @click.option("--partition", default=None, help="sbatch --partition.")
 @click.option("--time", "time_limit", default=None, help="sbatch --time, e.g. 24:00:00.")
 @click.option("--account", default=None, help="sbatch --account.")
+@click.option("--cpus-per-task", type=int, default=None,
+              help="sbatch --cpus-per-task: a node's CPUs for its training processes (default: SLURM's).")
+@click.option("--mem", default=None, help="sbatch --mem per node, e.g. 512G; 0 = the whole node's (default: SLURM's).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default: runs/<recipe name>).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Where to write train.sbatch and chain.sh (default: <run dir>/slurm).")
 @click.option("--print", "print_only", is_flag=True, help="Print train.sbatch instead of writing files.")
 def slurm(recipe_file: str, overrides: tuple[str, ...], nodes: int, gpus_per_node: int, partition: str | None,
-          time_limit: str | None, account: str | None, run_dir: str | None, out: str | None,
-          print_only: bool) -> None:
+          time_limit: str | None, account: str | None, cpus_per_task: int | None, mem: str | None,
+          run_dir: str | None, out: str | None, print_only: bool) -> None:
     """Write the SLURM scripts for RECIPE_FILE: train.sbatch (all stages, or --stage K) and chain.sh (a job per stage)."""
     from llmcl import catalog
     from llmcl import slurm as slurm_mod
 
     r = load_checked(recipe_file, overrides)
     directory = _run_dir(r, run_dir)
-    cluster = slurm_mod.Cluster(nodes, gpus_per_node, partition, time_limit, account)
+    cluster = slurm_mod.Cluster(nodes, gpus_per_node, partition, time_limit, account, cpus_per_task, mem)
     target = Path(out) if out else directory / "slurm"
     files = slurm_mod.render(catalog.find(recipe_file), list(overrides), directory, r.name, cluster,
                              r.distributed.accelerate_config, out_dir=target)
+    if cluster.note():
+        click.echo(cluster.note(), err=True)
     if print_only:
         click.echo(files["train.sbatch"], nl=False)
         return

@@ -38,6 +38,17 @@ class Cluster:
     partition: str | None = None
     time: str | None = None
     account: str | None = None
+    cpus_per_task: int | None = None  # the CPUs of a node's one task, shared by its training processes
+    mem: str | None = None  # sbatch --mem (per node): 0 = all of it
+
+    def note(self) -> str | None:
+        """What a user should hear about the CPUs the job will get, or None."""
+        if self.cpus_per_task is not None:
+            return None
+        procs = max(1, self.gpus_per_node)
+        return (f"note: no --cpus-per-task: on a cluster that binds CPUs to tasks SLURM gives the node's one task "
+                f"(its {procs} training process{'es' if procs > 1 else ''} and their data loading) its default, "
+                "often 1 CPU; pass --cpus-per-task (and --mem, 0 = a node's whole memory) for what a node has")
 
 
 def _defaults(lines: list[str]) -> str:
@@ -74,7 +85,12 @@ def render(recipe_path: Path, overrides: list[str], run_dir: Path, recipe_name: 
               "#SBATCH --ntasks-per-node=1"]
     if cluster.gpus_per_node:
         header.append(f"#SBATCH --gpus-per-node={cluster.gpus_per_node}")
-    for flag, value in (("partition", cluster.partition), ("time", cluster.time), ("account", cluster.account)):
+    if cluster.cpus_per_task is not None:
+        if cluster.cpus_per_task < 1:
+            raise LlmclError(f"--cpus-per-task {cluster.cpus_per_task}: expected at least 1")
+        header.append(f"#SBATCH --cpus-per-task={cluster.cpus_per_task}")
+    for flag, value in (("partition", cluster.partition), ("time", cluster.time), ("account", cluster.account),
+                        ("mem", cluster.mem)):
         if value and not _SBATCH_VALUE.fullmatch(value):
             raise LlmclError(f"--{flag} {value!r}: expected letters, digits and _ . , : + - only (it goes into an "
                              "#SBATCH line)")

@@ -39,6 +39,26 @@ def _rendered(tmp_path, nodes, gpus, **kw):
     return recipe, tmp_path / "run" / "slurm"
 
 
+def test_the_cpus_and_memory_of_a_node_are_asked_for_or_their_absence_is_a_note(tmp_path):
+    """One task a node runs every training process of it: without --cpus-per-task a cluster that binds CPUs to
+    tasks gives it SLURM's default (often 1 CPU for 8 GPUs' processes). Asked for, the header has them; not
+    asked for, `llmcl slurm` says so in one note."""
+    recipe = write_recipe(tmp_path / "r.yaml")
+    res = run_cli("slurm", str(recipe), "--nodes", "2", "--gpus-per-node", "8", "--run-dir", str(tmp_path / "a"))
+    assert res.exit_code == 0 and res.stderr.startswith("note: no --cpus-per-task") and "8 training processes" in \
+        res.stderr, res.output
+    assert "--cpus-per-task" not in (tmp_path / "a" / "slurm" / "train.sbatch").read_text()
+    res = run_cli("slurm", str(recipe), "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "96", "--mem", "0",
+                  "--run-dir", str(tmp_path / "b"))
+    assert res.exit_code == 0 and "note:" not in res.stderr, res.output
+    lines = (tmp_path / "b" / "slurm" / "train.sbatch").read_text().splitlines()
+    assert "#SBATCH --cpus-per-task=96" in lines and "#SBATCH --mem=0" in lines
+    for bad, says in ((["--cpus-per-task", "0"], "--cpus-per-task 0: expected at least 1"),
+                      (["--mem", "1G\n#SBATCH --wrap=x"], "--mem")):
+        res = run_cli("slurm", str(recipe), *bad, "--print")
+        assert res.exit_code == 2 and res.stderr.startswith("error: " + says), res.output
+
+
 def _fake_scontrol(tmp_path, hosts):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
