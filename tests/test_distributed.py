@@ -386,11 +386,11 @@ def test_a_run_dir_that_is_not_shared_by_every_rank_is_refused_on_every_rank(tmp
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = sorted(line for rank in (0, 1) for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines())
-    assert lines[:2] == ["local rank 0: refused: --run-dir " + str(tmp_path / "local") + " is not the directory rank 0 "
-                         "locked on every rank: the run directory must be on a file system that every node shares",
-                         "local rank 1: refused: --run-dir " + str(tmp_path / "local-rank1") + " is not the "
-                         "directory rank 0 locked on every rank (rank 1 on " + __import__("socket").gethostname()
-                         + " does not): the run directory must be on a file system that every node shares"], lines
+    assert lines[:2] == ["local rank 0: refused: run directory " + str(tmp_path / "local") + " is not the one rank 0 "
+                         "locked on every rank: a run directory must be on a file system that every node shares",
+                         "local rank 1: refused: run directory " + str(tmp_path / "local-rank1") + " is not the "
+                         "one rank 0 locked on every rank (rank 1 on " + __import__("socket").gethostname()
+                         + " does not): a run directory must be on a file system that every node shares"], lines
     assert lines[2:] == ["shared rank 0: locked", "shared rank 1: locked"]
 
 

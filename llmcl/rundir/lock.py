@@ -80,7 +80,7 @@ def _not_shared(run_dir: Path, accelerator: Any, lock: RunLock | None) -> LlmclE
     if float(accelerator.reduce(flag, "max")) == 0:
         return None
     where = "" if mine == token[0] else f" (rank {accelerator.process_index} on {socket.gethostname()} does not)"
-    return LlmclError(f"--run-dir {run_dir} is not the directory rank 0 locked on every rank{where}: the run "
+    return LlmclError(f"run directory {run_dir} is not the one rank 0 locked on every rank{where}: a run "
                       "directory must be on a file system that every node shares")
 
 
