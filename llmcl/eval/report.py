@@ -332,8 +332,10 @@ def current_row_text(report: RunReport) -> str:
     """One line for the training log: the last row and AA/BWT so far."""
     label, vals = report.rows[-1], report.values[-1]
     cells = ", ".join(f"{c.label} {_fmt(v)}" for c, v in zip(report.columns, vals))
-    s = report.summary
-    return f"eval after {label}: {cells} | AA {_fmt(s.get('AA'))}, BWT {_signed(s.get('BWT'))}"
+    summaries = report.by_metric or {"": report.summary}  # stage tasks in several units: AA and BWT per metric
+    return f"eval after {label}: {cells} | " + "; ".join(
+        f"{metric + ' ' if metric else ''}AA {_fmt(s.get('AA'))}, BWT {_signed(s.get('BWT'))}"
+        for metric, s in summaries.items())
 
 
 def read_matrix(run_dir: Path) -> dict[str, Any]:
