@@ -191,19 +191,22 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
     from rich.console import Console
 
     from llmcl.eval import report as report_mod
-    from llmcl.eval.scoring import BASE, load_run_recipe, prepare_stage_tasks, score_row
+    from llmcl.eval.scoring import BASE, load_run_recipe, prepare_stage_tasks, row_tasks, score_row
     from llmcl.models import load_tokenizer
     from llmcl.rundir import Ledger
     from llmcl.rundir.lock import locked
 
     directory = Path(run_dir)
     recipe = load_run_recipe(directory)
-    done = Ledger.read(directory).done_stages()
+    ledger = Ledger.read(directory)
+    done = ledger.done_stages()
+    gone = [i for i in done if ledger.deleted(i)] if row is None else []
     if row is None:
-        rows: list = [BASE, *done]
+        rows: list = [BASE, *(i for i in done if i not in gone)]
     elif row == BASE:
         rows = [BASE]
     elif row.isdigit() and int(row) in done:
+        ledger.check_loadable(int(row))
         rows = [int(row)]
     else:
         raise LlmclError(f"--stage {row}: expected 'base' or a finished stage of {run_dir} ({done or 'none yet'})")
@@ -215,11 +218,16 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
     accelerator = _eval_accelerator(recipe, directory)
     main = accelerator is None or accelerator.is_main_process
     console = Console(soft_wrap=True, quiet=not main)
+    if gone:
+        console.print(f"note: stage{'s' * (len(gone) > 1)} {', '.join(map(str, gone))} left out: the weights were "
+                      "deleted after they were scored (checkpoints.keep_stages); the rows stay", highlight=False)
     tokenizer = load_tokenizer(recipe.model)
     with locked(directory, accelerator):  # not while a `llmcl train` or another `llmcl eval` works there
         stage_tasks = prepare_stage_tasks(directory, recipe, tokenizer, accelerator) if rows else []
         for note in (t.note for t in stage_tasks if t.note):
             console.print(note, highlight=False, markup=False)
+        if not only and row is None:  # every row: those with nothing to score are not rows (eval.tasks_every_stage)
+            rows = [r for r in rows if row_tasks(recipe, r, stage_tasks)] or rows[:1]
         for r in rows:
             console.print(f"evaluating {'the base model' if r == BASE else f'stage {r}'} ...", highlight=False)
             score_row(directory, r, recipe=recipe, tokenizer=tokenizer, only=only, accelerator=accelerator,

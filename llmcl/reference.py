@@ -19,6 +19,7 @@ SECTIONS = [
     ("replay.datasets.N.weight", None),
     ("logging.", recipe.LoggingConfig),
     ("eval.", recipe.EvalConfig),
+    ("checkpoints.", recipe.CheckpointsConfig),
     ("distributed.", recipe.DistributedConfig),
 ]
 

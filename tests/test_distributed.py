@@ -53,8 +53,10 @@ def _recipe(tmp_path, method, per_rank_batch, stage1_accum=False, precision="aut
     if method == "seqft_replay_eval":  # replay (sampled per rank from the global plan) and data-parallel evaluation
         # (WikiText's bits per byte differ from article to article: a wrong sharding could not go unseen)
         wikitext = SHARED_DATA / "eval" / "wikitext2"
+        # (and checkpoints.keep_stages: rank 0 deletes stage 0's weights once its row is written by both ranks)
         extra = {"replay": {"ratio": 0.5}, "eval": {"after_each_stage": True, "limit": 4, "tasks_limit": 2, **(
-            {"tasks": ["llmcl_wikitext2"], "data_dir": str(SHARED_DATA / "eval")} if wikitext.is_dir() else {})}}
+            {"tasks": ["llmcl_wikitext2"], "data_dir": str(SHARED_DATA / "eval")} if wikitext.is_dir() else {})},
+            "checkpoints": {"keep_stages": 1}}
     return write_recipe(tmp_path / f"{method}-b{per_rank_batch}{'-acc' if stage1_accum else ''}-{precision}.yaml",
                         **{"method": {"name": method.split("_")[0], **VARIANTS.get(method, {})}, **extra},
                         train={"lr": 1e-3, "max_steps": STEPS, "batch_size": per_rank_batch, "seq_len": 48,
@@ -207,6 +209,10 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(ddp_
     assert {t["processes"] for v in rows.values() for t in v.values()} == {2}
     fractions = [json.loads(x)["replay_fraction"] for x in (replay / "metrics.jsonl").read_text().splitlines()]
     assert fractions[STEPS:] == [0.5] * STEPS  # stage 2 replays half of every step, summed over both ranks
+    for run in (replay, references["seqft_replay_eval"]):  # stage 0's weights went after its row, as one process
+        ledger = json.loads((run / "ledger.json").read_text())["stages"]
+        assert [bool(s.get("weights_deleted")) for s in ledger] == [True, False]
+        assert sorted(p.name for p in (run / "stage-00-facts").iterdir()) == ["stage.json"]
 
 
 @pytest.mark.slow  # 1-2 min a config: -m slow, which CI runs (.ci/run)

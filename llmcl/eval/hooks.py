@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcl.eval import report as report_mod
-from llmcl.eval.scoring import BASE, prepare_stage_tasks, row_file, score_row
+from llmcl.eval.scoring import BASE, prepare_stage_tasks, row_file, row_tasks, score_row
 
 
 class EvalHooks:
@@ -39,16 +39,29 @@ class EvalHooks:
         parallel = accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.DEEPSPEED
         if not parallel and not accelerator.is_main_process:
             return
+        if not row_tasks(self.recipe, row, self._prepared(accelerator if parallel else None)):
+            return  # a stage in the middle when only general tasks at the ends are asked for: no row
         label = "base model" if row == BASE else f"stage {row} ({self.recipe.stages[int(row)].name})"
         self.display.message(f"evaluating the {label} with lm-eval"
                              + (f" on {accelerator.num_processes} processes" if parallel else "") + " ...")
-        if self._stage_tasks is None:  # the same for every row of the run: rendered and written once
-            self._stage_tasks = prepare_stage_tasks(self.run_dir, self.recipe, self._tok(),
-                                                    accelerator if parallel else None)
-            for note in (t.note for t in self._stage_tasks if t.note):
-                self.display.message(note)
         score_row(self.run_dir, row, recipe=self.recipe, tokenizer=self._tok(),
                   accelerator=accelerator if parallel else None, stage_tasks=self._stage_tasks)
+
+    def _prepared(self, accelerator: Any) -> list[Any]:
+        """The run's stage tasks, the same for every row: rendered and written once (by every rank of a
+        data-parallel evaluation, `accelerator`; else by the one process calling)."""
+        if self._stage_tasks is None:
+            self._stage_tasks = prepare_stage_tasks(self.run_dir, self.recipe, self._tok(), accelerator)
+            for note in (t.note for t in self._stage_tasks if t.note):
+                self.display.message(note)
+        return self._stage_tasks
+
+    def needs_weights(self, index: int) -> bool:
+        """Whether finished stage `index` still has a row to be scored, so that its weights must stay
+        (checkpoints.keep_stages). Called by rank 0 alone."""
+        if not self.enabled or row_file(self.run_dir, index).exists():
+            return False
+        return bool(row_tasks(self.recipe, index, self._prepared(None)))
 
     def on_start(self, accelerator: Any, ledger: Any) -> None:
         """Score the base model and any finished stage whose row is missing."""

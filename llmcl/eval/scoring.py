@@ -117,6 +117,17 @@ def _scored_here(stage: int, row: int, recipe: Recipe) -> bool:
     return True
 
 
+def row_tasks(recipe: Recipe, row: str | int, stage_tasks: list[StageTask]) -> list[str]:
+    """The tasks row `row` scores when none are named: the stage tasks it reads (eval.seen_stages,
+    eval.unseen_stages) and eval.tasks (only on the base and last rows with eval.tasks_every_stage: false). Empty
+    for a row with nothing to score: a stage in the middle when only general tasks at the ends are asked for."""
+    general = [t for t in recipe.eval.tasks if t not in {s.task for s in stage_tasks}]
+    if not recipe.eval.tasks_every_stage and row != BASE and int(row) != len(recipe.stages) - 1:
+        general = []  # general ability only for the base model and the last stage
+    stage = [t.task for t in stage_tasks if row == BASE or _scored_here(t.stage, int(row), recipe)]
+    return stage + general
+
+
 def prepare_stage_tasks(run_dir: Path, recipe: Recipe, tokenizer: Any, accelerator: Any = None) -> list[StageTask]:
     """The run's stage tasks, written to run_dir/eval/tasks (by rank 0 while the other ranks of a data-parallel
     evaluation wait; every rank calls this then). What a run's rows share: a caller that scores several rows of one
@@ -150,13 +161,9 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
     if stage_tasks is None:
         stage_tasks = prepare_stage_tasks(run_dir, recipe, tokenizer, accelerator)
     by_name = {t.task: t for t in stage_tasks}
-    general = [t for t in recipe.eval.tasks if t not in by_name]
-    if not recipe.eval.tasks_every_stage and row != BASE and int(row) != len(recipe.stages) - 1:
-        general = []  # general ability only for the base model and the last stage
-    names = [t.task for t in stage_tasks] + general
-    if not only and row != BASE:
-        names = [n for n in names if n not in by_name or _scored_here(by_name[n].stage, int(row), recipe)]
+    names = row_tasks(recipe, row, stage_tasks)
     if only:
+        names = [t.task for t in stage_tasks] + [t for t in recipe.eval.tasks if t not in by_name]
         aliases: dict[str, list[str]] = {}
         for t in stage_tasks:  # a stage's name stands for its every view
             aliases.setdefault(t.stage_name, []).append(t.task)

@@ -20,8 +20,8 @@ from llmcl.config import build, coerce, require, to_dict
 from llmcl.errors import RecipeError, did_you_mean
 from llmcl.methods.base import MethodConfig
 from llmcl.recipe.files import apply_override, parse_override, read_yaml
-from llmcl.recipe.sections import (DataConfig, DistributedConfig, EvalConfig, LoggingConfig, ModelConfig,
-                                   ReplayConfig, ReplayDataConfig, StageConfig, TrainConfig)
+from llmcl.recipe.sections import (CheckpointsConfig, DataConfig, DistributedConfig, EvalConfig, LoggingConfig,
+                                   ModelConfig, ReplayConfig, ReplayDataConfig, StageConfig, TrainConfig)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: no trailing newline
 
@@ -50,11 +50,18 @@ class Recipe:
     """Extra metric trackers."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation after each stage: the accuracy matrix and general-ability tasks."""
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    """What the run directory keeps of the finished stages."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Launch settings for multi-process training (the launcher's own flags take precedence)."""
 
     def check(self, key: Any) -> None:
         require(0 <= self.seed < 2**32, key("seed"), self.seed, "an integer in [0, 2^32)")
+        evaluated = self.eval.stage_tasks or bool(self.eval.tasks)
+        require(self.checkpoints.keep_stages is None or self.eval.after_each_stage or not evaluated,
+                key("checkpoints.keep_stages"), self.checkpoints.keep_stages,
+                "null while eval.after_each_stage is false (a stage's weights are deleted once its row is scored "
+                "during `llmcl train`; `llmcl eval` could not score a deleted stage later)")
 
     def stage_train(self, index: int) -> TrainConfig:
         """The train settings of stage `index`: the recipe's, with the stage's overrides applied."""
@@ -177,9 +184,9 @@ def dump(recipe: Recipe) -> str:
 
 
 def comparable(recipe_dict: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a resolved recipe that decide the trained weights (logging, eval and train.on_nonfinite may
-    change freely)."""
-    out = {k: v for k, v in recipe_dict.items() if k not in ("logging", "eval", "description")}
+    """The parts of a resolved recipe that decide the trained weights (logging, eval, checkpoints and
+    train.on_nonfinite may change freely)."""
+    out = {k: v for k, v in recipe_dict.items() if k not in ("logging", "eval", "checkpoints", "description")}
     out = copy.deepcopy(out)
     for train in [out.get("train") or {}] + [(s or {}).get("train") or {} for s in out.get("stages") or []]:
         if isinstance(train, dict):

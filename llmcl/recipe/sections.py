@@ -292,6 +292,18 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointsConfig:
+    """What a run keeps of its finished stages (may change between a stop and the resume)."""
+
+    keep_stages: int | None = None
+    """Keep the weights of only the last N finished stages (null = every stage): an older stage's model, method state and optimizer state are deleted once its evaluation row is written (adapters a kept stage merges stay); the ledger, stage.json and the rows stay, so resume, the report and export of a kept stage work as before. Needs eval.after_each_stage (a deleted stage cannot be scored later)."""
+
+    def check(self, key: KeyFn) -> None:
+        require(self.keep_stages is None or (type(self.keep_stages) is int and self.keep_stages > 0),
+                key("keep_stages"), self.keep_stages, "a positive integer or null (keep every stage)")
+
+
+@dataclass
 class DistributedConfig:
     """How `llmcl train` launches itself when not started by a launcher (accelerate launch, torchrun, srun)."""
 

@@ -11,7 +11,8 @@ Every directory is written under a temporary name and renamed into place, and th
 atomically after the stage directory is complete: a kill at any moment leaves either the old state or the
 new one, never a stage marked done with a broken checkpoint. The files of every stage directory and step
 checkpoint are recorded (size, sha256) and checked before they are loaded (llmcl.rundir.integrity); one
-process at a time works in a run directory (llmcl.rundir.lock). Training, evaluation and the CLI read and write
+process at a time works in a run directory (llmcl.rundir.lock). checkpoints.keep_stages deletes the weights of
+older stages once they are scored (llmcl.rundir.retention). Training, evaluation and the CLI read and write
 the run directory only through this package.
 """
 

@@ -31,7 +31,8 @@ class Ledger:
     def open(cls, run_dir: Path, recipe: Any, *, write: bool = True) -> "Ledger":
         """Open the run dir's ledger, creating the run dir (recipe.yaml first) if it is new.
 
-        An existing run dir must have been made by the same recipe (logging/eval may differ)."""
+        An existing run dir must have been made by the same recipe; what may differ (eval, logging, checkpoints,
+        train.on_nonfinite: llmcl.recipe.comparable) takes the new values in recipe.yaml."""
         import yaml
 
         from llmcl.recipe import comparable, dump, first_difference
@@ -47,7 +48,9 @@ class Ledger:
             if diff is not None:
                 raise LlmclError(f"run dir {run_dir} was made by a different recipe (first difference at "
                                  f"'{diff}'); use the same recipe and overrides, or a new --run-dir")
-        elif write:
+        if write and (not recipe_path.exists() or first_difference(stored, resolved) is not None):
+            # new, or the keys that may change (eval, logging, checkpoints) changed: `llmcl eval` and `llmcl
+            # report` read the latest run's
             run_dir.mkdir(parents=True, exist_ok=True)
             tmp = recipe_path.with_name(RECIPE + ".tmp")
             tmp.write_text(dump(recipe))
@@ -93,7 +96,13 @@ class Ledger:
 
     def _done(self, index: int) -> bool:
         entry = self.stage(index)
-        return entry.get("status") == "done" and (self.run_dir / entry["checkpoint"] / MANIFEST).exists()
+        return entry.get("status") == "done" and (self.deleted(index)
+                                                  or (self.run_dir / entry["checkpoint"] / MANIFEST).exists())
+
+    def deleted(self, index: int) -> bool:
+        """Whether finished stage `index`'s weights were deleted to save space (checkpoints.keep_stages): it stays
+        done (the stages after it were trained from it), its row and stage.json stay, it cannot be loaded."""
+        return bool(self.stage(index).get(WEIGHTS_DELETED))
 
     def done_stages(self) -> list[int]:
         return [i for i in range(len(self.data["stages"])) if self.is_done(i)]
@@ -122,8 +131,17 @@ class Ledger:
     def stage_dir(self, index: int) -> Path:
         return self.run_dir / self.stage(index)["checkpoint"]
 
+    def check_loadable(self, index: int) -> None:
+        """Refuse, in one line, a finished stage whose weights were deleted (checkpoints.keep_stages)."""
+        if self.deleted(index):
+            entry = self.stage(index)
+            raise LlmclError(f"stage {index} ({entry.get('name')}) of {self.run_dir} cannot be loaded: its weights were "
+                             f"deleted at {entry[WEIGHTS_DELETED]} once its row was scored (checkpoints.keep_stages); "
+                             "its row stays in the report; train again in a new --run-dir to get them back")
+
     def manifest(self, index: int) -> dict[str, Any]:
         """The manifest of finished stage `index`, after checking that the stage's files are those it wrote."""
+        self.check_loadable(index)
         directory = self.stage_dir(index)
         way_out = stage_way_out(directory)
         manifest = read_json(directory / MANIFEST, way_out)
@@ -134,6 +152,7 @@ class Ledger:
 
 
 STATUSES = ("pending", "running", "done")
+WEIGHTS_DELETED = "weights_deleted"  # a done stage's entry: when its weights were deleted (llmcl.rundir.retention)
 
 
 def _check_entry(i: int, entry: Any) -> None:

@@ -4,7 +4,8 @@ Read it top to bottom:
     run()        lock the run dir, open its ledger, decide which stages to train, plan every stage (steps and
                  schedule) before the first one trains, then for each stage:
                      build_stage -> train_steps -> finish_stage      (llmcl.train.stage, llmcl.train.steps)
-                 and the hooks (evaluation) after it.
+                 and the hooks (evaluation) after it; then the weights checkpoints.keep_stages no longer keeps
+                 are deleted (llmcl.rundir.retention).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from llmcl.errors import LlmclError
 from llmcl.models import load_tokenizer
 from llmcl.recipe import Recipe
 from llmcl.rundir import CACHE, STOPPED, Ledger, now, write_json
+from llmcl.rundir import retention
 from llmcl.rundir.lock import locked
 from llmcl.train import distributed
 from llmcl.train.metrics import MetricsLog
@@ -42,7 +44,9 @@ def run(recipe: Recipe, run_dir: Path, *, only_stage: int | None = None, display
 
     `accelerator`: the Accelerator to train with (default: llmcl.train.distributed.make_accelerator).
     `hooks` (optional) gets on_start(accelerator, ledger) before training and on_stage_end(i, accelerator, ledger)
-    after each stage is saved: that is where evaluation plugs in, without the loop knowing about it."""
+    after each stage is saved: that is where evaluation plugs in, without the loop knowing about it; while
+    its needs_weights(i), where it has one, returns True (a row still to score), checkpoints.keep_stages leaves
+    stage i's weights in place."""
     with StopSignals() as stop:  # first thing (a signal since `llmcl train` started is kept): none is lost
         run_dir = Path(run_dir)
         accelerator = accelerator or distributed.make_accelerator(recipe, run_dir)
@@ -77,6 +81,7 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
         if hooks is not None:
             with _evaluating(stop, ledger, "the missing rows"):
                 hooks.on_start(accelerator, ledger)
+        _delete_old_weights(recipe, ledger, accelerator, hooks, display)
         return result
     if done:
         display.message(f"{run_dir}: stages {', '.join(map(str, done))} already done")
@@ -94,6 +99,7 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
         if hooks is not None:
             with _evaluating(stop, ledger, "the missing rows"):
                 hooks.on_start(accelerator, ledger)
+        _delete_old_weights(recipe, ledger, accelerator, hooks, display)
 
         # 3) train the stages in order
         for i in todo:
@@ -107,9 +113,28 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
                 _stop_point(stop, accelerator, ledger, f"after stage {i} ({recipe.stages[i].name})")
                 with _evaluating(stop, ledger, f"stage {i}'s row"):
                     hooks.on_stage_end(i, accelerator, ledger)
+            _delete_old_weights(recipe, ledger, accelerator, hooks, display)
     finally:
         ctx.metrics.close()
     return result
+
+
+def _delete_old_weights(recipe: Recipe, ledger: Ledger, accelerator: Any, hooks: Any, display: Display) -> None:
+    """checkpoints.keep_stages: rank 0 deletes the weights of the finished stages before the last N whose rows are
+    scored (`hooks.needs_weights`), and the other ranks read the ledger it wrote."""
+    keep = recipe.checkpoints.keep_stages
+    if keep is None:
+        return
+    accelerator.wait_for_everyone()  # every rank's evaluation of the row is over
+    if accelerator.is_main_process:
+        needed = getattr(hooks, "needs_weights", None) or (lambda i: False)
+        deleted = retention.delete_old_weights(ledger, keep, needed)
+        if deleted:
+            display.message(f"deleted the weights of stage{'s' * (len(deleted) > 1)} "
+                            f"{', '.join(map(str, deleted))} (checkpoints.keep_stages: {keep}); their rows stay")
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        ledger.data = Ledger.read(ledger.run_dir).data
 
 
 def _evaluating(stop: StopSignals, ledger: Ledger, rows: str) -> Any:
