@@ -171,6 +171,69 @@ def test_report_matrix_matches_an_independent_computation_from_the_eval_jsons(ru
            f"prose (bits_per_byte, n={n[2]}) |" in md
 
 
+@pytest.mark.skipif(not HAS_EVAL_DATA, reason="needs ../shared/data/eval")
+def test_eval_metric_chooses_the_metric_a_column_shows_without_scoring_again(run_dir, tmp_path):
+    """eval.metric: {llmcl_arc_easy: acc_norm} renders ARC's column from the rows' acc_norm (kept with its
+    standard error), its general delta recomputed here; a metric the task does not report, or a task the run does
+    not have, is one line naming the key."""
+    import shutil
+
+    other = tmp_path / "norm"
+    shutil.copytree(run_dir, other)
+    data = yaml.safe_load((other / "recipe.yaml").read_text())
+    data["eval"]["metric"] = {"llmcl_arc_easy": "acc_norm"}
+    (other / "recipe.yaml").write_text(yaml.safe_dump(data))
+    res = run_cli("report", str(other))
+    assert res.exit_code == 0, res.output
+    rows = _rows(other)
+    order = ["base", "stage-00", "stage-01", "stage-02"]
+    cells = [rows[r]["tasks"]["llmcl_arc_easy"] for r in order]
+    assert all(c["metric"] == "acc" and {"acc", "acc_norm"} <= c["metrics"].keys() for c in cells)  # rows unchanged
+    norm = [c["metrics"]["acc_norm"] for c in cells]
+    matrix = json.loads((other / "report" / "matrix.json").read_text())
+    k = [col["task"] for col in matrix["columns"]].index("llmcl_arc_easy")
+    assert matrix["columns"][k]["metric"] == "acc_norm"
+    assert [row[k] for row in matrix["R"]] == norm
+    assert [row[k] for row in matrix["stderr"]] == [c["stderrs"]["acc_norm"] for c in cells]
+    assert matrix["general_delta"]["llmcl_arc_easy"] == pytest.approx(norm[3] - norm[0])
+    assert "arc_easy (acc_norm, n=" in (other / "report" / "report.md").read_text()
+    data["eval"]["metric"] = {"llmcl_arc_easy": "acc_nrom"}
+    (other / "recipe.yaml").write_text(yaml.safe_dump(data))
+    res = run_cli("report", str(other))
+    assert res.exit_code == 2 and res.output.strip() == (
+        "error: recipe key 'eval.metric.llmcl_arc_easy': 'acc_nrom' is not a metric llmcl_arc_easy reports in "
+        f"{other} (it reports acc, acc_norm)"), res.output
+    data["eval"]["metric"] = {"sentiment": "acc_norm"}
+    (other / "recipe.yaml").write_text(yaml.safe_dump(data))
+    res = run_cli("report", str(other))
+    assert res.exit_code == 2 and "recipe key 'eval.metric.sentiment': 'sentiment' is not a task of this run" in \
+        res.output and "did you mean 'eval.metric.llmcl_stage_sentiment'" in res.output, res.output
+
+
+@pytest.mark.skipif(not HAS_EVAL_DATA, reason="needs ../shared/data/eval")
+def test_a_metric_no_task_reports_stops_llmcl_train_before_stage_0_and_a_rerun_records_the_new_eval_keys(tmp_path):
+    """The base row scores every task: eval.metric is checked against it before the first stage trains. A later
+    `llmcl train` with other eval keys (nothing to train) writes them to the run's recipe.yaml, which `llmcl
+    report` and `llmcl eval` read."""
+    recipe = write_recipe(tmp_path / "r.yaml", train={"max_steps": 1, "batch_size": 2, "seq_len": 48},
+                          eval={"after_each_stage": True, "stage_tasks": False, "tasks": ["llmcl_arc_easy"], "limit": 2,
+                                "data_dir": str(SHARED_DATA / "eval")})
+    run = tmp_path / "run"
+    res = run_cli("train", str(recipe), "eval.metric.llmcl_arc_easy=acc_nrm", "--run-dir", str(run))
+    assert res.exit_code == 2 and res.output.strip().splitlines()[-1] == (
+        "error: recipe key 'eval.metric.llmcl_arc_easy': 'acc_nrm' is not a metric llmcl_arc_easy reports in "
+        f"{run} (it reports acc, acc_norm)"), res.output
+    assert not list(run.glob("stage-*")) and (run / "eval" / "base.json").exists()
+    res = run_cli("train", str(recipe), "eval.metric.llmcl_arc_easy=acc_norm", "--run-dir", str(run))
+    assert res.exit_code == 0, res.output
+    stored = lambda: yaml.safe_load((run / "recipe.yaml").read_text())["eval"]["metric"]  # noqa: E731
+    assert stored() == {"llmcl_arc_easy": "acc_norm"}
+    assert run_cli("report", str(run)).exit_code == 0
+    assert json.loads((run / "report" / "matrix.json").read_text())["columns"][0]["metric"] == "acc_norm"
+    res = run_cli("train", str(recipe), "--run-dir", str(run))
+    assert res.exit_code == 0 and "nothing to train" in res.output and stored() == {}
+
+
 def test_a_run_without_its_weights_reports_the_same_matrix_and_a_stage_trained_again_ends_it(run_dir, tmp_path):
     """The report reads results: with every stage directory deleted (disk space, or an archive without weights,
     as cl_compare --archive keeps) `llmcl report` writes the matrix it wrote with them; a stage the ledger shows

@@ -14,10 +14,8 @@ import torch
 import tqdm
 
 from llmcl.errors import LlmclError
+from llmcl.eval.metrics import LOWER_IS_BETTER, PRIMARY
 
-# the metric that fills the matrix, by preference; lower-is-better ones are marked
-PRIMARY = ("exact_match", "acc", "bits_per_byte", "word_perplexity", "perplexity")
-LOWER_IS_BETTER = {"bits_per_byte", "word_perplexity", "byte_perplexity", "perplexity"}
 
 
 @dataclass
@@ -30,6 +28,10 @@ class TaskResult:
     version: Any
     higher_is_better: bool
     metrics: dict[str, float]
+    stderrs: dict[str, float] | None = None
+    """The standard error of every metric that has one (eval.metric may show another metric than `metric`)."""
+    higher_is_better_by_metric: dict[str, bool] | None = None
+    """Whether higher is better, for every metric (lm-eval's word where it gives one)."""
     processes: int = 1
     """How many processes lm-eval split the requests over (data-parallel evaluation)."""
 
@@ -109,15 +111,19 @@ def _parse(task: str, results: dict[str, Any]) -> TaskResult:
     if primary is None:
         raise LlmclError(f"lm-eval returned no metric for task {task!r}")
     n = results.get("n-samples", {}).get(task, {})
-    higher = results.get("higher_is_better", {}).get(task, {}).get(primary)
+    said = results.get("higher_is_better", {}).get(task, {})
+    higher = {m: bool(said[m.split(",")[0]]) if said.get(m.split(",")[0]) is not None
+              else m.split(",")[0] not in LOWER_IS_BETTER for m in metrics}
     stderr = stderrs.get(primary)
     return TaskResult(
         task=task, metric=primary, value=metrics[primary],
         stderr=stderr if stderr is not None and stderr == stderr else None,  # N/A -> None
         n=int(n.get("effective", n.get("original", 0)) if isinstance(n, dict) else 0),
         version=results.get("versions", {}).get(task),
-        higher_is_better=bool(higher) if higher is not None else primary not in LOWER_IS_BETTER,
+        higher_is_better=higher[primary],
         metrics=metrics,
+        stderrs={k: v for k, v in stderrs.items() if v == v},  # N/A (nan) left out
+        higher_is_better_by_metric=higher,
     )
 
 

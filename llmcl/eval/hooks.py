@@ -72,6 +72,8 @@ class EvalHooks:
         accelerator.wait_for_everyone()
         for row in missing:
             self._score(row, accelerator)
+        if accelerator.is_main_process:
+            report_mod.check_metric_choice(self.run_dir, self.recipe)  # before a stage trains
         if accelerator.is_main_process and missing and ledger.done_stages():
             self._show(accelerator, ledger)
         accelerator.wait_for_everyone()

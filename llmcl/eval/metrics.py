@@ -22,6 +22,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+# the metric of a task that fills the matrix, by preference (eval.metric chooses another); lower-is-better ones
+PRIMARY = ("exact_match", "acc", "bits_per_byte", "word_perplexity", "perplexity")
+LOWER_IS_BETTER = {"bits_per_byte", "word_perplexity", "byte_perplexity", "perplexity"}
+
 Matrix = list[list[Optional[float]]]
 
 

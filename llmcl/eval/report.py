@@ -99,6 +99,8 @@ def collect(run_dir: Path) -> RunReport:
     # columns: stage tasks in stage order, then general tasks in the recipe's order
     seen: dict[str, Column] = {}
     for _, _, row in rows:
+        row["tasks"] = {task: _shown(task, r, recipe.eval.metric.get(task), run_dir) for task, r in row["tasks"].items()}
+    for _, _, row in rows:
         for task, r in row["tasks"].items():
             if task not in seen:
                 label = {"stage": r["stage_name"], "stage_choice": f"{r['stage_name']} (labels)"}.get(
@@ -119,6 +121,27 @@ def collect(run_dir: Path) -> RunReport:
         report.stderrs.append([cell.get("stderr") for cell in same])
     _compute_metrics(report)
     return report
+
+
+def check_metric_choice(run_dir: Path, recipe: Any) -> None:
+    """eval.metric against the base row (which scores every task): a metric no task reports is refused before
+    a stage trains, not in the report after it."""
+    base = read_row(Path(run_dir), BASE)
+    for task, cell in (base or {}).get("tasks", {}).items():
+        _shown(task, cell, recipe.eval.metric.get(task), Path(run_dir))
+
+
+def _shown(task: str, cell: dict[str, Any], metric: str | None, run_dir: Path) -> dict[str, Any]:
+    """A row's cell as the report shows it: with eval.metric's choice for the task as its metric and value."""
+    if metric is None or metric == cell.get("metric"):
+        return cell
+    metrics = cell.get("metrics") or {}
+    if metric not in metrics:
+        raise LlmclError(f"recipe key 'eval.metric.{task}': {metric!r} is not a metric {task} reports in "
+                         f"{run_dir} (it reports {', '.join(sorted(metrics)) or 'none'})")
+    higher = (cell.get("higher_is_better_by_metric") or {}).get(metric, metric.split(",")[0] not in M.LOWER_IS_BETTER)
+    return {**cell, "metric": metric, "value": metrics[metric], "stderr": (cell.get("stderrs") or {}).get(metric),
+            "higher_is_better": higher}
 
 
 def _compute_metrics(report: RunReport) -> None:

@@ -109,6 +109,7 @@ def from_dict(data: dict[str, Any], default_name: str = "run") -> Recipe:
         recipe.name = default_name
     require(bool(_NAME_RE.fullmatch(recipe.name)), "name", recipe.name, "letters, digits, _ . - (it names the run dir)")
     _name_stages(recipe)
+    _check_metric_keys(recipe)
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     replay_keys = {f.name for f in dataclasses.fields(ReplayConfig)}
     for i in range(len(recipe.stages)):
@@ -143,6 +144,19 @@ def _name_stages(recipe: Recipe) -> None:
             raise RecipeError(f"stages.{i}.name", message=f"recipe key 'stages.{i}.name': {stage.name!r} is already "
                               f"the name of stage {seen[stage.name]}; stage names must be unique")
         seen[stage.name] = i
+
+
+def _check_metric_keys(recipe: Recipe) -> None:
+    """eval.metric names tasks the run scores: one of eval.tasks or a stage's task (named after the stage)."""
+    from llmcl.eval.tasks import choice_task_name, stage_task_name
+
+    views = [f(s.name) for s in recipe.stages for f in (stage_task_name, choice_task_name)]
+    for task, metric in recipe.eval.metric.items():
+        if task not in recipe.eval.tasks and task not in views:
+            raise RecipeError(f"eval.metric.{task}", message=f"recipe key 'eval.metric.{task}': {task!r} is not a "
+                              "task of this run (one of eval.tasks, or a stage's task llmcl_stage_<name>)"
+                              + did_you_mean(task, [*recipe.eval.tasks, *views], "eval.metric."))
+        require(bool(metric), f"eval.metric.{task}", metric, "the name of a metric the task reports, e.g. acc_norm")
 
 
 def _default_stage_name(path: str) -> str:

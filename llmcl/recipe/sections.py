@@ -271,6 +271,8 @@ class EvalConfig:
     """Which stages not trained yet a row scores: all (the whole matrix) or next (only the next stage's task, all that FWT reads: the matrix above that stays empty; the base row scores every stage)."""
     seen_stages: Literal["all", "current"] = "all"
     """Which stages already trained a row scores: all (the whole matrix) or current (only the stage just trained; the last stage's row scores every stage). AA, BWT and FWT read only those cells (with unseen_stages: next a 15-stage run scores 43 cells after its stages instead of 134); forgetting's best earlier score is then the one just after each stage, and a run in progress shows the current stage's score as its AA."""
+    metric: dict[str, str] = field(default_factory=dict)
+    """The metric a task's cells show, by lm-eval task name, e.g. {hellaswag: acc_norm, llmcl_arc_easy: acc_norm} (default: the first of exact_match, acc, bits_per_byte, word_perplexity, perplexity the task reports). Every metric a task reports is kept in the rows: changing this renders the report again without scoring."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype the model is evaluated in (lm-eval's dtype): auto = bfloat16/float16 where train.precision trains in bf16/fp16 mixed precision (auto: bf16 on GPUs that support it), else model.dtype."""
 
