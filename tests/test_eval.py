@@ -343,6 +343,36 @@ def test_comparison_of_several_runs(run_dir, tmp_path):
         f"| tiny [{d}] ({m})" for d in ("run", "copy") for m in ("exact_match", "bits_per_byte")]
 
 
+def test_the_report_says_how_the_rows_were_scored_and_a_comparison_where_runs_differ(run_dir, tmp_path):
+    """Every row records its lm-eval version, weight dtype, item limits and few-shot setting: the report says
+    them in one sentence (from the rows, not the recipe), marks a setting the rows differ in, and a comparison of
+    runs scored on different numbers of items says so under the table."""
+    import shutil
+
+    rows = _rows(run_dir)
+    version = {r["lm_eval_version"] for r in rows.values()}
+    assert len(version) == 1 and {r["num_fewshot"] for r in rows.values()} == {None}
+    assert run_cli("report", str(run_dir)).exit_code == 0
+    matrix = json.loads((run_dir / "report" / "matrix.json").read_text())
+    assert matrix["scoring"] == {"lm_eval_version": list(version), "dtype": ["float32"], "limit": [6],
+                                 "tasks_limit": [6], "num_fewshot": [None]}
+    general = "general tasks: at most 6 items (eval.tasks_limit); " if HAS_EVAL_DATA else ""
+    sentence = (f"Scored with lm-eval {version.pop()}; weights in float32; stage tasks: at most 6 items (eval.limit); "
+                f"{general}few-shot: each task's default (eval.num_fewshot).")
+    assert sentence in (run_dir / "report" / "report.md").read_text().splitlines()
+    other = tmp_path / "fewer"
+    shutil.copytree(run_dir, other)
+    row = json.loads((other / "eval" / "stage-02.json").read_text())
+    row["limit"] = 3  # as if the last row had been scored with eval.limit 3
+    (other / "eval" / "stage-02.json").write_text(json.dumps(row))
+    res = run_cli("report", str(run_dir), str(other), "--markdown", str(tmp_path / "cmp.md"))
+    assert res.exit_code == 0, res.output
+    assert "stage tasks: at most 6 items / at most 3 items (eval.limit) [rows differ]" in \
+        (other / "report" / "report.md").read_text()
+    md = (tmp_path / "cmp.md").read_text()
+    assert "The runs were scored differently (limit): tiny [run]: Scored with" in " ".join(md.split())
+
+
 def test_unknown_eval_task_is_a_validation_error_with_near_matches(tiny_recipe):
     res = run_cli("validate", str(tiny_recipe), "eval.tasks=[llmcl_arc_esy]")
     assert res.exit_code == 2

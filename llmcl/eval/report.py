@@ -56,6 +56,9 @@ class RunReport:
     general_delta: dict[str, float | None] = field(default_factory=dict)
     train_seconds: float = 0.0
     stages_done: int = 0
+    scoring: dict[str, list[Any]] = field(default_factory=dict)
+    """How the rows were scored (SCORING keys of the row files: lm-eval version, weight dtype, item limits,
+    few-shot): the distinct values over the rows, in row order; more than one = rows scored differently."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,9 +71,31 @@ class RunReport:
             "missing_cells": [list(cell) for cell in self.missing],
             "after_stage": self.after_stage, "general_delta": self.general_delta,
             "train_seconds": round(self.train_seconds, 3), "stages_done": self.stages_done,
+            "scoring": self.scoring,
             "definitions": "AA, BWT, FWT (Lopez-Paz & Ranzato 2017, base model as reference), forgetting "
                            "(Chaudhry et al. 2018) on stage-task scores, lower-is-better metrics negated; see README",
         }
+
+
+# what a row file records of how it was scored: how the report says it, and what a null value means
+SCORING = {"lm_eval_version": ("lm-eval {}", None), "dtype": ("weights in {}", None),
+           "limit": ("stage tasks: {} (eval.limit)", "every item"),
+           "tasks_limit": ("general tasks: {} (eval.tasks_limit)", "every item"),
+           "num_fewshot": ("few-shot: {} (eval.num_fewshot)", "each task's default")}
+
+
+def scoring_text(report: RunReport) -> str:
+    """One sentence: how the rows were scored, and where rows differ."""
+    kinds = {c.kind for c in report.columns}
+    parts = []
+    for key, (template, null) in SCORING.items():
+        values = report.scoring.get(key)
+        if not values or (key == "limit" and not kinds & {"stage", "stage_choice"}) \
+                or (key == "tasks_limit" and "general" not in kinds):
+            continue
+        shown = [null if v is None else f"at most {v} items" if key.endswith("limit") else str(v) for v in values]
+        parts.append(template.format(" / ".join(shown)) + (" [rows differ]" if len(shown) > 1 else ""))
+    return ("Scored with " + "; ".join(parts) + ".") if parts else ""
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -110,6 +135,10 @@ def collect(run_dir: Path) -> RunReport:
     choice_cols = sorted((c for c in seen.values() if c.kind == "stage_choice"), key=lambda c: c.stage)
     general_cols = [c for c in seen.values() if c.kind == "general"]
     report.columns = stage_cols + choice_cols + general_cols
+    for key in SCORING:  # rows written before a key was recorded say nothing of it
+        for _, _, row in rows:
+            if key in row and row[key] not in report.scoring.setdefault(key, []):
+                report.scoring[key].append(row[key])
     for label, stage, row in rows:
         report.rows.append(label)
         report.row_stage.append(stage)
@@ -223,7 +252,8 @@ def markdown(report: RunReport) -> str:
     cols = report.columns
     lines = [f"# Forgetting report: {report.name}", "",
              f"method `{report.method}`, model `{report.model}`, {report.stages_done}/{len(report.stage_names)} "
-             f"stages done, training {report.train_seconds:.0f}s", "",
+             f"stages done, training {report.train_seconds:.0f}s", "", *([scoring_text(report), ""]
+                                                                          if report.scoring else []),
              "Accuracy matrix R (row = model after that stage, column = task; metric under the name):", "",
              "| after \\ task | " + " | ".join(f"{c.label} ({c.metric}{_n(c)})" for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
@@ -295,7 +325,8 @@ def write(report: RunReport) -> list[Path]:
 def tables(report: RunReport) -> list[Any]:
     from rich.table import Table
 
-    matrix = Table(title=f"{report.name}: accuracy matrix ({report.method})", title_justify="left")
+    matrix = Table(title=f"{report.name}: accuracy matrix ({report.method})", title_justify="left",
+                   caption=scoring_text(report) or None, caption_justify="left")
     matrix.add_column("after \\ task")
     for c in report.columns:
         matrix.add_column(f"{c.label}\n[dim]{c.metric}{_n(c)}[/dim]", justify="right")
@@ -340,6 +371,12 @@ def compare(reports: list[RunReport]) -> tuple[Any, str]:
                      f"{r.train_seconds:.0f}s"]
             table.add_row(*cells)
             md.append("| " + " | ".join(cells) + " |")
+    differ = [k for k in SCORING if len({repr(r.scoring.get(k)) for r in reports}) > 1]
+    if differ:  # numbers scored on other items or in another precision are not comparable as they stand
+        note = (f"The runs were scored differently ({', '.join(differ)}): "
+                + "; ".join(f"{r.name} [{r.run_dir.name}]: {scoring_text(r)}" for r in reports))
+        table.caption, table.caption_justify = note, "left"
+        md += ["", note]
     return table, "\n".join(md) + "\n"
 
 

@@ -207,6 +207,7 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
         "checkpoint": None if row == BASE else ledger_entry["checkpoint"],
         "lm_eval_version": harness.lm_eval_version(), "limit": e.limit, "tasks_limit": general_limit,
         "model": recipe.model.path, "dtype": str(eval_dtype(recipe)).removeprefix("torch."),
+        "num_fewshot": e.num_fewshot,
         "created_at": now(),
         "seconds": round(seconds, 3),
     })
