@@ -115,8 +115,10 @@ def train(recipe_file: str, overrides: tuple[str, ...], run_dir: str | None, sta
                        "started llmcl, and its settings win", err=True)
     directory = _run_dir(r, run_dir)
     display = Display()
+    hooks = EvalHooks(r, directory, display)
+    hooks.check_metric_choice()  # against the rows already there, before the run dir takes the recipe's eval keys
     try:
-        run(r, directory, only_stage=stage, display=display, hooks=EvalHooks(r, directory, display))
+        run(r, directory, only_stage=stage, display=display, hooks=hooks)
     finally:
         stop_deferring()
 
@@ -220,7 +222,7 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
     console = Console(soft_wrap=True, quiet=not main)
     if gone:
         console.print(f"note: stage{'s' * (len(gone) > 1)} {', '.join(map(str, gone))} left out: the weights were "
-                      "deleted after they were scored (checkpoints.keep_stages); the rows stay", highlight=False)
+                      "deleted (checkpoints.keep_stages); their rows, where they have one, stay", highlight=False)
     tokenizer = load_tokenizer(recipe.model)
     with locked(directory, accelerator):  # not while a `llmcl train` or another `llmcl eval` works there
         stage_tasks = prepare_stage_tasks(directory, recipe, tokenizer, accelerator) if rows else []

@@ -60,7 +60,8 @@ def _missing(ledger: Any) -> str:
     from llmcl.rundir import MANIFEST
 
     for i, entry in enumerate(ledger.data["stages"]):
-        if entry.get("status") == "done" and not (ledger.run_dir / entry["checkpoint"] / MANIFEST).exists():
+        if entry.get("status") == "done" and not ledger.deleted(i) \
+                and not (ledger.run_dir / entry["checkpoint"] / MANIFEST).exists():
             return (f"; stage {i}'s directory {entry['checkpoint']} is missing (restore it, or rerun `llmcl train` "
                     "to train it and the stages after it again)")
     return ""

@@ -342,6 +342,7 @@ class _FakeAccel:
         self.state = _State()
 
 
+@pytest.mark.slow  # a 2-process self-launch (~35 s here): -m slow, which CI runs (.ci/run)
 def test_a_recipe_that_names_an_accelerate_config_launches_itself_through_it(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", train={"max_steps": 2, "batch_size": 2, "seq_len": 48},
                           distributed={"accelerate_config": str(REPO / "recipes" / "accelerate" / "ddp_cpu.yaml")})

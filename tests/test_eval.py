@@ -230,6 +230,10 @@ def test_a_metric_no_task_reports_stops_llmcl_train_before_stage_0_and_a_rerun_r
     assert stored() == {"llmcl_arc_easy": "acc_norm"}
     assert run_cli("report", str(run)).exit_code == 0
     assert json.loads((run / "report" / "matrix.json").read_text())["columns"][0]["metric"] == "acc_norm"
+    res = run_cli("train", str(recipe), "eval.metric.llmcl_arc_easy=acc_norm,none", "--run-dir", str(run))
+    assert res.exit_code == 2 and "(it reports acc, acc_norm; the first filter's is named without the filter: " \
+        "acc_norm)" in res.output, res.output
+    assert stored() == {"llmcl_arc_easy": "acc_norm"}  # refused before the run dir took the new value
     res = run_cli("train", str(recipe), "--run-dir", str(run))
     assert res.exit_code == 0 and "nothing to train" in res.output and stored() == {}
 
@@ -303,6 +307,7 @@ def test_a_missing_row_is_scored_when_the_run_is_restarted(run_dir):
     assert (run_dir / "eval" / "stage-01.json").exists()
 
 
+@pytest.mark.slow  # scores a 3-stage run's rows again (~25 s here): -m slow, which CI runs (.ci/run)
 def test_a_run_renders_its_stage_tasks_once_however_many_rows_it_scores(run_dir, tmp_path, monkeypatch):
     """The stage tasks are the same for every row of a run: `llmcl eval` (every row) and a restarted `llmcl train`
     (the rows a run left unscored) render and write them once, and score the rows they scored before."""
@@ -367,10 +372,20 @@ def test_the_report_says_how_the_rows_were_scored_and_a_comparison_where_runs_di
     (other / "eval" / "stage-02.json").write_text(json.dumps(row))
     res = run_cli("report", str(run_dir), str(other), "--markdown", str(tmp_path / "cmp.md"))
     assert res.exit_code == 0, res.output
-    assert "stage tasks: at most 6 items / at most 3 items (eval.limit) [rows differ]" in \
-        (other / "report" / "report.md").read_text()
+    differ = "stage tasks: at most 6 items / at most 3 items (eval.limit) [rows differ]"
+    assert differ in (other / "report" / "report.md").read_text()
+    text = " ".join(res.output.split())  # the terminal's tables say it too (brackets are not rich markup)
+    assert differ in text and "The runs were scored differently (limit): tiny [run]: Scored with" in text
     md = (tmp_path / "cmp.md").read_text()
     assert "The runs were scored differently (limit): tiny [run]: Scored with" in " ".join(md.split())
+    old = tmp_path / "old"  # rows written before num_fewshot was recorded: not a difference
+    shutil.copytree(run_dir, old)
+    for path in (old / "eval").glob("*.json"):
+        row = json.loads(path.read_text())
+        del row["num_fewshot"]
+        path.write_text(json.dumps(row))
+    res = run_cli("report", str(run_dir), str(old))
+    assert res.exit_code == 0 and "scored differently" not in res.output, res.output
 
 
 def test_unknown_eval_task_is_a_validation_error_with_near_matches(tiny_recipe):

@@ -164,7 +164,7 @@ def test_sigkill_mid_stage_then_restart_is_bitwise_equal(tmp_path, uninterrupted
     _interrupted_run(tmp_path, uninterrupted, 3, ready, signal.SIGKILL, after)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])  # ~30 s each
 def test_sigterm_mid_stage_saves_a_checkpoint_and_the_rerun_is_bitwise_equal(tmp_path, uninterrupted, sig):
     """SLURM preemption: SIGTERM to a running `llmcl train` with no periodic checkpoints at all; Ctrl-C (SIGINT)
     stops the same way."""

@@ -108,8 +108,14 @@ def test_rows_are_scored_before_the_weights_go_and_a_deleted_stage_is_one_line(t
     assert matrices[0] == matrices[1] and len(matrices[0]) == 4  # base and three stages
     res = run_cli("eval", str(kept), "--tasks", "facts")
     assert res.exit_code == 0, res.output
-    assert "note: stage 0 left out: the weights were deleted after they were scored" in " ".join(res.output.split())
+    assert "note: stage 0 left out: the weights were deleted (checkpoints.keep_stages)" in " ".join(res.output.split())
     assert "evaluating stage 1" in res.output and "evaluating stage 0" not in res.output
+    res = run_cli("export", str(kept), "--stage", "5", "--to", str(tmp_path / "x"))  # no advice to retrain stage 0
+    assert res.exit_code == 2 and "missing" not in res.output and "--stage 5: expected 'last' or a finished" in \
+        res.output, res.output
+    (kept / "eval" / "stage-00.json").unlink()  # a deleted stage's row gone: a resume cannot score it, and goes on
+    out = _train(recipe, kept, "checkpoints.keep_stages=2")
+    assert "nothing to train" in out and not (kept / "eval" / "stage-00.json").exists()
     for args in (["eval", str(kept), "--stage", "0"], ["export", str(kept), "--stage", "0", "--to", str(tmp_path / "x")]):
         res = run_cli(*args)
         lines = res.output.strip().splitlines()
@@ -193,3 +199,41 @@ def test_general_tasks_only_at_the_ends_leave_the_middle_rows_unscored(tmp_path)
     assert res.exit_code == 0, res.output
     assert "evaluating the base model" in res.output and "evaluating stage 1" in res.output
     assert "evaluating stage 0" not in res.output
+
+
+def _fake_run(tmp_path: Path, checkpoints: list[str]) -> Ledger:
+    """A run directory of finished stages without training: each with a manifest, a weights file, stage.json."""
+    run = tmp_path / "run"
+    stages = []
+    for i, checkpoint in enumerate(checkpoints):
+        d = (run / checkpoint).resolve()
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "model").mkdir(exist_ok=True)
+        (d / "model" / "w.safetensors").write_bytes(b"w")
+        (d / STAGE_INFO).write_text("{}")
+        (d / MANIFEST).write_text(json.dumps({"kind": "full", "path": f"{checkpoint}/model"}))
+        stages.append({"index": i, "name": f"s{i}", "status": "done", "checkpoint": checkpoint})
+    return Ledger(run, {"version": 1, "stages": stages})
+
+
+def test_only_llmcl_own_stage_directories_are_deleted_from_and_an_unreadable_kept_manifest_deletes_nothing(tmp_path):
+    """A hand-edited ledger naming a directory outside the run (`../elsewhere`) or a symlinked stage directory is
+    never deleted from; a kept stage whose manifest cannot be read (what it loads is unknown) stops every
+    deletion; a stage marked again (trained again) has its weights again."""
+    from llmcl.rundir.retention import delete_old_weights
+
+    ledger = _fake_run(tmp_path, ["../elsewhere", "stage-01-s1", "stage-02-s2", "stage-03-s3"])
+    outside = tmp_path / "elsewhere" / "model" / "w.safetensors"
+    assert delete_old_weights(ledger, 1, lambda i: False) == [1, 2]
+    assert outside.exists() and not ledger.deleted(0)
+    assert not (ledger.run_dir / "stage-01-s1" / "model").exists() and (ledger.run_dir / "stage-03-s3" / "model").exists()
+
+    ledger = _fake_run(tmp_path / "b", ["stage-00-s0", "stage-01-s1", "stage-02-s2"])
+    (ledger.run_dir / "stage-02-s2" / MANIFEST).write_text("{not json")
+    assert delete_old_weights(ledger, 1, lambda i: False) == []
+    assert (ledger.run_dir / "stage-00-s0" / "model" / "w.safetensors").exists() and not ledger.deleted(0)
+
+    ledger = _fake_run(tmp_path / "c", ["stage-00-s0", "stage-01-s1"])
+    assert delete_old_weights(ledger, 1, lambda i: False) == [0]
+    ledger.mark(0, "running")
+    assert not ledger.deleted(0)

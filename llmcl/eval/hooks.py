@@ -63,17 +63,24 @@ class EvalHooks:
             return False
         return bool(row_tasks(self.recipe, index, self._prepared(None)))
 
+    def check_metric_choice(self) -> None:
+        """eval.metric against the rows written so far (`llmcl train` calls this before it writes the recipe's
+        keys into the run directory, and again once the base row is scored)."""
+        if self.enabled:
+            report_mod.check_metric_choice(self.run_dir, self.recipe)
+
     def on_start(self, accelerator: Any, ledger: Any) -> None:
         """Score the base model and any finished stage whose row is missing."""
         if not self.enabled:
             return
         accelerator.wait_for_everyone()  # every rank sees the same missing rows
-        missing = [r for r in [BASE, *ledger.done_stages()] if not row_file(self.run_dir, r).exists()]
+        missing = [r for r in [BASE, *ledger.done_stages()] if not row_file(self.run_dir, r).exists()
+                   and (r == BASE or not ledger.deleted(r))]  # a stage whose weights were deleted cannot be scored
         accelerator.wait_for_everyone()
         for row in missing:
             self._score(row, accelerator)
         if accelerator.is_main_process:
-            report_mod.check_metric_choice(self.run_dir, self.recipe)  # before a stage trains
+            self.check_metric_choice()  # the base row was just scored: before a stage trains
         if accelerator.is_main_process and missing and ledger.done_stages():
             self._show(accelerator, ledger)
         accelerator.wait_for_everyone()

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from llmcl.errors import LlmclError
 from llmcl.eval import metrics as M
 from llmcl.eval.scoring import BASE, load_run_recipe, read_row
-from llmcl.rundir import REPORT, Ledger, write_json
+from llmcl.rundir import EVAL, REPORT, Ledger, write_json
 from llmcl.rundir.integrity import read_json
 
 
@@ -153,11 +153,16 @@ def collect(run_dir: Path) -> RunReport:
 
 
 def check_metric_choice(run_dir: Path, recipe: Any) -> None:
-    """eval.metric against the base row (which scores every task): a metric no task reports is refused before
-    a stage trains, not in the report after it."""
-    base = read_row(Path(run_dir), BASE)
-    for task, cell in (base or {}).get("tasks", {}).items():
-        _shown(task, cell, recipe.eval.metric.get(task), Path(run_dir))
+    """eval.metric against the rows written so far (the base row scores every task): a metric a task does not
+    report is refused before a stage trains, not in the report after it."""
+    if not recipe.eval.metric or not (Path(run_dir) / EVAL).is_dir():
+        return
+    for path in sorted((Path(run_dir) / EVAL).glob("*.json")):
+        if path.stem != BASE and not (path.stem.startswith("stage-") and path.stem[6:].isdigit()):
+            continue  # not a row file
+        row = read_row(Path(run_dir), BASE if path.stem == BASE else int(path.stem[6:]))
+        for task, cell in (row or {}).get("tasks", {}).items():
+            _shown(task, cell, recipe.eval.metric.get(task), Path(run_dir))
 
 
 def _shown(task: str, cell: dict[str, Any], metric: str | None, run_dir: Path) -> dict[str, Any]:
@@ -166,8 +171,10 @@ def _shown(task: str, cell: dict[str, Any], metric: str | None, run_dir: Path) -
         return cell
     metrics = cell.get("metrics") or {}
     if metric not in metrics:
+        first = metric.split(",")[0]  # lm-eval's acc_norm,none: the task's first filter is named without it
+        hint = f"; the first filter's is named without the filter: {first}" if "," in metric and first in metrics else ""
         raise LlmclError(f"recipe key 'eval.metric.{task}': {metric!r} is not a metric {task} reports in "
-                         f"{run_dir} (it reports {', '.join(sorted(metrics)) or 'none'})")
+                         f"{run_dir} (it reports {', '.join(sorted(metrics)) or 'none'}{hint})")
     higher = (cell.get("higher_is_better_by_metric") or {}).get(metric, metric.split(",")[0] not in M.LOWER_IS_BETTER)
     return {**cell, "metric": metric, "value": metrics[metric], "stderr": (cell.get("stderrs") or {}).get(metric),
             "higher_is_better": higher}
@@ -325,8 +332,10 @@ def write(report: RunReport) -> list[Path]:
 def tables(report: RunReport) -> list[Any]:
     from rich.table import Table
 
+    from rich.markup import escape
+
     matrix = Table(title=f"{report.name}: accuracy matrix ({report.method})", title_justify="left",
-                   caption=scoring_text(report) or None, caption_justify="left")
+                   caption=escape(scoring_text(report)) or None, caption_justify="left")
     matrix.add_column("after \\ task")
     for c in report.columns:
         matrix.add_column(f"{c.label}\n[dim]{c.metric}{_n(c)}[/dim]", justify="right")
@@ -371,11 +380,16 @@ def compare(reports: list[RunReport]) -> tuple[Any, str]:
                      f"{r.train_seconds:.0f}s"]
             table.add_row(*cells)
             md.append("| " + " | ".join(cells) + " |")
-    differ = [k for k in SCORING if len({repr(r.scoring.get(k)) for r in reports}) > 1]
-    if differ:  # numbers scored on other items or in another precision are not comparable as they stand
+    # numbers scored on other items or in another precision are not comparable as they stand (a key a run's rows
+    # did not record, written before it was, is not compared)
+    differ = [k for k in SCORING if all(k in r.scoring for r in reports)
+              and len({repr(r.scoring[k]) for r in reports}) > 1]
+    if differ:
         note = (f"The runs were scored differently ({', '.join(differ)}): "
-                + "; ".join(f"{r.name} [{r.run_dir.name}]: {scoring_text(r)}" for r in reports))
-        table.caption, table.caption_justify = note, "left"
+                + " ".join(f"{r.name} [{r.run_dir.name}]: {scoring_text(r)}" for r in reports))
+        from rich.markup import escape
+
+        table.caption, table.caption_justify = escape(note), "left"
         md += ["", note]
     return table, "\n".join(md) + "\n"
 

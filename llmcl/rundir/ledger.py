@@ -124,6 +124,7 @@ class Ledger:
 
     def mark(self, index: int, status: str, **fields: Any) -> None:
         entry = self.stage(index)
+        entry.pop(WEIGHTS_DELETED, None)  # a stage trained again has its weights again
         entry.update(fields)
         entry["status"] = status
         self.save()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmcl.rundir.atomic import now
-from llmcl.rundir.layout import CONTINUE, MANIFEST, STAGE_INFO
+from llmcl.rundir.layout import CONTINUE, MANIFEST, STAGE_INFO, stage_dir_name
 from llmcl.rundir.ledger import WEIGHTS_DELETED, Ledger
 
 KEPT = (STAGE_INFO,)  # what a deleted stage's directory keeps: its data statistics and settings
@@ -31,22 +31,34 @@ def delete_old_weights(ledger: Ledger, keep: int | None, needed: Callable[[int],
         return []
     done = ledger.done_stages()
     old = done[:-keep] if len(done) > keep else []
-    newly = [i for i in old if not ledger.deleted(i) and not needed(i)]
+    newly = [i for i in old if not ledger.deleted(i) and not needed(i) and _own_directory(ledger, i)]
+    still_loaded = _referenced(ledger, [i for i in done if not ledger.deleted(i) and i not in newly])
+    if still_loaded is None:  # a kept stage's manifest is unreadable: what it loads is unknown, nothing goes
+        return []
     for i in newly:
         ledger.stage(i)[WEIGHTS_DELETED] = now()
     if not write:
         return newly
     if newly:
         ledger.save()  # first: a kill during the deletion leaves the stage marked, not a done stage without weights
-    still_loaded = _referenced(ledger, [i for i in done if not ledger.deleted(i)])
     for i in done:
-        if ledger.deleted(i):  # again for the earlier ones: whatever a kill mid-deletion left
+        if ledger.deleted(i) and _own_directory(ledger, i):  # again for earlier ones: what a kill mid-deletion left
             _remove_except(ledger.stage_dir(i), ledger.run_dir, still_loaded, top=True)
     return newly
 
 
-def _referenced(ledger: Ledger, stages: list[int]) -> set[Path]:
-    """Every path (relative to the run directory) the manifests of `stages` load from."""
+def _own_directory(ledger: Ledger, index: int) -> bool:
+    """Whether stage `index`'s checkpoint directory is the one llmcl names it, a real directory in the run
+    directory: a hand-edited ledger (`..`, another run's path) or a symlink is never deleted from."""
+    entry = ledger.stage(index)
+    directory = ledger.stage_dir(index)
+    return entry.get("checkpoint") == stage_dir_name(index, entry.get("name", "")) and directory.is_dir() \
+        and not directory.is_symlink()
+
+
+def _referenced(ledger: Ledger, stages: list[int]) -> set[Path] | None:
+    """Every path (relative to the run directory) the manifests of `stages` load from; None when one of them
+    cannot be read."""
     paths: set[Path] = set()
 
     def add(manifest: dict[str, Any]) -> None:
@@ -61,9 +73,10 @@ def _referenced(ledger: Ledger, stages: list[int]) -> set[Path]:
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            continue  # a stage whose manifest is gone or damaged is refused when it is loaded, with its own message
-        if isinstance(manifest, dict):
-            add(manifest)
+            return None
+        if not isinstance(manifest, dict):
+            return None
+        add(manifest)
     return paths
 
 
