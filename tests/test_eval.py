@@ -388,6 +388,7 @@ def test_the_report_says_how_the_rows_were_scored_and_a_comparison_where_runs_di
     assert res.exit_code == 0 and "scored differently" not in res.output, res.output
 
 
+@pytest.mark.slow  # lm-eval indexes its ~10,000 task files (~18 s here): -m slow, which CI runs (.ci/run)
 def test_unknown_eval_task_is_a_validation_error_with_near_matches(tiny_recipe):
     res = run_cli("validate", str(tiny_recipe), "eval.tasks=[llmcl_arc_esy]")
     assert res.exit_code == 2

@@ -237,6 +237,7 @@ def test_a_signal_during_a_save_lets_the_save_finish_then_stops(tmp_path, monkey
     assert _equal(_final_weights(clean), _final_weights(stopped))
 
 
+@pytest.mark.slow  # a run stopped and resumed around an evaluation (~21 s here): -m slow, which CI runs (.ci/run)
 def test_a_signal_during_evaluation_stops_it_at_once_and_the_rerun_scores_the_row(tmp_path, monkeypatch):
     """SLURM's SIGTERM while a row is scored (minutes, longer than the grace before SIGKILL): the scoring stops
     where it is, nothing half written, the finished stages stay done, and the rerun scores the row as a run that
