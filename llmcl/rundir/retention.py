@@ -1,8 +1,9 @@
 """checkpoints.keep_stages: deleting the weights of finished stages older than the last N.
 
-A stage's weights are deleted when it is done, it is not among the last N done stages, and nothing needs it any
-more (`needed(i)`: its evaluation row is not written yet). What goes: everything in its directory except stage.json and the files a
-stage that keeps its weights still loads (a PEFT stage's manifest lists the earlier adapters merged below it).
+A stage's weights are deleted when it is done, it is not among the last N done stages, and nothing needs it
+any more (`needed(i)`: its evaluation row is not written yet). What goes: everything in its directory except
+stage.json and the files a stage that keeps its weights still loads (a PEFT stage's manifest lists the earlier
+adapters merged below it).
 The ledger records the deletion first (`weights_deleted`), then the files go: a kill in between leaves a stage
 that is done and marked deleted, whose leftovers the next pass removes, never a done stage without weights that
 the ledger does not know about (which would make it, and every stage after it, train again).
@@ -22,11 +23,9 @@ from llmcl.rundir.ledger import WEIGHTS_DELETED, Ledger
 KEPT = (STAGE_INFO,)  # what a deleted stage's directory keeps: its data statistics and settings
 
 
-def delete_old_weights(ledger: Ledger, keep: int | None, needed: Callable[[int], bool], *,
-                       write: bool = True) -> list[int]:
-    """Mark (and, with `write`, delete) the weights of the done stages before the last `keep` that nothing
-    `needed` any more; returns the stages newly marked. Every rank of a launch calls this with the same view of
-    the run directory (its ledger in memory must agree with rank 0's); only the writer saves and deletes."""
+def delete_old_weights(ledger: Ledger, keep: int | None, needed: Callable[[int], bool]) -> list[int]:
+    """Mark and delete the weights of the done stages before the last `keep` that nothing `needed` any more;
+    returns the stages newly marked. Rank 0 alone calls this; the other ranks of a launch read the ledger after."""
     if keep is None:
         return []
     done = ledger.done_stages()
@@ -37,8 +36,6 @@ def delete_old_weights(ledger: Ledger, keep: int | None, needed: Callable[[int],
         return []
     for i in newly:
         ledger.stage(i)[WEIGHTS_DELETED] = now()
-    if not write:
-        return newly
     if newly:
         ledger.save()  # first: a kill during the deletion leaves the stage marked, not a done stage without weights
     for i in done:
