@@ -192,7 +192,7 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
     """(Re)score checkpoints of RUN_DIR with lm-eval, without training (data-parallel under `accelerate launch`)."""
     from rich.console import Console
 
-    from llmcl.eval import report as report_mod
+    from llmcl.eval import render, report as report_mod
     from llmcl.eval.scoring import BASE, load_run_recipe, prepare_stage_tasks, row_tasks, score_row
     from llmcl.models import load_tokenizer
     from llmcl.rundir import Ledger
@@ -235,7 +235,7 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
             score_row(directory, r, recipe=recipe, tokenizer=tokenizer, only=only, accelerator=accelerator,
                       stage_tasks=stage_tasks)
     if main:
-        for table in report_mod.tables(report_mod.collect(directory)):
+        for table in render.tables(report_mod.collect(directory)):
             console.print(table)
 
 
@@ -261,16 +261,16 @@ def report(run_dirs: tuple[str, ...], markdown_path: str | None) -> None:
     """Accuracy matrix, AA/BWT/FWT/forgetting and plots of RUN_DIRS (several: a comparison table)."""
     from rich.console import Console
 
-    from llmcl.eval import report as report_mod
+    from llmcl.eval import render
 
     console = Console(soft_wrap=True)
-    reports = report_mod.run_report([Path(d) for d in run_dirs])
+    reports = render.run_report([Path(d) for d in run_dirs])
     for rep in reports:
-        for table in report_mod.tables(rep):
+        for table in render.tables(rep):
             console.print(table)
         console.print(f"[dim]written: {rep.run_dir / 'report'}/(matrix.json, report.md, matrix.png, loss.png)[/dim]")
     if len(reports) > 1 or markdown_path:
-        table, md = report_mod.compare(reports)
+        table, md = render.compare(reports)
         if len(reports) > 1:
             console.print(table)
         if markdown_path:

@@ -187,15 +187,16 @@ def _quiet():
 
 def _card(run_dir: Path, recipe: Any, ledger: Any, index: int, export: dict[str, Any]) -> str:
     from llmcl import model_card
-    from llmcl.eval import report as report_mod
+    from llmcl.eval import render
+    from llmcl.eval.scoring import written_rows
     from llmcl.rundir import RECIPE, REPORT
 
     matrix = None
     if (run_dir / REPORT / "matrix.json").exists():
-        matrix = report_mod.read_matrix(run_dir)
-    elif any((run_dir / "eval").glob("*.json")):
-        report_mod.run_report([run_dir])  # as `llmcl report` writes it
-        matrix = report_mod.read_matrix(run_dir)
+        matrix = render.read_matrix(run_dir)
+    elif written_rows(run_dir):
+        render.run_report([run_dir])  # as `llmcl report` writes it
+        matrix = render.read_matrix(run_dir)
     stages = []
     for i, s in enumerate(recipe.stages):
         entry = ledger.stage(i) if i < len(ledger.data["stages"]) else {}

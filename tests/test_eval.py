@@ -162,9 +162,9 @@ def test_report_matrix_matches_an_independent_computation_from_the_eval_jsons(ru
     assert "| base |" in md and "| metric | AA | BWT | FWT | forgetting | general delta |" in md
     assert f"| exact_match | {aa:.3f} |" in md and f"| bits_per_byte | {-A[2][2]:.3f} |" in md
     assert "Incomplete" not in md
-    from llmcl.eval import report as report_mod
+    from llmcl.eval import render, report as report_mod
 
-    line = report_mod.current_row_text(report_mod.collect(run_dir))  # the training log's line after a stage
+    line = render.current_row_text(report_mod.collect(run_dir))  # the training log's line after a stage
     assert line.endswith(f"| exact_match AA {aa:.3f}, BWT {bwt:+.3f}; bits_per_byte AA {-A[2][2]:.3f}, BWT —"), line
     n = [rows["stage-02"]["tasks"][t]["n"] for t in tasks]  # each column says how many items it scored
     assert f"| after \\ task | facts (exact_match, n={n[0]}) | sentiment (exact_match, n={n[1]}) | " \

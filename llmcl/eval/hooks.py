@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmcl.eval import report as report_mod
+from llmcl.eval import render, report as report_mod
 from llmcl.eval.scoring import BASE, prepare_stage_tasks, row_file, row_tasks, score_row
 
 
@@ -95,7 +95,7 @@ class EvalHooks:
 
     def _show(self, accelerator: Any, ledger: Any) -> None:
         rep = report_mod.collect(self.run_dir)
-        self.display.message(report_mod.current_row_text(rep))
+        self.display.message(render.current_row_text(rep))
         last = rep.row_stage[-1]
         if last is None or not accelerator.trackers:
             return

@@ -34,6 +34,13 @@ def row_file(run_dir: Path, row: str | int) -> Path:
     return run_dir / EVAL / f"{row_name(row)}.json"
 
 
+def written_rows(run_dir: Path) -> list[str | int]:
+    """The rows with a row file in run_dir/eval: "base" first, then stage indices in order."""
+    names = {path.stem for path in (run_dir / EVAL).glob("*.json")} if (run_dir / EVAL).is_dir() else set()
+    stages = sorted(int(n[6:]) for n in names if n.startswith("stage-") and n[6:].isdigit())
+    return ([BASE] if BASE in names else []) + [s for s in stages if row_name(s) in names]
+
+
 def read_row(run_dir: Path, row: str | int) -> dict[str, Any] | None:
     path = row_file(run_dir, row)
     if not path.exists():
