@@ -130,6 +130,34 @@ def test_replay_share_matches_the_ratio_and_draws_from_earlier_stages(tmp_path):
     assert [r["source"] for r in info["replay"]] == ["stage:a"]
 
 
+@pytest.mark.parametrize("ratio", [0.05, 0.25])
+def test_replaying_text_into_instruction_data_is_noted_with_its_share_of_the_trained_tokens(ratio, tmp_path):
+    import re
+
+    from llmcl.data.batching import ListPool
+    from llmcl.data.formatting import IGNORE, Example
+    from llmcl.data.mixing import Source, replay_token_note
+    from llmcl.data.stream import text_blocks
+    from llmcl.models import load_tokenizer
+    from llmcl.recipe import DataConfig, ModelConfig
+
+    tok = load_tokenizer(ModelConfig(path="builtin:tiny"))
+    own = ListPool([Example(list(range(10 + k % 5)), [IGNORE] * 8 + list(range(2 + k % 5))) for k in range(40)])
+    blocks = text_blocks(DataConfig(path=_text_dir(tmp_path, "corpus", 0)), "train", tok, 64, 0, tmp_path / "cache")
+    note = replay_token_note(own, [Source("corpus", blocks, 1.0)], ratio, "stages.1.replay.ratio")
+    plan = BatchPlan(len(own), 8, 1, 1, 0, 1, replay_ratio=ratio, replay_sizes=[len(blocks)], replay_weights=[1.0])
+    pools = [own, blocks]
+    tokens = [[0, 0] for _ in range(300)]  # per step: own, replayed trained tokens, as the plan draws them
+    for step in range(300):
+        for src, j in plan.step_items(step):
+            tokens[step][src] += pools[src].label_count(j)
+    share = sum(t[1] for t in tokens) / sum(map(sum, tokens))
+    assert note is not None and note.startswith(f"note: stages.1.replay.ratio={ratio:g} replays {ratio:.0%} of each")
+    assert abs(int(re.search(r"about (\d+)% of the trained tokens", note).group(1)) / 100 - share) <= 0.02, (note, share)
+    assert share > 2 * ratio  # what the note is for
+    assert replay_token_note(own, [Source("same kind", own, 1.0)], ratio, "replay.ratio") is None  # no note
+
+
 @pytest.mark.parametrize("ratio,batch,steps", [(0.05, 8, 50), (0.25, 4, 37), (0.1, 3, 11), (0.33, 16, 9)])
 def test_replay_plan_is_exact_cumulatively_and_compute_equivalent(ratio, batch, steps):
     plan = BatchPlan(100, batch, 1, 1, seed=0, stage=1, replay_ratio=ratio, replay_sizes=[40, 10],

@@ -81,6 +81,40 @@ def test_chat_messages_train_only_assistant_turns(tok):
     assert trained == "hello!<|im_end|>\n4<|im_end|>\n"
 
 
+def _bos_adding_tokenizer(tok):
+    """The built-in tokenizer made to add a BOS to every text, with a chat template that renders one too (the
+    Llama 3 / Gemma / Mistral-instruct layout)."""
+    import copy
+
+    from tokenizers import processors
+
+    bos = copy.deepcopy(tok)
+    bos.bos_token = "<|endoftext|>"
+    bos._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos.bos_token_id)])
+    bos.chat_template = "{{ bos_token }}" + tok.chat_template
+    assert bos("hi")["input_ids"][0] == bos.bos_token_id  # the premise: the tokenizer adds one
+    return bos
+
+
+@pytest.mark.parametrize("chat", ["messages", "prompt_completion_chat_template", "prompt_completion"])
+def test_one_bos_whether_the_tokenizer_or_the_chat_template_adds_it(chat, tok):
+    bos_tok = _bos_adding_tokenizer(tok)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}]
+    if chat == "messages":
+        (ex,), _ = encode([{"messages": msgs}], DataConfig(path="x.jsonl"), bos_tok, 256)
+    else:
+        cfg = DataConfig(path="x.jsonl", chat_template=chat.endswith("template"))
+        (ex,), _ = encode([{"prompt": "hi", "completion": " hello!"}], cfg, bos_tok, 256)
+    if chat == "prompt_completion":  # no template: the tokenizer's BOS, once
+        assert ex.input_ids == bos_tok("hi")["input_ids"] + bos_tok(" hello!", add_special_tokens=False)["input_ids"] \
+            + [bos_tok.eos_token_id]
+    else:  # as transformers tokenizes the rendered conversation: the template's BOS alone
+        rendered = bos_tok.apply_chat_template(msgs, tokenize=False)
+        assert ex.input_ids == bos_tok(rendered, add_special_tokens=False)["input_ids"]
+    assert ex.input_ids[0] == bos_tok.bos_token_id and ex.input_ids[1] != bos_tok.bos_token_id
+
+
 FIXTURES = REPO / "tests" / "fixtures"
 
 
@@ -155,9 +189,12 @@ def test_malformed_sharegpt_or_alpaca_records_name_the_key_and_the_field(record,
 
 def test_truncation_keeps_seq_len_and_counts(tok):
     cfg = DataConfig(path="x.jsonl")
-    recs = [{"prompt": "a b c d e f g h i j k l m n o p", "completion": " q r s t u v w x y z"}]
-    (ex,), stats = encode(recs, cfg, tok, 20)
-    assert len(ex.input_ids) == 20 and stats.truncated == 1
+    recs = [{"prompt": "a b c d e f g h i j k l m n o p", "completion": " q r s t u v w x y z"},  # cut in its answer
+            {"prompt": "a b c d e f g h i j k l m n o p q r s t u v", "completion": " w"},  # no answer within 20
+            {"prompt": "a b", "completion": " c"}]
+    (ex, short), stats = encode(recs, cfg, tok, 20)
+    assert len(ex.input_ids) == 20 and len(short.input_ids) < 20
+    assert (stats.examples, stats.truncated, stats.dropped) == (2, 1, 1)  # a record left out is not "truncated"
 
 
 def test_text_packing_is_lossless_blocks(tok):
@@ -169,6 +206,56 @@ def test_text_packing_is_lossless_blocks(tok):
     assert all(len(b.input_ids) == 16 and b.labels == b.input_ids for b in blocks)
     assert sum((b.input_ids for b in blocks), []) == stream[: 16 * len(blocks)]
     assert len(stream) - 16 * len(blocks) < 16
+
+
+def _stream_tokens(records, tok):
+    """Documents tokenized and joined with EOS, as the text token file holds them (written out here)."""
+    return sum((tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in records), [])
+
+
+@pytest.mark.parametrize("extra", [{"max_train_samples": 3}, {"holdout": 4}, {"holdout": 4, "max_train_samples": 2}])
+def test_a_streamed_text_corpus_takes_the_records_load_records_takes(extra, tok, tmp_path):
+    from llmcl.data.stream import text_blocks
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"doc{i} alpha beta"}) + "\n" for i in range(10)))
+    cfg = DataConfig(path=str(tmp_path / "c.jsonl"), **extra)
+    kept = load_records(cfg, "train", 5)
+    assert [r["text"] for r in kept] != [f"doc{i} alpha beta" for i in range(len(kept))]  # not the file's first N
+    blocks = text_blocks(cfg, "train", tok, 4, 5, tmp_path / "cache")
+    assert blocks.tokens.tolist() == _stream_tokens(kept, tok)  # the seeded subset the README promises
+    full = text_blocks(DataConfig(path=str(tmp_path / "c.jsonl")), "train", tok, 4, 5, tmp_path / "cache")
+    assert full.n_tokens == len(_stream_tokens(read_file(tmp_path / "c.jsonl"), tok))  # its own file, not the subset's
+
+
+def test_a_streamed_hub_text_corpus_with_a_record_limit_takes_a_seeded_shuffle_of_the_stream(monkeypatch):
+    import datasets
+
+    from llmcl.data.stream import sampled_records
+
+    docs = [{"text": f"doc{i}"} for i in range(50)]
+
+    def load_dataset(path, subset, split, streaming):
+        assert (path, split, streaming) == ("org/corpus", "train", True)
+        return datasets.IterableDataset.from_generator(lambda: iter(docs))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = DataConfig(path="org/corpus", format="text", max_train_samples=5)
+    taken = [r["text"] for r in sampled_records(cfg, "train", 0)]
+    assert len(taken) == 5 and taken != [d["text"] for d in docs[:5]] and set(taken) <= {d["text"] for d in docs}
+    assert [r["text"] for r in sampled_records(cfg, "train", 0)] == taken  # seeded
+    assert [r["text"] for r in sampled_records(cfg, "train", 1)] != taken
+
+
+def test_text_corpora_of_one_directory_with_other_splits_do_not_share_a_token_file(tok, tmp_path):
+    from llmcl.data.stream import text_blocks
+
+    (tmp_path / "d").mkdir()
+    for split in ("train", "de"):
+        (tmp_path / "d" / f"{split}.jsonl").write_text(json.dumps({"text": f"the {split} split"}) + "\n")
+    for split in ("train", "de", "train"):
+        blocks = text_blocks(DataConfig(path=str(tmp_path / "d"), train_split=split), "train", tok, 4, 0,
+                             tmp_path / "cache")
+        assert blocks.tokens.tolist() == _stream_tokens([{"text": f"the {split} split"}], tok)
 
 
 def test_file_readers(tmp_path):

@@ -39,6 +39,10 @@ class ListPool:
     def label_count(self, j: int) -> int:
         return self._labels[j]
 
+    def mean_label_count(self) -> float:
+        """Trained tokens an example carries, on average."""
+        return sum(self._labels) / len(self._labels)
+
 
 @dataclass
 class BatchPlan:

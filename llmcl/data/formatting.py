@@ -29,7 +29,8 @@ class Example:
 @dataclass
 class EncodeStats:
     examples: int = 0
-    truncated: int = 0
+    truncated: int = 0  # kept examples cut to seq_len
+    dropped: int = 0  # records left out: no trained token within their first seq_len tokens
     label_tokens: int = 0
     tokens: int = 0
     format: str = ""
@@ -241,11 +242,15 @@ def _chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple
     return segments
 
 
-def _encode_supervised(tokenizer: Any, segments: list[tuple[str, bool]], add_eos: bool) -> Example:
+def _encode_supervised(tokenizer: Any, segments: list[tuple[str, bool]], add_eos: bool, *, rendered: bool) -> Example:
+    """`segments` tokenized one after another. `rendered`: the segments are a chat template's output, which
+    carries the template's own special tokens (its BOS), so the tokenizer adds none, as transformers'
+    apply_chat_template(tokenize=True) does; otherwise the first segment gets the tokenizer's (a BOS where
+    the tokenizer adds one)."""
     ids: list[int] = []
     labels: list[int] = []
     for i, (text, trained) in enumerate(segments):
-        piece = tokenizer(text, add_special_tokens=(i == 0))["input_ids"]
+        piece = tokenizer(text, add_special_tokens=(i == 0 and not rendered))["input_ids"]
         ids += piece
         labels += piece if trained else [IGNORE] * len(piece)
     if add_eos and tokenizer.eos_token_id is not None:
@@ -269,19 +274,23 @@ def encode(records: list[dict[str, Any]], cfg: Any, tokenizer: Any, seq_len: int
         for r in records:
             if stats.format in CHAT_FORMATS:
                 segments = _chat_segments(tokenizer, conversation(cfg, r, stats.format))
-                ex = _encode_supervised(tokenizer, segments, add_eos=False)
+                ex = _encode_supervised(tokenizer, segments, add_eos=False, rendered=True)
             else:
                 prompt, completion = render(cfg, r)
                 if cfg.chat_template:
                     msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion.strip()}]
-                    ex = _encode_supervised(tokenizer, _chat_segments(tokenizer, msgs), add_eos=False)
+                    ex = _encode_supervised(tokenizer, _chat_segments(tokenizer, msgs), add_eos=False,
+                                            rendered=True)
                 else:
-                    ex = _encode_supervised(tokenizer, [(prompt, False), (completion, True)], add_eos=True)
-            if len(ex.input_ids) > seq_len:
-                stats.truncated += 1
-                ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+                    ex = _encode_supervised(tokenizer, [(prompt, False), (completion, True)], add_eos=True,
+                                            rendered=False)
+            cut = len(ex.input_ids) > seq_len
+            ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
             if any(label != IGNORE for label in ex.labels[1:]):
                 examples.append(ex)
+                stats.truncated += cut
+            else:
+                stats.dropped += 1
     if not examples:
         raise LlmclError(f"{key}.path {cfg.path!r}: no example keeps a trained token within its first {seq_len} "
                          "tokens (train.seq_len)")

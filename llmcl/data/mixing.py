@@ -80,6 +80,23 @@ def replay_sources(recipe: Any, index: int, tokenizer: Any, seq_len: int, cache_
             for p in replay_plan(recipe, index)]
 
 
+def replay_token_note(own: Any, replay: list[Source], ratio: float, key: str) -> str | None:
+    """A note when replay's share of a step's trained tokens, which the loss averages over, is far from its share
+    of the step's examples (`key`: replay.ratio or a stage's): a replayed example carrying more than twice or
+    less than half the trained tokens of the stage's own (a text corpus replayed into instruction data)."""
+    weight = sum(src.weight for src in replay)
+    if ratio <= 0 or not replay or weight <= 0:
+        return None
+    mine = own.mean_label_count()
+    theirs = sum(src.weight * src.pool.mean_label_count() for src in replay) / weight
+    if 0.5 <= theirs / mine <= 2:
+        return None
+    share = ratio * theirs / (ratio * theirs + (1 - ratio) * mine)
+    return (f"note: {key}={ratio:g} replays {ratio:.0%} of each step's examples, but a replayed example carries "
+            f"{theirs:.0f} trained tokens against {mine:.0f} of this stage's own: about {share:.0%} of the trained "
+            "tokens, which the loss averages over, are replayed")
+
+
 def data_sources(recipe: Any) -> list[tuple[str, Any]]:
     """(recipe key, data config) of every stage's data and every replay dataset, each once."""
     out: list[tuple[str, Any]] = [(f"stages.{i}.data", stage.data) for i, stage in enumerate(recipe.stages)]

@@ -208,9 +208,7 @@ def _held_out(cfg: Any, split: str, seed: int) -> list[dict[str, Any]]:
     records = [full[i] for i in chosen]
     limit = cfg.max_train_samples if split == "train" else cfg.max_test_samples
     if limit is not None and limit < len(records):
-        keep = list(range(len(records)))
-        random.Random(f"llmcl-subset:{split}:{seed}").shuffle(keep)
-        records = [records[i] for i in sorted(keep[:limit])]
+        records = [records[i] for i in seeded_subset(len(records), limit, split, seed)]
     return records
 
 
@@ -241,10 +239,16 @@ def _load(cfg: Any, split: str, seed: int) -> list[dict[str, Any]] | None:
     else:
         records = _hub(path, cfg.subset, split_name)
     if limit is not None and limit < len(records):
-        order = list(range(len(records)))
-        random.Random(f"llmcl-subset:{split}:{seed}").shuffle(order)
-        records = [records[i] for i in sorted(order[:limit])]
+        records = [records[i] for i in seeded_subset(len(records), limit, split, seed)]
     return records
+
+
+def seeded_subset(n: int, limit: int, split: str, seed: int) -> list[int]:
+    """The indices, in order, of the `limit` of `n` records that data.max_train_samples / max_test_samples keep
+    (all of them when limit >= n): a seeded shuffle's first `limit`."""
+    order = list(range(n))
+    random.Random(f"llmcl-subset:{split}:{seed}").shuffle(order)
+    return sorted(order[:limit])
 
 
 def local_files(cfg: Any) -> list[Path]:

@@ -4,13 +4,14 @@ time (jsonl/txt/csv line by line, parquet batch by batch, hub datasets with stre
 small batches and appended to <cache>/<key>.bin (uint32). A corpus far larger than RAM trains from the
 page cache.
 
-The token file depends on the source (path, size, mtime), the text field and the tokenizer, not on seq_len:
-any block length can be cut from the same file.
+The token file depends on the source (path, size, mtime), the records taken from it (split, holdout, record
+limit, seed), the text field and the tokenizer, not on seq_len: any block length can be cut from the same file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -20,11 +21,12 @@ import numpy as np
 
 from llmcl.data import builtin
 from llmcl.data.formatting import Example, fields
-from llmcl.data.sources import csv_records, is_builtin, is_local, json_line, read_file, unreadable
+from llmcl.data.sources import csv_records, is_builtin, is_local, json_line, read_file, seeded_subset, unreadable
 from llmcl.errors import LlmclError
 
 DTYPE = np.uint32
 BATCH = 256  # documents tokenized together
+HUB_SHUFFLE_BUFFER = 10_000  # records datasets' streamed shuffle draws from (a hub source with a record limit)
 
 
 def iter_records(cfg: Any, split: str, seed: int) -> Iterator[dict[str, Any]]:
@@ -40,14 +42,7 @@ def iter_records(cfg: Any, split: str, seed: int) -> Iterator[dict[str, Any]]:
         yield from builtin.generate(path.split(":", 1)[1], split_name, seed)
         return
     if not is_local(path):
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(path, cfg.subset, split=split_name, streaming=True)
-        except Exception as exc:
-            raise LlmclError(f"cannot load hub dataset {path!r} split {split_name!r}: "
-                             f"{str(exc).splitlines()[0]}") from None
-        yield from ds
+        yield from _hub_stream(path, cfg.subset, split_name)
         return
     p = Path(path).expanduser()
     if p.is_dir():
@@ -58,6 +53,37 @@ def iter_records(cfg: Any, split: str, seed: int) -> Iterator[dict[str, Any]]:
             raise missing_split(p, split, split_name)
         p = f
     yield from _local_records(p)
+
+
+def _hub_stream(path: str, subset: str | None, split_name: str, shuffle_seed: int | None = None) -> Any:
+    """A hub dataset's split, streamed (datasets' buffered shuffle of it with `shuffle_seed`)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(path, subset, split=split_name, streaming=True)
+    except Exception as exc:
+        raise LlmclError(f"cannot load hub dataset {path!r} split {split_name!r}: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return ds if shuffle_seed is None else ds.shuffle(seed=shuffle_seed, buffer_size=HUB_SHUFFLE_BUFFER)
+
+
+def sampled_records(cfg: Any, split: str, seed: int) -> Iterator[dict[str, Any]]:
+    """The records of a split that data.max_train_samples / max_test_samples keep, one at a time. A local or
+    built-in source gives the same seeded subset as load_records (one pass counts the records, a second reads
+    the kept ones); a hub dataset, streamed and of unknown length, the first N of datasets' buffered shuffle of
+    the stream."""
+    limit = cfg.max_train_samples if split == "train" else cfg.max_test_samples
+    if limit is None or getattr(cfg, "holdout", None) is not None:  # load_records applies the limit to a holdout
+        yield from iter_records(cfg, split, seed)
+        return
+    path = cfg.test_path if (split == "test" and cfg.test_path) else cfg.path
+    if not (is_builtin(path) or is_local(path)):
+        split_name = cfg.train_split if split == "train" else cfg.test_split
+        yield from itertools.islice(_hub_stream(path, cfg.subset, split_name, shuffle_seed=seed), limit)
+        return
+    count = sum(1 for _ in iter_records(cfg, split, seed))
+    keep = set(seeded_subset(count, limit, split, seed))
+    yield from (record for i, record in enumerate(iter_records(cfg, split, seed)) if i in keep)
 
 
 def _local_records(p: Path) -> Iterator[dict[str, Any]]:
@@ -88,11 +114,16 @@ def _local_records(p: Path) -> Iterator[dict[str, Any]]:
 
 
 def _cache_key(cfg: Any, split: str, tokenizer: Any, seed: int) -> str:
+    """What a token file holds: the source and the records taken from it (the split's name, a holdout, a
+    limit, and the seed that draws them), the text field and the tokenizer."""
     path = cfg.test_path if (split == "test" and cfg.test_path) else cfg.path
-    ident: dict[str, Any] = {"path": path, "split": split, "field": cfg.text_field, "subset": cfg.subset,
+    limit = cfg.max_train_samples if split == "train" else cfg.max_test_samples
+    ident: dict[str, Any] = {"path": path, "split": split,
+                             "split_name": cfg.train_split if split == "train" else cfg.test_split,
+                             "holdout": getattr(cfg, "holdout", None), "field": cfg.text_field, "subset": cfg.subset,
                              "tokenizer": getattr(tokenizer, "name_or_path", ""), "vocab": len(tokenizer),
-                             "eos": tokenizer.eos_token_id, "max": cfg.max_train_samples}
-    if is_builtin(path):
+                             "eos": tokenizer.eos_token_id, "max": limit}
+    if is_builtin(path) or limit is not None or ident["holdout"] is not None:  # the seed draws the records
         ident["seed"] = seed
     elif is_local(path):
         p = Path(path).expanduser()
@@ -101,8 +132,7 @@ def _cache_key(cfg: Any, split: str, tokenizer: Any, seed: int) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def tokenize_to_file(records: Iterator[dict[str, Any]], field: str, tokenizer: Any, out: Path,
-                     limit: int | None = None) -> int:
+def tokenize_to_file(records: Iterator[dict[str, Any]], field: str, tokenizer: Any, out: Path) -> int:
     """Append every document's tokens (+ EOS) to `out` as uint32; returns the token count."""
     eos = tokenizer.eos_token_id
     total = 0
@@ -120,9 +150,7 @@ def tokenize_to_file(records: Iterator[dict[str, Any]], field: str, tokenizer: A
             batch.clear()
             return n
 
-        for count, record in enumerate(records):
-            if limit is not None and count >= limit:
-                break
+        for record in records:
             if field not in record:
                 raise LlmclError(f"a text record has no field {field!r} (fields: {fields(record)}); "
                                  "set data.text_field")
@@ -161,14 +189,17 @@ class PackedBlocks:
     def label_count(self, j: int) -> int:
         return min(self.seq_len, self.n_tokens - j * self.seq_len) - 1
 
+    def mean_label_count(self) -> float:
+        """Trained tokens a block carries, on average: every block is full but a corpus's only, short one."""
+        return min(self.seq_len, self.n_tokens) - 1
+
 
 def text_blocks(cfg: Any, split: str, tokenizer: Any, seq_len: int, seed: int, cache_dir: Path) -> PackedBlocks:
     """The split's text as packed blocks, tokenizing the source into the cache on first use."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     token_file = cache_dir / f"{_cache_key(cfg, split, tokenizer, seed)}.bin"
     if not token_file.exists():
-        limit = cfg.max_train_samples if split == "train" else cfg.max_test_samples
-        tokenize_to_file(iter_records(cfg, split, seed), cfg.text_field, tokenizer, token_file, limit=limit)
+        tokenize_to_file(sampled_records(cfg, split, seed), cfg.text_field, tokenizer, token_file)
     return PackedBlocks(token_file, seq_len)
 
 

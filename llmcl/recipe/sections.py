@@ -59,9 +59,9 @@ class DataConfig:
     chat_template: bool = False
     """Wrap prompt/completion pairs as a user and an assistant turn of the tokenizer's chat template."""
     max_train_samples: int | None = None
-    """Use only the first N training records (after a seeded shuffle); null = all."""
+    """Use only N training records, a seeded sample kept in the file's order; null = all. A text dataset streamed from the hub (length unknown) takes the first N of datasets' buffered shuffle of the stream (10,000 records)."""
     max_test_samples: int | None = None
-    """Use only the first N test records (after a seeded shuffle); null = all."""
+    """Use only N test records, a seeded sample kept in the file's order; null = all."""
     holdout: int | float | None = None
     """Hold out this many training records (an integer) or this fraction (a float) as the test split, seeded; for sources without one."""
     choices: list[str] | None = None
@@ -101,7 +101,7 @@ class ReplayConfig:
     """Compute-equivalent replay (Ibrahim et al. 2024): a fixed share of every step comes from earlier data."""
 
     ratio: float = 0.0
-    """Fraction of every optimizer step's samples (= tokens, for packed text) drawn from the replay sources; the stage's own data fills the rest."""
+    """Fraction of every optimizer step's examples (blocks, for text) drawn from the replay sources; the stage's own data fills the rest. The loss averages over trained tokens, so replayed examples with more of them weigh more: a stage whose replayed examples carry over twice (or under half) the trained tokens of its own prints their share of the tokens."""
     previous_stages: bool = True
     """Replay the earlier stages' training data (each earlier stage weighted equally)."""
     previous_weight: float = 1.0

@@ -19,7 +19,7 @@ import torch
 
 from llmcl import methods
 from llmcl.data.batching import BatchPlan, collate, fetch
-from llmcl.data.mixing import build_pool, replay_plan, replay_sources
+from llmcl.data.mixing import build_pool, replay_plan, replay_sources, replay_token_note
 from llmcl.data.sources import local_files
 from llmcl.errors import LlmclError
 from llmcl.layers import varlen
@@ -136,6 +136,9 @@ def build_stage(run: RunContext, i: int) -> StageContext:
         own, stats = build_pool(stage.data, tokenizer, cfg.seq_len, recipe.seed, cache, f"stages.{i}.data")
         replay = replay_sources(recipe, i, tokenizer, cfg.seq_len, cache)
     pools = [own] + [src.pool for src in replay]
+    ratio_key = f"stages.{i}.replay.ratio" if "ratio" in stage.replay else "replay.ratio"
+    if (note := replay_token_note(own, replay, recipe.stage_replay(i).ratio, ratio_key)) is not None:
+        run.display.message(note)
     batches = BatchPlan(len(own), cfg.batch_size, cfg.grad_accum, world, recipe.seed, i,
                         replay_ratio=recipe.stage_replay(i).ratio, replay_sizes=[len(src.pool) for src in replay],
                         replay_weights=[src.weight for src in replay])
@@ -269,7 +272,9 @@ def _stage_note(ctx: StageContext, kept: int) -> str:
             + (f", replay {b.replay_ratio:.0%} from {len(ctx.replay)} sources" if b.replaying else "")
             + (f", optimizer state kept for {kept} tensors" if kept else "")
             + (f", resuming after step {ctx.start}" if ctx.start else "")
-            + (f"; {ctx.stats.truncated} examples truncated to {cfg.seq_len} tokens" if ctx.stats.truncated else ""))
+            + (f"; {ctx.stats.truncated} examples truncated to {cfg.seq_len} tokens" if ctx.stats.truncated else "")
+            + (f"; {ctx.stats.dropped} records left out: no trained token within their first {cfg.seq_len} tokens "
+               "(train.seq_len)" if ctx.stats.dropped else ""))
 
 
 def save_model(ctx: StageContext, model: torch.nn.Module, *, branch: bool = False) -> None:
