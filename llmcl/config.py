@@ -72,7 +72,10 @@ def _describe(tp: Any) -> str:
                 inner = inner[len(article):] + "s"
         return f"a list of {inner}"
     if origin is dict:
-        return "a mapping"
+        if not args or args[1] is Any:
+            return "a mapping"
+        k, v = (_describe(a).removeprefix("a ").removeprefix("an ") for a in args)
+        return f"a mapping {{{k}: {v}}}"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
@@ -134,8 +137,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return [coerce(v, args[0], f"{key}.{i}") for i, v in enumerate(value)] if args else list(value)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise RecipeError(key, value, "a mapping")
-        return dict(value)
+            raise RecipeError(key, value, _describe(tp))
+        if not args:
+            return dict(value)
+        for k in value:  # a YAML key may be a number, a list, null...
+            coerce(k, args[0], f"{key} (the key {k!r})")
+        return {k: coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a bug in a config class, not user input

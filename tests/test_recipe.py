@@ -80,6 +80,10 @@ BAD = [
     (["eval.batch_size=big"], "recipe key 'eval.batch_size': got 'big'; expected a positive integer or 'auto'"),
     (["eval.include_path=[/no/such/dir]"], "recipe key 'eval.include_path.0': got '/no/such/dir'; expected an existing directory"),
     (["stages.0.data.choices=yes"], "recipe key 'stages.0.data.choices"),
+    (["eval.metric={facts: 3}"], "recipe key 'eval.metric.facts': got 3; expected a string"),
+    (["eval.metric={facts: [acc]}"], "recipe key 'eval.metric.facts': got ['acc']; expected a string"),
+    (["eval.metric={3: acc}"], "recipe key 'eval.metric (the key 3)': got 3; expected a string"),
+    (["eval.metric=[acc]"], "recipe key 'eval.metric': got ['acc']; expected a mapping {string: string}"),
 ]
 
 
