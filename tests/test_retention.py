@@ -158,6 +158,30 @@ def test_weights_stay_while_a_row_is_missing_and_keep_may_change_between_runs(tm
     assert _files(run, ledger.stage(0)["checkpoint"]) == {STAGE_INFO} and _files(run, stage1.name) == {STAGE_INFO}
 
 
+def test_a_damaged_row_keeps_its_stages_weights_until_it_is_scored_again(tmp_path):
+    """A row file that cannot be read (cut short, or a score that is not a number) is not a scored row: its
+    stage's weights stay, the report says the file is damaged in one line, and once it is deleted the next run
+    scores it from those weights and then deletes them."""
+    recipe = write_recipe(tmp_path / "r.yaml", train=TRAIN, stages=THREE, eval={"after_each_stage": True, "limit": 2})
+    run = tmp_path / "run"
+    _train(recipe, run)
+    row0, row1 = run / "eval" / "stage-00.json", run / "eval" / "stage-01.json"
+    data = json.loads(row0.read_text())
+    next(iter(data["tasks"].values()))["value"] = "high"
+    row0.write_text(json.dumps(data))
+    row1.write_bytes(row1.read_bytes()[:200])
+    out = _train(recipe, run, "checkpoints.keep_stages=1")
+    assert "deleted the weights" not in out
+    assert not any(Ledger.read(run).stage(i).get("weights_deleted") for i in range(3))
+    res = run_cli("report", str(run))
+    assert res.exit_code == 2 and "is damaged" in res.output and "Traceback" not in res.output, res.output
+    row0.unlink()
+    row1.unlink()
+    out = _train(recipe, run, "checkpoints.keep_stages=1")
+    assert "deleted the weights of stages 0, 1 (checkpoints.keep_stages: 1)" in out
+    assert all(json.loads(r.read_text())["tasks"] for r in (row0, row1))  # scored before the weights went
+
+
 @pytest.mark.parametrize("value, expected", [(0, "a positive integer or null"), ("two", "an integer or null"),
                                              (True, "an integer or null")])
 def test_keep_stages_values_are_checked(tmp_path, value, expected):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcl.eval import render, report as report_mod
-from llmcl.eval.scoring import BASE, prepare_stage_tasks, row_file, row_tasks, score_row
+from llmcl.eval.scoring import BASE, prepare_stage_tasks, row_file, row_scored, row_tasks, score_row
 
 
 class EvalHooks:
@@ -59,7 +59,7 @@ class EvalHooks:
     def needs_weights(self, index: int) -> bool:
         """Whether finished stage `index` still has a row to be scored, so that its weights must stay
         (checkpoints.keep_stages). Called by rank 0 alone."""
-        if not self.enabled or row_file(self.run_dir, index).exists():
+        if not self.enabled or row_scored(self.run_dir, index):  # a damaged row is scored again: weights stay
             return False
         return bool(row_tasks(self.recipe, index, self._prepared(None)))
 

@@ -49,7 +49,19 @@ def read_row(run_dir: Path, row: str | int) -> dict[str, Any] | None:
     data = read_json(path, way_out)
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
         raise LlmclError(f"{path} is damaged (no 'tasks'); {way_out}")
+    for task, cell in data["tasks"].items():
+        values = [cell.get("value"), *(cell.get("metrics") or {}).values()] if isinstance(cell, dict) else ["?"]
+        if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
+            raise LlmclError(f"{path} is damaged (task {task!r} holds a score that is not a number); {way_out}")
     return data
+
+
+def row_scored(run_dir: Path, row: str | int) -> bool:
+    """Whether the row has a readable row file (a damaged one is to be scored again, from the weights)."""
+    try:
+        return read_row(run_dir, row) is not None
+    except LlmclError:
+        return False
 
 
 def load_run_recipe(run_dir: Path, *, data_files: bool = True) -> Recipe:
