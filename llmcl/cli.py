@@ -133,14 +133,17 @@ def _run_dir(r, run_dir: str | None) -> Path:
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default: runs/<recipe name>).")
 def status(recipe_file: str, overrides: tuple[str, ...], run_dir: str | None) -> None:
     """Where a run stands: its run dir, then one tab-separated line per stage (index, name, status)."""
-    from llmcl.rundir import LEDGER, Ledger
+    from llmcl.rundir import Ledger
+    from llmcl.rundir.lock import check_run_dir_path
 
     r = load_checked(recipe_file, overrides)
     directory = _run_dir(r, run_dir)
-    ledger = Ledger.read(directory) if (directory / LEDGER).exists() else None
+    check_run_dir_path(directory)
+    ledger = Ledger.open(directory, r, write=False)  # a run dir made by another recipe is refused, as by train
     click.echo(f"run_dir\t{directory}")
-    for i, st in enumerate(r.stages):
-        click.echo(f"stage\t{i}\t{st.name}\t{ledger.status(i) if ledger else 'pending'}")
+    for i, st in enumerate(r.stages):  # what `llmcl train` would do: a done stage whose directory is gone trains again
+        status = "done" if ledger.is_done(i) else "running" if ledger.status(i) == "running" else "pending"
+        click.echo(f"stage\t{i}\t{st.name}\t{status}")
 
 
 @cli.command()
@@ -200,7 +203,7 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
 
     directory = Path(run_dir)
     recipe = load_run_recipe(directory)
-    ledger = Ledger.read(directory)
+    ledger = Ledger.read(directory, recipe)
     done = ledger.done_stages()
     gone = [i for i in done if ledger.deleted(i)] if row is None else []
     if row is None:
@@ -211,12 +214,15 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
         ledger.check_loadable(int(row))
         rows = [int(row)]
     else:
-        raise LlmclError(f"--stage {row}: expected 'base' or a finished stage of {run_dir} ({done or 'none yet'})")
+        raise LlmclError(f"--stage {row!r}: expected 'base' or a finished stage of {run_dir} ({done or 'none yet'})")
     if missing:
         from llmcl.eval.scoring import row_file
 
         rows = [r for r in rows if not row_file(directory, r).exists()]
-    only = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    only = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
+    if only == []:
+        raise LlmclError(f"--tasks {tasks!r}: expected task names separated by commas (leave --tasks out to score "
+                         "every task)")
     accelerator = _eval_accelerator(recipe, directory)
     main = accelerator is None or accelerator.is_main_process
     console = Console(soft_wrap=True, quiet=not main)

@@ -112,7 +112,7 @@ def export_stage(run_dir: Path, to: Path, *, stage: str = "last", merge: bool = 
 
     run_dir, to = Path(run_dir), Path(to)
     recipe = load_run_recipe(run_dir, data_files=False)
-    ledger = Ledger.read(run_dir)
+    ledger = Ledger.read(run_dir, recipe)
     index = resolve_stage(ledger, stage)
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise LlmclError(f"--to {to}: exists and is not an empty directory; choose a new one")

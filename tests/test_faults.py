@@ -200,6 +200,23 @@ FAULTS = {
     "eval_not_a_run_dir": (lambda r, d, t: ["eval", str(t)], 2, "is not an llmcl run directory"),
     "ledger_unknown_status": (lambda r, d, t: (_edit_json(d / "ledger.json", lambda j: j["stages"][0].update(
         status="finished")), _train(r, d))[1], 2, "ledger.json is damaged"),
+    "ledger_stage_without_a_status": (lambda r, d, t: (_edit_json(d / "ledger.json", lambda j: j["stages"][0].pop(
+        "status")), _train(r, d))[1], 2, "ledger.json is damaged"),  # not read as pending: nothing trains again
+    "ledger_fewer_stages_than_the_recipe": (lambda r, d, t: (_edit_json(d / "ledger.json", lambda j: j.update(
+        stages=j["stages"][:1])), _train(r, d))[1], 2, "ledger.json is damaged"),
+    "ledger_more_stages_than_the_recipe": (lambda r, d, t: (_edit_json(d / "ledger.json", lambda j: j["stages"].append(
+        {"index": 2, "name": "extra", "status": "pending"})), ["report", str(d)])[1], 2, "ledger.json is damaged"),
+    "eval_row_score_not_a_number": (lambda r, d, t: ((d / "eval").mkdir(), d.joinpath("eval", "base.json").write_text(
+        json.dumps({"row": "base", "tasks": {"x": {"value": "high", "metric": "acc"}}})), ["report", str(d)])[2], 2,
+        "base.json is damaged (task 'x' holds a score that is not a number)"),
+    "eval_empty_tasks": (lambda r, d, t: ["eval", str(d), "--stage", "0", "--tasks", " , "], 2,
+                         "--tasks ' , ': expected task names"),
+    "eval_metric_not_a_name": (lambda r, d, t: _train(r, t / "fresh", "eval.metric={x: [acc]}"), 2,
+                               "recipe key 'eval.metric.x': got ['acc']; expected a string"),
+    "status_of_a_run_by_another_recipe": (lambda r, d, t: ["status", str(r), "train.lr=0.5", "--run-dir", str(d)], 2,
+                                          "was made by a different recipe"),
+    "status_of_a_stage_directory": (lambda r, d, t: ["status", str(r), "--run-dir", str(d / STAGE0)], 2,
+                                    "is a stage directory of a run"),
     "stage_manifest_not_an_object": (lambda r, d, t: (d.joinpath(STAGE0, "manifest.json").write_text("[1]"),
                                                       _train(r, d))[1], 2, "manifest.json is damaged"),
     "step_state_step_beyond_the_stage": (lambda r, d, t: (_edit_json(d / "step-checkpoint" / "state.json",
@@ -281,6 +298,17 @@ def test_the_damage_is_detected_not_only_refused(partial, tmp_path):
     result = cli(*_train(recipe, copy))
     assert result.exit_code == 0, result.output
     assert json.loads((copy / "ledger.json").read_text())["stages"][1]["status"] == "done"
+
+
+def test_status_says_what_train_would_do(run_copy):
+    """`llmcl status` (what SLURM chains submit from): a done stage is one whose directory is there; one whose
+    directory was deleted by hand trains again, so it is pending, as is every stage after it."""
+    recipe, run_dir = run_copy
+    lines = cli("status", str(recipe), "--run-dir", str(run_dir)).output.splitlines()
+    assert [line.split("\t")[-1] for line in lines[1:]] == ["done", "running"]
+    shutil.rmtree(run_dir / STAGE0)
+    lines = cli("status", str(recipe), "--run-dir", str(run_dir)).output.splitlines()
+    assert [line.split("\t")[-1] for line in lines[1:]] == ["pending", "running"]
 
 
 def test_half_written_metrics_line_is_tolerated(run_copy):

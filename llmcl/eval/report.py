@@ -95,7 +95,7 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 def collect(run_dir: Path) -> RunReport:
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir, data_files=False)
-    ledger = Ledger.read(run_dir)
+    ledger = Ledger.read(run_dir, recipe)
     done = ledger.recorded_done()  # rows are results: a stage's weights may be gone (deleted, archived without)
     report = RunReport(run_dir, recipe.name or run_dir.name, recipe.method.name, recipe.model.path,
                        [s.name for s in recipe.stages], stages_done=len(done), seen_stages=recipe.eval.seen_stages,

@@ -90,7 +90,7 @@ def _load_model(run_dir: Path, recipe: Recipe, row: str | int, device: Any = Non
     if row == BASE:
         model = load_base_model(recipe.model, recipe.seed)
     else:
-        ledger = Ledger.read(run_dir)
+        ledger = Ledger.read(run_dir, recipe)
         if not ledger.is_done(int(row)):
             raise LlmclError(f"stage {row} of {run_dir} is not done; nothing to evaluate")
         model = artifacts.load(run_dir, ledger.manifest(int(row)), recipe.model, recipe.seed, trainable=False)

@@ -56,7 +56,7 @@ class Ledger:
             tmp.write_text(dump(recipe))
             os.replace(tmp, recipe_path)
         if (run_dir / LEDGER).exists():
-            data = cls.read(run_dir).data
+            data = cls.read(run_dir, recipe).data
         else:
             data = {"version": 1, "recipe": recipe.name, "stages": [
                 {"index": i, "name": s.name, "status": "pending"} for i, s in enumerate(recipe.stages)]}
@@ -66,7 +66,8 @@ class Ledger:
         return ledger
 
     @classmethod
-    def read(cls, run_dir: Path) -> "Ledger":
+    def read(cls, run_dir: Path, recipe: Any = None) -> "Ledger":
+        """The run dir's ledger; with `recipe` (the run's), one whose stages are not the recipe's is damaged."""
         path = run_dir / LEDGER
         if not path.exists():
             raise LlmclError(f"{run_dir} is not an llmcl run directory (no {LEDGER})")
@@ -76,6 +77,9 @@ class Ledger:
                 raise ValueError("no 'stages' list")
             for i, entry in enumerate(data["stages"]):
                 _check_entry(i, entry)
+            names = [entry.get("name") for entry in data["stages"]]
+            if recipe is not None and names != [s.name for s in recipe.stages]:
+                raise ValueError(f"it lists the stages {names}, the run's recipe {[s.name for s in recipe.stages]}")
         return cls(run_dir, data)
 
     def save(self) -> None:
@@ -158,7 +162,7 @@ WEIGHTS_DELETED = "weights_deleted"  # a done stage's entry: when its weights we
 
 def _check_entry(i: int, entry: Any) -> None:
     """A ledger's stage entry as llmcl writes it, or ValueError (read() reports the ledger as damaged)."""
-    if not isinstance(entry, dict) or entry.get("status", "pending") not in STATUSES:
+    if not isinstance(entry, dict) or entry.get("status") not in STATUSES:  # llmcl writes every stage's status
         raise ValueError(f"stage {i}'s status is not one of {', '.join(STATUSES)}")
     if entry.get("status") == "done" and not isinstance(entry.get("checkpoint"), str):
         raise ValueError(f"stage {i} is done but names no checkpoint directory")

@@ -40,14 +40,24 @@ class RunLock:
         self.fd = -1
 
 
+def check_run_dir_path(run_dir: Path) -> None:
+    """Refuse, in one line, a --run-dir that a run cannot be: a run's stage directory or a model directory
+    (nothing is written into those), or a path with a file on its way."""
+    if (run_dir / MANIFEST).exists() or (run_dir / "config.json").exists():
+        what = "a stage directory of a run" if (run_dir / MANIFEST).exists() else "a model directory"
+        raise LlmclError(f"--run-dir {run_dir} is {what}, not a run directory; give the run's own directory, or "
+                         "a new or empty one")
+    on_its_way = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
+    if on_its_way is not None:
+        raise LlmclError(f"{run_dir} has a file where a directory is needed on its way ({on_its_way}); give "
+                         "another path or fix this one")
+
+
 def acquire(run_dir: Path, command: str | None = None) -> RunLock:
     """Take the run directory's lock (creating the directory), or raise a one-line LlmclError naming the holder."""
     run_dir = Path(run_dir)
     path = run_dir / LOCK
-    if (run_dir / MANIFEST).exists() or (run_dir / "config.json").exists():  # nothing is written into those
-        what = "a stage directory of a run" if (run_dir / MANIFEST).exists() else "a model directory"
-        raise LlmclError(f"--run-dir {run_dir} is {what}, not a run directory; give the run's own directory, or "
-                         "a new or empty one")
+    check_run_dir_path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
