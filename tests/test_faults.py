@@ -217,6 +217,14 @@ FAULTS = {
                                           "was made by a different recipe"),
     "status_of_a_stage_directory": (lambda r, d, t: ["status", str(r), "--run-dir", str(d / STAGE0)], 2,
                                     "is a stage directory of a run"),
+    "stage_manifest_files_not_records": (lambda r, d, t: (_edit_json(d / STAGE0 / "manifest.json", lambda j: j.update(
+        files="x")), _train(r, d))[1], 2, "manifest.json is damaged (no record of its files' sizes and sha256)"),
+    "stage_manifest_without_files": (lambda r, d, t: (_edit_json(d / STAGE0 / "manifest.json", lambda j: j.pop(
+        "files")), _train(r, d))[1], 2, "manifest.json is damaged (no record of its files' sizes and sha256)"),
+    "stage_manifest_path_outside_the_run": (lambda r, d, t: (_edit_json(d / STAGE0 / "manifest.json", lambda j: j.update(
+        path="../elsewhere/model")), _train(r, d))[1], 2, "'../elsewhere/model' is not a path inside the run directory"),
+    "stage_manifest_path_not_there": (lambda r, d, t: (_edit_json(d / STAGE0 / "manifest.json", lambda j: j.update(
+        path=f"{STAGE0}/nomodel")), _train(r, d))[1], 2, "nomodel is not a directory"),
     "stage_manifest_not_an_object": (lambda r, d, t: (d.joinpath(STAGE0, "manifest.json").write_text("[1]"),
                                                       _train(r, d))[1], 2, "manifest.json is damaged"),
     "step_state_step_beyond_the_stage": (lambda r, d, t: (_edit_json(d / "step-checkpoint" / "state.json",

@@ -182,6 +182,22 @@ def test_a_damaged_row_keeps_its_stages_weights_until_it_is_scored_again(tmp_pat
     assert all(json.loads(r.read_text())["tasks"] for r in (row0, row1))  # scored before the weights went
 
 
+@pytest.mark.parametrize("keep", [None, 1])
+def test_a_damaged_adapter_that_a_later_stage_merges_is_one_line(keep, tmp_path):
+    """LoRA merging each stage's adapter: stage 2's model loads stage 0's and 1's adapters. Cut one short and
+    loading stage 2 (export, eval) names the file, whether stage 0's manifest records it (checked against its
+    sha256) or its weights were deleted (checkpoints.keep_stages: the adapter must still parse)."""
+    recipe = write_recipe(tmp_path / "r.yaml", method=CASES["lora_merge"], train=TRAIN, stages=THREE,
+                          eval={"after_each_stage": False, "stage_tasks": False})
+    run = tmp_path / "run"
+    _train(recipe, run, *([f"checkpoints.keep_stages={keep}"] if keep else []))
+    adapter = run / Ledger.read(run).stage(0)["checkpoint"] / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    res = run_cli("export", str(run), "--to", str(tmp_path / "out"))
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert str(adapter) in res.output and ("has 100 bytes" if keep is None else "is damaged") in res.output, res.output
+
+
 @pytest.mark.parametrize("value, expected", [(0, "a positive integer or null"), ("two", "an integer or null"),
                                              (True, "an integer or null")])
 def test_keep_stages_values_are_checked(tmp_path, value, expected):

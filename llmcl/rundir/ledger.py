@@ -152,8 +152,34 @@ class Ledger:
         manifest = read_json(directory / MANIFEST, way_out)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("kind"), str):
             raise LlmclError(f"{directory / MANIFEST} is damaged (no checkpoint kind); {way_out}")
-        verify(directory, manifest.get("files"), way_out)
+        if (why := _unlike_written(self.run_dir, manifest)) is not None:
+            raise LlmclError(f"{directory / MANIFEST} is damaged ({why}); {way_out}")
+        verify(directory, manifest["files"], way_out)
+        for adapter in manifest.get("merged", []):  # earlier stages' adapters, checked against their own manifests
+            self._verify_merged(adapter)
         return manifest
+
+    def _verify_merged(self, adapter: str) -> None:
+        """An earlier stage's adapter that a stage's model merges, against the files that stage recorded (when
+        its manifest is there: a stage whose weights were deleted keeps the adapter, not its manifest)."""
+        owner = self.run_dir / Path(adapter).parts[0]
+        way_out = stage_way_out(owner)
+        if not (owner / MANIFEST).is_file():  # its weights deleted: the adapter's files must at least parse
+            from safetensors import safe_open
+
+            weights = sorted((self.run_dir / adapter).glob("*.safetensors"))
+            if not weights:
+                raise LlmclError(f"{self.run_dir / adapter} has no adapter weights; {way_out}")
+            for path in weights:
+                with reading(path, way_out), safe_open(str(path), "pt"):
+                    pass
+            return
+        recorded = read_json(owner / MANIFEST, way_out)
+        files = recorded.get("files") if isinstance(recorded, dict) else None
+        if not isinstance(files, dict):
+            raise LlmclError(f"{owner / MANIFEST} is damaged (no file records); {way_out}")
+        inside = Path(adapter).relative_to(owner.name).as_posix() + "/"
+        verify(owner, {rel: rec for rel, rec in files.items() if rel.startswith(inside)}, way_out)
 
 
 STATUSES = ("pending", "running", "done")
@@ -166,6 +192,24 @@ def _check_entry(i: int, entry: Any) -> None:
         raise ValueError(f"stage {i}'s status is not one of {', '.join(STATUSES)}")
     if entry.get("status") == "done" and not isinstance(entry.get("checkpoint"), str):
         raise ValueError(f"stage {i} is done but names no checkpoint directory")
+
+
+def _unlike_written(run_dir: Path, manifest: dict[str, Any]) -> str | None:
+    """What makes a manifest unlike any llmcl writes, or None: its file records, and the model directories it
+    names (its own, and the adapters it merges), each a directory inside the run directory."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(r, dict) and isinstance(r.get("size"), int)
+                                              and isinstance(r.get("sha256"), str) for r in files.values()):
+        return "no record of its files' sizes and sha256"
+    merged = manifest.get("merged", [])
+    if not isinstance(merged, list):
+        return "'merged' is not a list"
+    for where in [manifest.get("path"), *merged]:  # paths relative to the run directory
+        if not isinstance(where, str) or Path(where).is_absolute() or ".." in Path(where).parts:
+            return f"{where!r} is not a path inside the run directory"
+        if not (run_dir / where).is_dir():
+            return f"{run_dir / where} is not a directory"
+    return None
 
 
 def stage_way_out(directory: Path) -> str:
