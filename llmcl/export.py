@@ -48,6 +48,9 @@ def resolve_stage(ledger: Any, stage: str) -> int:
     if not done:
         raise LlmclError(f"{ledger.run_dir} has no finished stage to export{_missing(ledger)}")
     if stage == "last":
+        if missing := _missing(ledger):  # a later stage the run finished is gone: "last" is not done[-1]
+            raise LlmclError(f"--stage last: the run's last stage is not there{missing}; or export stage "
+                             f"{done[-1]} with --stage {done[-1]}")
         return done[-1]
     if stage.isdigit() and int(stage) in done:
         return int(stage)

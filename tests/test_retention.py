@@ -80,10 +80,12 @@ def test_keep_stages_deletes_older_weights_and_the_kept_stage_is_the_same(case, 
     assert "all 3 stages" in again and "nothing to train" in again
     import shutil
 
-    shutil.rmtree(kept / last)  # by hand: stage 2 would train again, from stage 1's deleted weights
-    res = run_cli("train", str(recipe), "--run-dir", str(kept))
-    assert res.exit_code == 2 and res.output.strip().splitlines()[-1].startswith(
-        f"error: stage 1 ({ledger.stage(1)['name']}) of {kept} cannot be loaded: its weights were deleted"), res.output
+    shutil.rmtree(kept / last)  # the kept stage deleted by hand: it would train again, from deleted weights
+    res = run_cli("train", str(recipe), "checkpoints.keep_stages=1", "--run-dir", str(kept))
+    assert res.exit_code == 2 and f"stage 2 (again) must train (its directory {kept / last} is missing) from " \
+        "stage 1, whose weights were deleted" in res.output, res.output
+    res = run_cli("export", str(kept), "--to", str(tmp_path / "out"))  # 'last' is not stage 1
+    assert res.exit_code == 2 and "--stage last: the run's last stage is not there; stage 2's directory" in res.output
 
 
 def test_rows_are_scored_before_the_weights_go_and_a_deleted_stage_is_one_line(tmp_path):

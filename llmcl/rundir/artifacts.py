@@ -148,6 +148,13 @@ def stage_origin(ledger: Any, index: int) -> tuple[dict[str, Any], Path | None]:
     checkpoint, or the pre-anneal branch it saved (whose directory then holds the method state to continue)."""
     if index == 0:
         return {"kind": "base"}, None
+    if ledger.deleted(index - 1):  # what trains again here cannot: say why it trains again
+        entry = ledger.stage(index)
+        why = (f"its directory {ledger.run_dir / entry['checkpoint']} is missing" if entry.get("status") == "done"
+               else "it is not done")
+        raise LlmclError(f"stage {index} ({entry.get('name')}) must train ({why}) from stage {index - 1}, whose "
+                         "weights were deleted (checkpoints.keep_stages); restore that directory from a backup, or "
+                         "train again in a new --run-dir")
     manifest = ledger.manifest(index - 1)
     directory = ledger.run_dir / ledger.stage(index - 1)["checkpoint"]
     if CONTINUE in manifest:
