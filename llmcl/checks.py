@@ -32,6 +32,12 @@ def check(recipe: Recipe) -> None:
                               "there is nothing to replay (replay.previous_stages is false and there are no "
                               "replay.datasets); set the ratio to 0 or give a replay source")
     formats = {key: check_records(data, key, recipe.seed) for key, data in data_sources(recipe)}
+    for key, data in data_sources(recipe):
+        if data.chat_template and formats[key] not in (None, "prompt_completion"):
+            raise RecipeError(f"{key}.chat_template", message=f"recipe key '{key}.chat_template': true has no effect on "
+                              f"{formats[key]} data (it wraps prompt/completion pairs; "
+                              + ("text is trained as it is" if formats[key] == "text" else
+                                 f"{formats[key]} data always goes through the chat template") + "); remove it")
     for i, stage in enumerate(recipe.stages):
         fmt = formats[f"stages.{i}.data"]
         if fmt is not None and stage.data.choices is not None:

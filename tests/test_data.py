@@ -351,6 +351,17 @@ def _one_line_error(res, *parts):
         assert part in res.stderr, res.stderr
 
 
+@pytest.mark.parametrize("fmt", ["text", "sharegpt", "prompt_completion"])
+def test_chat_template_true_where_it_does_nothing_is_refused(fmt, tmp_path):
+    path = {"text": tmp_path / "t.jsonl", "sharegpt": FIXTURES / "sharegpt.jsonl", "prompt_completion": "builtin:facts"}[fmt]
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+    res = _validate(tmp_path, f"stages.1.data.path={path}", "stages.1.data.chat_template=true")
+    if fmt == "prompt_completion":  # the control: what the key is for
+        assert res.exit_code == 0, res.output
+    else:
+        _one_line_error(res, f"recipe key 'stages.1.data.chat_template': true has no effect on {fmt} data")
+
+
 def _facts_file(tmp_path):
     path = tmp_path / "facts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in builtin.generate("facts", "train", 0)))
