@@ -206,6 +206,12 @@ FAULTS = {
         stages=j["stages"][:1])), _train(r, d))[1], 2, "ledger.json is damaged"),
     "ledger_more_stages_than_the_recipe": (lambda r, d, t: (_edit_json(d / "ledger.json", lambda j: j["stages"].append(
         {"index": 2, "name": "extra", "status": "pending"})), ["report", str(d)])[1], 2, "ledger.json is damaged"),
+    "ledger_checkpoint_outside_the_run": (lambda r, d, t: (_edit_json(d / "ledger.json", lambda j: j["stages"][0].update(
+        checkpoint=f"../elsewhere/{STAGE0}")), ["export", str(d), "--to", str(t / "out")])[1], 2,
+        "ledger.json is damaged (ValueError: stage 0's checkpoint"),
+    "run_recipe_bad_value": (lambda r, d, t: (d.joinpath("recipe.yaml").write_text(d.joinpath(
+        "recipe.yaml").read_text().replace("seed: 0", "seed: -5")), ["report", str(d)])[1], 2,
+        f"recipe.yaml: recipe key 'seed': got -5"),
     "eval_row_score_not_a_number": (lambda r, d, t: ((d / "eval").mkdir(), d.joinpath("eval", "base.json").write_text(
         json.dumps({"row": "base", "tasks": {"x": {"value": "high", "metric": "acc"}}})), ["report", str(d)])[2], 2,
         "base.json is damaged (task 'x' holds a score that is not a number)"),

@@ -9,13 +9,14 @@ The checkpoint is loaded from its manifest (no method code), so what is scored i
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from llmcl.errors import LlmclError, did_you_mean
+from llmcl.errors import LlmclError, RecipeError, did_you_mean
 from llmcl.rundir.integrity import read_json, reading
 from llmcl.eval import harness
 from llmcl.eval.tasks import (STAGE_PREFIX, StageTask, data_dir, include_paths, known_tasks, needs_harness_index,
@@ -74,12 +75,13 @@ def load_run_recipe(run_dir: Path, *, data_files: bool = True) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError("not a recipe mapping")
-    if data_files:
-        return from_dict(data)
     from llmcl.data.sources import files_unchecked
 
-    with files_unchecked():
-        return from_dict(data)
+    try:
+        with contextlib.nullcontext() if data_files else files_unchecked():
+            return from_dict(data)
+    except RecipeError as exc:  # the run's own recipe, not one given on the command line: say which file
+        raise RecipeError(exc.key, message=f"{path}: {exc}") from None
 
 
 def _load_model(run_dir: Path, recipe: Recipe, row: str | int, device: Any = None):

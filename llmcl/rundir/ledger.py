@@ -192,6 +192,10 @@ def _check_entry(i: int, entry: Any) -> None:
         raise ValueError(f"stage {i}'s status is not one of {', '.join(STATUSES)}")
     if entry.get("status") == "done" and not isinstance(entry.get("checkpoint"), str):
         raise ValueError(f"stage {i} is done but names no checkpoint directory")
+    checkpoint = entry.get("checkpoint")
+    if checkpoint is not None and (not isinstance(checkpoint, str) or len(Path(checkpoint).parts) != 1
+                                   or checkpoint in (".", "..")):
+        raise ValueError(f"stage {i}'s checkpoint {checkpoint!r} is not a directory of the run")
 
 
 def _unlike_written(run_dir: Path, manifest: dict[str, Any]) -> str | None:
