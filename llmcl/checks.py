@@ -18,8 +18,9 @@ from llmcl.recipe import Recipe
 _TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
 
-def check(recipe: Recipe) -> None:
-    """Raise LlmclError/RecipeError naming the recipe key of the first problem found."""
+def check(recipe: Recipe) -> list[str]:
+    """Raise LlmclError/RecipeError naming the recipe key of the first problem found; return notes on keys that
+    are valid but do nothing (a run begun with them must still resume: notes, not refusals)."""
     for tracker in recipe.logging.trackers:
         if not any(importlib.util.find_spec(m) for m in _TRACKER_PACKAGES[tracker]):
             raise RecipeError("logging.trackers", message=f"recipe key 'logging.trackers': {tracker} is not installed "
@@ -32,12 +33,11 @@ def check(recipe: Recipe) -> None:
                               "there is nothing to replay (replay.previous_stages is false and there are no "
                               "replay.datasets); set the ratio to 0 or give a replay source")
     formats = {key: check_records(data, key, recipe.seed) for key, data in data_sources(recipe)}
-    for key, data in data_sources(recipe):
-        if data.chat_template and formats[key] not in (None, "prompt_completion"):
-            raise RecipeError(f"{key}.chat_template", message=f"recipe key '{key}.chat_template': true has no effect on "
-                              f"{formats[key]} data (it wraps prompt/completion pairs; "
-                              + ("text is trained as it is" if formats[key] == "text" else
-                                 f"{formats[key]} data always goes through the chat template") + "); remove it")
+    notes = [f"note: recipe key '{key}.chat_template': true has no effect on {formats[key]} data (it wraps "
+             "prompt/completion pairs; " + ("text is trained as it is" if formats[key] == "text" else
+                                            f"{formats[key]} data always goes through the chat template") + ")"
+             for key, data in data_sources(recipe)
+             if data.chat_template and formats[key] not in (None, "prompt_completion")]
     for i, stage in enumerate(recipe.stages):
         fmt = formats[f"stages.{i}.data"]
         if fmt is not None and stage.data.choices is not None:
@@ -48,6 +48,7 @@ def check(recipe: Recipe) -> None:
     from llmcl.train.plan import plan_stages
 
     plan_stages(recipe, world=int(os.environ.get("WORLD_SIZE") or recipe.distributed.num_processes or 1))
+    return notes
 
 
 def check_records(data: Any, key: str, seed: int) -> str | None:

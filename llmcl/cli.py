@@ -80,7 +80,8 @@ def load_checked(recipe_arg: str, overrides: tuple[str, ...]):
     from llmcl import catalog, checks, recipe
 
     r = recipe.load(catalog.find(recipe_arg), overrides)
-    checks.check(r)
+    for note in checks.check(r):
+        click.echo(note, err=True)
     return r
 
 
@@ -215,10 +216,10 @@ def eval_command(run_dir: str, row: str | None, tasks: str | None, missing: bool
         rows = [int(row)]
     else:
         raise LlmclError(f"--stage {row!r}: expected 'base' or a finished stage of {run_dir} ({done or 'none yet'})")
-    if missing:
-        from llmcl.eval.scoring import row_file
+    if missing:  # rows without a row file, or with one that cannot be read
+        from llmcl.eval.scoring import row_scored
 
-        rows = [r for r in rows if not row_file(directory, r).exists()]
+        rows = [r for r in rows if not row_scored(directory, r)]
     only = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
     if only == []:
         raise LlmclError(f"--tasks {tasks!r}: expected task names separated by commas (leave --tasks out to score "

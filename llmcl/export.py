@@ -48,9 +48,10 @@ def resolve_stage(ledger: Any, stage: str) -> int:
     if not done:
         raise LlmclError(f"{ledger.run_dir} has no finished stage to export{_missing(ledger)}")
     if stage == "last":
-        if missing := _missing(ledger):  # a later stage the run finished is gone: "last" is not done[-1]
-            raise LlmclError(f"--stage last: the run's last stage is not there{missing}; or export stage "
-                             f"{done[-1]} with --stage {done[-1]}")
+        if missing := _missing(ledger):  # a stage the run finished is gone: "last" is not done[-1]
+            loadable = [i for i in done if not ledger.deleted(i)]
+            raise LlmclError(f"--stage last: a stage the run finished is not there{missing}"
+                             + (f"; or export stage {loadable[-1]} with --stage {loadable[-1]}" if loadable else ""))
         return done[-1]
     if stage.isdigit() and int(stage) in done:
         return int(stage)
@@ -65,8 +66,9 @@ def _missing(ledger: Any) -> str:
     for i, entry in enumerate(ledger.data["stages"]):
         if entry.get("status") == "done" and not ledger.deleted(i) \
                 and not (ledger.run_dir / entry["checkpoint"] / MANIFEST).exists():
-            return (f"; stage {i}'s directory {entry['checkpoint']} is missing (restore it, or rerun `llmcl train` "
-                    "to train it and the stages after it again)")
+            again = ("" if i > 0 and ledger.deleted(i - 1) else  # it would train from deleted weights: no rerun
+                     ", or rerun `llmcl train` to train it and the stages after it again")
+            return f"; stage {i}'s directory {entry['checkpoint']} is missing (restore it{again})"
     return ""
 
 

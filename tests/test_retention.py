@@ -85,7 +85,8 @@ def test_keep_stages_deletes_older_weights_and_the_kept_stage_is_the_same(case, 
     assert res.exit_code == 2 and f"stage 2 (again) must train (its directory {kept / last} is missing) from " \
         "stage 1, whose weights were deleted" in res.output, res.output
     res = run_cli("export", str(kept), "--to", str(tmp_path / "out"))  # 'last' is not stage 1
-    assert res.exit_code == 2 and "--stage last: the run's last stage is not there; stage 2's directory" in res.output
+    assert res.exit_code == 2 and res.stderr.strip() == f"error: --stage last: a stage the run finished is not " \
+        f"there; stage 2's directory {last} is missing (restore it)", res.stderr  # stages 0, 1: nothing to load
 
 
 def test_rows_are_scored_before_the_weights_go_and_a_deleted_stage_is_one_line(tmp_path):
@@ -160,10 +161,12 @@ def test_weights_stay_while_a_row_is_missing_and_keep_may_change_between_runs(tm
     assert _files(run, ledger.stage(0)["checkpoint"]) == {STAGE_INFO} and _files(run, stage1.name) == {STAGE_INFO}
 
 
-def test_a_damaged_row_keeps_its_stages_weights_until_it_is_scored_again(tmp_path):
-    """A row file that cannot be read (cut short, or a score that is not a number) is not a scored row: its
-    stage's weights stay, the report says the file is damaged in one line, and once it is deleted the next run
-    scores it from those weights and then deletes them."""
+def test_a_damaged_row_is_scored_again_before_its_stages_weights_go(tmp_path):
+    """A row file that cannot be read (cut short, or a score that is not a number) is not a scored row: the
+    report names the damaged file in one line; the next `llmcl train` scores the row again from the weights
+    keep_stages kept for it, then deletes them."""
+    from llmcl.eval.scoring import row_scored
+
     recipe = write_recipe(tmp_path / "r.yaml", train=TRAIN, stages=THREE, eval={"after_each_stage": True, "limit": 2})
     run = tmp_path / "run"
     _train(recipe, run)
@@ -172,16 +175,13 @@ def test_a_damaged_row_keeps_its_stages_weights_until_it_is_scored_again(tmp_pat
     next(iter(data["tasks"].values()))["value"] = "high"
     row0.write_text(json.dumps(data))
     row1.write_bytes(row1.read_bytes()[:200])
-    out = _train(recipe, run, "checkpoints.keep_stages=1")
-    assert "deleted the weights" not in out
-    assert not any(Ledger.read(run).stage(i).get("weights_deleted") for i in range(3))
+    assert not row_scored(run, 0) and not row_scored(run, 1) and row_scored(run, 2)
     res = run_cli("report", str(run))
     assert res.exit_code == 2 and "is damaged" in res.output and "Traceback" not in res.output, res.output
-    row0.unlink()
-    row1.unlink()
     out = _train(recipe, run, "checkpoints.keep_stages=1")
-    assert "deleted the weights of stages 0, 1 (checkpoints.keep_stages: 1)" in out
-    assert all(json.loads(r.read_text())["tasks"] for r in (row0, row1))  # scored before the weights went
+    assert f"note: {row0} cannot be read: its row is scored again" in out and f"note: {row1} cannot be" in out
+    assert out.index(f"{row1} cannot be read") < out.index("deleted the weights of stages 0, 1")  # scored first
+    assert row_scored(run, 0) and row_scored(run, 1) and run_cli("report", str(run)).exit_code == 0
 
 
 @pytest.mark.parametrize("keep", [None, 1])

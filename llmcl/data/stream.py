@@ -125,7 +125,7 @@ def _cache_key(cfg: Any, split: str, tokenizer: Any, seed: int) -> str:
                              "eos": tokenizer.eos_token_id, "max": limit}
     if is_builtin(path) or limit is not None or ident["holdout"] is not None:  # the seed draws the records
         ident["seed"] = seed
-    elif is_local(path):
+    if is_local(path):
         p = Path(path).expanduser()
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
         ident["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]

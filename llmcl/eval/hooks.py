@@ -59,7 +59,7 @@ class EvalHooks:
     def needs_weights(self, index: int) -> bool:
         """Whether finished stage `index` still has a row to be scored, so that its weights must stay
         (checkpoints.keep_stages). Called by rank 0 alone."""
-        if not self.enabled or row_scored(self.run_dir, index):  # a damaged row is scored again: weights stay
+        if not self.enabled or row_scored(self.run_dir, index):  # a damaged row is to be scored again: weights stay
             return False
         return bool(row_tasks(self.recipe, index, self._prepared(None)))
 
@@ -70,14 +70,17 @@ class EvalHooks:
             report_mod.check_metric_choice(self.run_dir, self.recipe)
 
     def on_start(self, accelerator: Any, ledger: Any) -> None:
-        """Score the base model and any finished stage whose row is missing."""
+        """Score the base model and any finished stage whose row is missing, or cannot be read (a damaged row
+        file is scored again, from the weights that keep_stages keeps for it)."""
         if not self.enabled:
             return
         accelerator.wait_for_everyone()  # every rank sees the same missing rows
-        missing = [r for r in [BASE, *ledger.done_stages()] if not row_file(self.run_dir, r).exists()
+        missing = [r for r in [BASE, *ledger.done_stages()] if not row_scored(self.run_dir, r)
                    and (r == BASE or not ledger.deleted(r))]  # a stage whose weights were deleted cannot be scored
         accelerator.wait_for_everyone()
         for row in missing:
+            if accelerator.is_main_process and row_file(self.run_dir, row).exists():
+                self.display.message(f"note: {row_file(self.run_dir, row)} cannot be read: its row is scored again")
             self._score(row, accelerator)
         if accelerator.is_main_process:
             self.check_metric_choice()  # the base row was just scored: before a stage trains

@@ -51,7 +51,8 @@ def read_row(run_dir: Path, row: str | int) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
         raise LlmclError(f"{path} is damaged (no 'tasks'); {way_out}")
     for task, cell in data["tasks"].items():
-        values = [cell.get("value"), *(cell.get("metrics") or {}).values()] if isinstance(cell, dict) else ["?"]
+        metrics = cell.get("metrics") or {} if isinstance(cell, dict) else None
+        values = [cell.get("value"), *metrics.values()] if isinstance(metrics, dict) else ["?"]
         if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
             raise LlmclError(f"{path} is damaged (task {task!r} holds a score that is not a number); {way_out}")
     return data

@@ -154,7 +154,7 @@ class Ledger:
             raise LlmclError(f"{directory / MANIFEST} is damaged (no checkpoint kind); {way_out}")
         if (why := _unlike_written(self.run_dir, manifest)) is not None:
             raise LlmclError(f"{directory / MANIFEST} is damaged ({why}); {way_out}")
-        verify(directory, manifest["files"], way_out)
+        verify(directory, manifest.get("files"), way_out)
         for adapter in manifest.get("merged", []):  # earlier stages' adapters, checked against their own manifests
             self._verify_merged(adapter)
         return manifest
@@ -175,9 +175,9 @@ class Ledger:
                     pass
             return
         recorded = read_json(owner / MANIFEST, way_out)
-        files = recorded.get("files") if isinstance(recorded, dict) else None
+        files = recorded.get("files", {}) if isinstance(recorded, dict) else None
         if not isinstance(files, dict):
-            raise LlmclError(f"{owner / MANIFEST} is damaged (no file records); {way_out}")
+            raise LlmclError(f"{owner / MANIFEST} is damaged (its file records are not a mapping); {way_out}")
         inside = Path(adapter).relative_to(owner.name).as_posix() + "/"
         verify(owner, {rel: rec for rel, rec in files.items() if rel.startswith(inside)}, way_out)
 
@@ -201,10 +201,10 @@ def _check_entry(i: int, entry: Any) -> None:
 def _unlike_written(run_dir: Path, manifest: dict[str, Any]) -> str | None:
     """What makes a manifest unlike any llmcl writes, or None: its file records, and the model directories it
     names (its own, and the adapters it merges), each a directory inside the run directory."""
-    files = manifest.get("files")
+    files = manifest.get("files", {})  # none in a stage written before llmcl recorded them: nothing to check
     if not isinstance(files, dict) or not all(isinstance(r, dict) and isinstance(r.get("size"), int)
                                               and isinstance(r.get("sha256"), str) for r in files.values()):
-        return "no record of its files' sizes and sha256"
+        return "its file records are not sizes and sha256"
     merged = manifest.get("merged", [])
     if not isinstance(merged, list):
         return "'merged' is not a list"
