@@ -249,6 +249,15 @@ def test_a_streamed_hub_text_corpus_with_a_record_limit_takes_a_seeded_shuffle_o
     assert [r["text"] for r in sampled_records(cfg, "train", 1)] != taken
 
 
+def test_a_txt_file_has_the_same_documents_streamed_or_read_whole(tmp_path):
+    from llmcl.data.stream import iter_records
+
+    (tmp_path / "a.txt").write_text("one\x0ctwo\u2028three\r\nfour\rfive\n\nsix", encoding="utf-8")
+    whole = read_file(tmp_path / "a.txt")
+    assert whole == list(iter_records(DataConfig(path=str(tmp_path / "a.txt")), "train", 0))
+    assert [r["text"] for r in whole] == ["one\x0ctwo\u2028three", "four", "five", "six"]  # lines, not splitlines()
+
+
 def test_text_corpora_of_one_directory_with_other_splits_do_not_share_a_token_file(tok, tmp_path):
     from llmcl.data.stream import text_blocks
 

@@ -88,7 +88,8 @@ def read_file(path: Path) -> list[dict[str, Any]]:
 
             return pq.read_table(path).to_pylist()
         if suffix == ".txt":
-            return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            # lines as the streamed reader cuts them (universal newlines; not str.splitlines' \f, \u2028, ...)
+            return [{"text": line} for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     except Exception as exc:  # noqa: BLE001
         raise unreadable(path, exc) from None
     raise LlmclError(f"data file {path}: unsupported extension {suffix!r} (use {', '.join(EXTENSIONS)})")
