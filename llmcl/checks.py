@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcl.data.formatting import check_record
-from llmcl.data.mixing import data_sources
+from llmcl.data.mixing import data_sources, replay_key
 from llmcl.data.sources import is_builtin, is_local, load_records
 from llmcl.data.stream import iter_records
 from llmcl.errors import RecipeError
@@ -25,10 +25,10 @@ def check(recipe: Recipe) -> list[str]:
         if not any(importlib.util.find_spec(m) for m in _TRACKER_PACKAGES[tracker]):
             raise RecipeError("logging.trackers", message=f"recipe key 'logging.trackers': {tracker} is not installed "
                               f"(pip install {_TRACKER_PACKAGES[tracker][0]})")
-    for i, stage in enumerate(recipe.stages):  # a replay share with no source to draw it from
+    for i in range(len(recipe.stages)):  # a replay share with no source to draw it from
         replay = recipe.stage_replay(i)
         if replay.ratio > 0 and not replay.previous_stages and not replay.datasets:
-            key = f"stages.{i}.replay.ratio" if "ratio" in stage.replay else "replay.ratio"
+            key = replay_key(recipe, i, "ratio")
             raise RecipeError(key, message=f"recipe key '{key}': {replay.ratio} of every step is to be replayed, but "
                               "there is nothing to replay (replay.previous_stages is false and there are no "
                               "replay.datasets); set the ratio to 0 or give a replay source")

@@ -285,7 +285,8 @@ def encode(records: list[dict[str, Any]], cfg: Any, tokenizer: Any, seq_len: int
                     ex = _encode_supervised(tokenizer, [(prompt, False), (completion, True)], add_eos=True,
                                             rendered=False)
             cut = len(ex.input_ids) > seq_len
-            ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+            if cut:
+                ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
             if any(label != IGNORE for label in ex.labels[1:]):
                 examples.append(ex)
                 stats.truncated += cut

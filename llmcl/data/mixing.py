@@ -64,14 +64,14 @@ def replay_plan(recipe: Any, index: int) -> list[Planned]:
         share = replay.previous_weight / index
         planned += [Planned(f"stage:{recipe.stages[k].name}", f"stages.{k}.data", recipe.stages[k].data, share)
                     for k in range(index)]
-    key = _datasets_key(recipe, index)
+    key = replay_key(recipe, index, "datasets")
     planned += [Planned(d.path, f"{key}.{j}", d, d.weight) for j, d in enumerate(replay.datasets)]
     return planned
 
 
-def _datasets_key(recipe: Any, index: int) -> str:
-    """The recipe key of stage `index`'s replay datasets: its own, or the recipe-wide list."""
-    return f"stages.{index}.replay.datasets" if "datasets" in recipe.stages[index].replay else "replay.datasets"
+def replay_key(recipe: Any, index: int, name: str) -> str:
+    """The recipe key of stage `index`'s replay setting `name` (ratio, datasets): its own, or the recipe-wide one."""
+    return f"stages.{index}.replay.{name}" if name in recipe.stages[index].replay else f"replay.{name}"
 
 
 def replay_sources(recipe: Any, index: int, tokenizer: Any, seq_len: int, cache_dir: Path) -> list[Source]:
@@ -101,7 +101,8 @@ def data_sources(recipe: Any) -> list[tuple[str, Any]]:
     """(recipe key, data config) of every stage's data and every replay dataset, each once."""
     out: list[tuple[str, Any]] = [(f"stages.{i}.data", stage.data) for i, stage in enumerate(recipe.stages)]
     for i in range(len(recipe.stages)):
-        out += [(f"{_datasets_key(recipe, i)}.{j}", data) for j, data in enumerate(recipe.stage_replay(i).datasets)]
+        key = replay_key(recipe, i, "datasets")
+        out += [(f"{key}.{j}", data) for j, data in enumerate(recipe.stage_replay(i).datasets)]
     return list(dict(out).items())  # the recipe-wide replay datasets once
 
 

@@ -207,18 +207,16 @@ def _held_out(cfg: Any, split: str, seed: int) -> list[dict[str, Any]]:
     random.Random(f"llmcl-holdout:{seed}").shuffle(order)
     chosen = sorted(order[:n]) if split == "test" else sorted(order[n:])
     records = [full[i] for i in chosen]
-    limit = cfg.max_train_samples if split == "train" else cfg.max_test_samples
+    limit = split_of(cfg, split)[2]
     if limit is not None and limit < len(records):
         records = [records[i] for i in seeded_subset(len(records), limit, split, seed)]
     return records
 
 
 def _load(cfg: Any, split: str, seed: int) -> list[dict[str, Any]] | None:
-    split_name = cfg.train_split if split == "train" else cfg.test_split
+    path, split_name, limit = split_of(cfg, split)
     if split_name is None:
         return None
-    limit = cfg.max_train_samples if split == "train" else cfg.max_test_samples
-    path = cfg.test_path if (split == "test" and cfg.test_path) else cfg.path
     if is_builtin(path):
         name = path.split(":", 1)[1]
         if split_name not in builtin.SPLITS:
@@ -242,6 +240,13 @@ def _load(cfg: Any, split: str, seed: int) -> list[dict[str, Any]] | None:
     if limit is not None and limit < len(records):
         records = [records[i] for i in seeded_subset(len(records), limit, split, seed)]
     return records
+
+
+def split_of(cfg: Any, split: str) -> tuple[str, str | None, int | None]:
+    """(path, split name, record limit) of a data config's 'train' or 'test' split."""
+    if split == "train":
+        return cfg.path, cfg.train_split, cfg.max_train_samples
+    return cfg.test_path or cfg.path, cfg.test_split, cfg.max_test_samples
 
 
 def seeded_subset(n: int, limit: int, split: str, seed: int) -> list[int]:

@@ -21,7 +21,8 @@ import numpy as np
 
 from llmcl.data import builtin
 from llmcl.data.formatting import Example, fields
-from llmcl.data.sources import csv_records, is_builtin, is_local, json_line, read_file, seeded_subset, unreadable
+from llmcl.data.sources import (csv_records, is_builtin, is_local, json_line, read_file, seeded_subset, split_of,
+                                unreadable)
 from llmcl.errors import LlmclError
 
 DTYPE = np.uint32
@@ -36,8 +37,7 @@ def iter_records(cfg: Any, split: str, seed: int) -> Iterator[dict[str, Any]]:
 
         yield from load_records(cfg, split, seed) or []
         return
-    split_name = cfg.train_split if split == "train" else cfg.test_split
-    path = cfg.test_path if (split == "test" and cfg.test_path) else cfg.path
+    path, split_name, _ = split_of(cfg, split)
     if is_builtin(path):
         yield from builtin.generate(path.split(":", 1)[1], split_name, seed)
         return
@@ -72,13 +72,11 @@ def sampled_records(cfg: Any, split: str, seed: int) -> Iterator[dict[str, Any]]
     built-in source gives the same seeded subset as load_records (one pass counts the records, a second reads
     the kept ones); a hub dataset, streamed and of unknown length, the first N of datasets' buffered shuffle of
     the stream."""
-    limit = cfg.max_train_samples if split == "train" else cfg.max_test_samples
+    path, split_name, limit = split_of(cfg, split)
     if limit is None or getattr(cfg, "holdout", None) is not None:  # load_records applies the limit to a holdout
         yield from iter_records(cfg, split, seed)
         return
-    path = cfg.test_path if (split == "test" and cfg.test_path) else cfg.path
     if not (is_builtin(path) or is_local(path)):
-        split_name = cfg.train_split if split == "train" else cfg.test_split
         yield from itertools.islice(_hub_stream(path, cfg.subset, split_name, shuffle_seed=seed), limit)
         return
     count = sum(1 for _ in iter_records(cfg, split, seed))
@@ -116,10 +114,8 @@ def _local_records(p: Path) -> Iterator[dict[str, Any]]:
 def _cache_key(cfg: Any, split: str, tokenizer: Any, seed: int) -> str:
     """What a token file holds: the source and the records taken from it (the split's name, a holdout, a
     limit, and the seed that draws them), the text field and the tokenizer."""
-    path = cfg.test_path if (split == "test" and cfg.test_path) else cfg.path
-    limit = cfg.max_train_samples if split == "train" else cfg.max_test_samples
-    ident: dict[str, Any] = {"path": path, "split": split,
-                             "split_name": cfg.train_split if split == "train" else cfg.test_split,
+    path, split_name, limit = split_of(cfg, split)
+    ident: dict[str, Any] = {"path": path, "split": split, "split_name": split_name,
                              "holdout": getattr(cfg, "holdout", None), "field": cfg.text_field, "subset": cfg.subset,
                              "tokenizer": getattr(tokenizer, "name_or_path", ""), "vocab": len(tokenizer),
                              "eos": tokenizer.eos_token_id, "max": limit}

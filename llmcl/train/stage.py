@@ -19,7 +19,7 @@ import torch
 
 from llmcl import methods
 from llmcl.data.batching import BatchPlan, collate, fetch
-from llmcl.data.mixing import build_pool, replay_plan, replay_sources, replay_token_note
+from llmcl.data.mixing import build_pool, replay_key, replay_plan, replay_sources, replay_token_note
 from llmcl.data.sources import local_files
 from llmcl.errors import LlmclError
 from llmcl.layers import varlen
@@ -136,7 +136,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
         own, stats = build_pool(stage.data, tokenizer, cfg.seq_len, recipe.seed, cache, f"stages.{i}.data")
         replay = replay_sources(recipe, i, tokenizer, cfg.seq_len, cache)
     pools = [own] + [src.pool for src in replay]
-    ratio_key = f"stages.{i}.replay.ratio" if "ratio" in stage.replay else "replay.ratio"
+    ratio_key = replay_key(recipe, i, "ratio")
     if (note := replay_token_note(own, replay, recipe.stage_replay(i).ratio, ratio_key)) is not None:
         run.display.message(note)
     batches = BatchPlan(len(own), cfg.batch_size, cfg.grad_accum, world, recipe.seed, i,
