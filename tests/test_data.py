@@ -270,6 +270,45 @@ def test_text_corpora_of_one_directory_with_other_splits_do_not_share_a_token_fi
         assert blocks.tokens.tolist() == _stream_tokens([{"text": f"the {split} split"}], tok)
 
 
+@pytest.mark.parametrize("streamed", [True, False])
+def test_add_bos_begins_every_text_document_and_has_its_own_token_file(streamed, tok, tmp_path):
+    import copy
+
+    from llmcl.data.stream import text_blocks
+
+    records = [{"text": f"document {i} " * (i + 1)} for i in range(6)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def tokens(**extra):
+        cfg = DataConfig(path=str(tmp_path / "c.jsonl"), **extra)
+        if streamed:
+            return text_blocks(cfg, "train", tok, 4, 0, tmp_path / "cache").tokens.tolist()
+        return sum((b.input_ids for b in encode(records, cfg, tok, 4)[0]), [])
+
+    with_bos, without = tokens(add_bos=True), tokens()
+    expected = sum(([tok.bos_token_id] + _stream_tokens([r], tok) for r in records), [])
+    assert with_bos == expected[:len(with_bos)] and len(expected) - len(with_bos) < 4  # BOS, document, EOS, BOS, ...
+    default = _stream_tokens(records, tok)  # the default: no BOS
+    assert without == default[:len(without)] and len(default) - len(without) < 4
+    if streamed:
+        assert tokens(add_bos=True) == with_bos and len(list((tmp_path / "cache").glob("*.bin"))) == 2
+    nobos = copy.deepcopy(tok)
+    nobos.bos_token = None
+    with pytest.raises(LlmclError, match="recipe key 'data.add_bos': the tokenizer of model.path=.* has no BOS"):
+        cfg = DataConfig(path=str(tmp_path / "c.jsonl"), add_bos=True)
+        text_blocks(cfg, "train", nobos, 4, 0, tmp_path / "cache") if streamed else encode(records, cfg, nobos, 4)
+
+
+@pytest.mark.parametrize("fmt", ["text", "sharegpt", "prompt_completion"])
+def test_add_bos_on_data_that_is_not_text_is_noted(fmt, tmp_path):
+    path = {"text": tmp_path / "t.jsonl", "sharegpt": FIXTURES / "sharegpt.jsonl", "prompt_completion": "builtin:facts"}[fmt]
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+    res = _validate(tmp_path, f"stages.1.data.path={path}", "stages.1.data.add_bos=true")
+    assert res.exit_code == 0, res.output
+    note = f"note: recipe key 'stages.1.data.add_bos': true has no effect on {fmt} data"
+    assert (note in res.stderr) == (fmt != "text"), res.stderr
+
+
 def test_file_readers(tmp_path):
     rows = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]
     (tmp_path / "a.json").write_text(json.dumps(rows))

@@ -268,7 +268,7 @@ def encode(records: list[dict[str, Any]], cfg: Any, tokenizer: Any, seq_len: int
     stats = EncodeStats(format=detect_format(cfg, records[0]))
     check_chat_template(cfg, stats.format, tokenizer)
     if stats.format == "text":
-        examples = pack([r[cfg.text_field] for r in records], tokenizer, seq_len)
+        examples = pack([r[cfg.text_field] for r in records], tokenizer, seq_len, bos_of(cfg, tokenizer, key))
     else:
         examples = []
         for r in records:
@@ -301,16 +301,32 @@ def encode(records: list[dict[str, Any]], cfg: Any, tokenizer: Any, seq_len: int
     return examples, stats
 
 
-def pack(texts: list[str], tokenizer: Any, seq_len: int) -> list[Example]:
-    """Concatenate documents (each followed by EOS) and cut them into blocks of seq_len tokens.
+def document_tokens(texts: list[str], tokenizer: Any, bos: int | None = None) -> list[list[int]]:
+    """Each document's tokens, as a text stage trains them: `bos` first (data.add_bos), EOS last."""
+    eos = tokenizer.eos_token_id
+    head, tail = ([] if bos is None else [bos]), ([] if eos is None else [eos])
+    return [head + ids + tail for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def bos_of(cfg: Any, tokenizer: Any, key: str = "data") -> int | None:
+    """The token a text document begins with: the tokenizer's BOS with data.add_bos, else none."""
+    if not getattr(cfg, "add_bos", False):
+        return None
+    if tokenizer.bos_token_id is None:
+        model = getattr(tokenizer, "name_or_path", "") or "?"
+        raise LlmclError(f"recipe key '{key}.add_bos': the tokenizer of model.path={model!r} has no BOS token; set "
+                         f"{key}.add_bos: false")
+    return tokenizer.bos_token_id
+
+
+def pack(texts: list[str], tokenizer: Any, seq_len: int, bos: int | None = None) -> list[Example]:
+    """Concatenate documents (each followed by EOS, and begun by `bos` if given) and cut them into blocks of
+    seq_len tokens.
 
     The last partial block is dropped unless it is the only one."""
-    eos = tokenizer.eos_token_id
     stream: list[int] = []
-    for text in texts:
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            stream.append(eos)
+    for ids in document_tokens(texts, tokenizer, bos):
+        stream += ids
     n_full = len(stream) // seq_len
     blocks = [stream[i * seq_len:(i + 1) * seq_len] for i in range(n_full)] or [stream[:seq_len]]
     return [Example(b, list(b)) for b in blocks]

@@ -37,7 +37,7 @@ def build_pool(cfg: Any, tokenizer: Any, seq_len: int, seed: int, cache_dir: Pat
     (`key`: its recipe key, e.g. stages.2.data, for the messages)."""
     fmt = detect_format(cfg, first_record(cfg, seed, key), key)
     if fmt == "text":
-        blocks = text_blocks(cfg, "train", tokenizer, seq_len, seed, cache_dir)
+        blocks = text_blocks(cfg, "train", tokenizer, seq_len, seed, cache_dir, key)
         stats = EncodeStats(examples=len(blocks), tokens=len(blocks) * seq_len, format="text",
                             label_tokens=len(blocks) * (seq_len - 1))
         return blocks, stats

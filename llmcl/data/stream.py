@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from llmcl.data import builtin
-from llmcl.data.formatting import Example, fields
+from llmcl.data.formatting import Example, bos_of, document_tokens, fields
 from llmcl.data.sources import (csv_records, is_builtin, is_local, json_line, read_file, seeded_subset, split_of,
                                 unreadable)
 from llmcl.errors import LlmclError
@@ -111,9 +111,9 @@ def _local_records(p: Path) -> Iterator[dict[str, Any]]:
         raise unreadable(p, exc, where) from None
 
 
-def _cache_key(cfg: Any, split: str, tokenizer: Any, seed: int) -> str:
+def _cache_key(cfg: Any, split: str, tokenizer: Any, seed: int, bos: int | None = None) -> str:
     """What a token file holds: the source and the records taken from it (the split's name, a holdout, a
-    limit, and the seed that draws them), the text field and the tokenizer."""
+    limit, and the seed that draws them), the text field, the tokenizer and the BOS documents begin with."""
     path, split_name, limit = split_of(cfg, split)
     ident: dict[str, Any] = {"path": path, "split": split, "split_name": split_name,
                              "holdout": getattr(cfg, "holdout", None), "field": cfg.text_field, "subset": cfg.subset,
@@ -121,6 +121,8 @@ def _cache_key(cfg: Any, split: str, tokenizer: Any, seed: int) -> str:
                              "eos": tokenizer.eos_token_id, "max": limit}
     if is_builtin(path) or limit is not None or ident["holdout"] is not None:  # the seed draws the records
         ident["seed"] = seed
+    if bos is not None:  # (absent otherwise: the token files written before data.add_bos keep their keys)
+        ident["bos"] = bos
     if is_local(path):
         p = Path(path).expanduser()
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
@@ -128,9 +130,9 @@ def _cache_key(cfg: Any, split: str, tokenizer: Any, seed: int) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def tokenize_to_file(records: Iterator[dict[str, Any]], field: str, tokenizer: Any, out: Path) -> int:
-    """Append every document's tokens (+ EOS) to `out` as uint32; returns the token count."""
-    eos = tokenizer.eos_token_id
+def tokenize_to_file(records: Iterator[dict[str, Any]], field: str, tokenizer: Any, out: Path,
+                     bos: int | None = None) -> int:
+    """Append every document's tokens (`bos` +, + EOS) to `out` as uint32; returns the token count."""
     total = 0
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -138,9 +140,7 @@ def tokenize_to_file(records: Iterator[dict[str, Any]], field: str, tokenizer: A
 
         def flush() -> int:
             n = 0
-            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                if eos is not None:
-                    ids = ids + [eos]
+            for ids in document_tokens(batch, tokenizer, bos):
                 np.asarray(ids, dtype=DTYPE).tofile(fh)
                 n += len(ids)
             batch.clear()
@@ -190,12 +190,15 @@ class PackedBlocks:
         return min(self.seq_len, self.n_tokens) - 1
 
 
-def text_blocks(cfg: Any, split: str, tokenizer: Any, seq_len: int, seed: int, cache_dir: Path) -> PackedBlocks:
-    """The split's text as packed blocks, tokenizing the source into the cache on first use."""
+def text_blocks(cfg: Any, split: str, tokenizer: Any, seq_len: int, seed: int, cache_dir: Path,
+                key: str = "data") -> PackedBlocks:
+    """The split's text as packed blocks, tokenizing the source into the cache on first use (`key`: the data
+    config's recipe key, for the messages)."""
+    bos = bos_of(cfg, tokenizer, key)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    token_file = cache_dir / f"{_cache_key(cfg, split, tokenizer, seed)}.bin"
+    token_file = cache_dir / f"{_cache_key(cfg, split, tokenizer, seed, bos)}.bin"
     if not token_file.exists():
-        tokenize_to_file(sampled_records(cfg, split, seed), cfg.text_field, tokenizer, token_file)
+        tokenize_to_file(sampled_records(cfg, split, seed), cfg.text_field, tokenizer, token_file, bos)
     return PackedBlocks(token_file, seq_len)
 
 

@@ -54,6 +54,8 @@ class DataConfig:
     """Python format string over a record's fields giving the completion, e.g. ' {label}'."""
     text_field: str = "text"
     """Record field holding the document for the text format."""
+    add_bos: bool = False
+    """Text format: begin every document with the tokenizer's BOS token (documents are always followed by EOS). Off as in LLaMA-Factory's pre-training data; turn it on for models trained to see a BOS first (Gemma)."""
     messages_field: str = "messages"
     """Record field holding the chat turns for the messages format."""
     chat_template: bool = False
