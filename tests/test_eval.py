@@ -752,3 +752,49 @@ def test_answers_longer_than_max_new_tokens_are_a_note_naming_the_key(run_dir, t
     res = run_cli("eval", str(copy), "--stage", "base", "--tasks", "facts")
     assert res.exit_code == 0, res.output
     assert notes["llmcl_stage_facts"] in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("template", [" {label}", "\n{label}", "\n\n{label}"])
+@pytest.mark.parametrize("says", ["the answer, then more lines", "the other label"])
+def test_a_one_line_answer_is_scored_on_its_line_whether_or_not_it_begins_a_new_line(template, says, tmp_path):
+    """An answer template beginning with a newline ("Response:" + "\\n{output}") was cut to nothing by the
+    stop at "\\n" (exact match 0 whatever the model said). A model that says a stage's answer and then goes on with
+    more lines scores 1, one that says another label 0, with lm-eval's own exact match, HFLM's stop-sequence cut
+    (copied here) and the task llmcl writes."""
+    import lm_eval
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    from llmcl import recipe as recipe_mod
+    from llmcl.eval.tasks import stage_task_name, write_stage_tasks
+
+    _write_data(tmp_path)
+    path = write_recipe(tmp_path / "r.yaml", stages=[{"name": "cls", "data": {
+        "path": str(tmp_path / "cls"), "prompt_template": "Review: {sentence}\nSentiment:",
+        "completion_template": template}}])
+    r = recipe_mod.load(path, [])
+    write_stage_tasks(r, tmp_path / "run", load_tokenizer(r.model))
+    answers = {row["prompt"]: row["completion"] for row in map(json.loads, (
+        tmp_path / "run" / "eval" / "tasks" / "cls.jsonl").read_text().splitlines())}
+    other = {"positive": "negative", "negative": "positive"}
+
+    class Says(LM):  # a model that answers as `says`
+        def generate_until(self, requests):
+            out = []
+            for context, kwargs in (req.args for req in requests):
+                answer = answers[context]
+                s = answer + "\nReview: more\n" if says.startswith("the answer") else answer.replace(
+                    answer.strip(), other[answer.strip()])
+                for term in kwargs["until"]:  # HFLM.generate_until's cut at its stop sequences
+                    s = s.split(term)[0]
+                out.append(s)
+            return out
+
+        loglikelihood = loglikelihood_rolling = None
+
+    with offline_and_quiet():
+        manager = TaskManager(include_path=[str(tmp_path / "run" / "eval" / "tasks")], include_defaults=False)
+        res = lm_eval.simple_evaluate(model=Says(), tasks=[stage_task_name("cls")], task_manager=manager,
+                                      verbosity="ERROR", bootstrap_iters=0)
+    score = res["results"][stage_task_name("cls")]["exact_match,none"]
+    assert score == (1.0 if says.startswith("the answer") else 0.0)

@@ -211,7 +211,7 @@ FAULTS = {
         "ledger.json is damaged (ValueError: stage 0's checkpoint"),
     "run_recipe_bad_value": (lambda r, d, t: (d.joinpath("recipe.yaml").write_text(d.joinpath(
         "recipe.yaml").read_text().replace("seed: 0", "seed: -5")), ["report", str(d)])[1], 2,
-        f"recipe.yaml: recipe key 'seed': got -5"),
+        "recipe.yaml: recipe key 'seed': got -5"),
     "eval_row_score_not_a_number": (lambda r, d, t: ((d / "eval").mkdir(), d.joinpath("eval", "base.json").write_text(
         json.dumps({"row": "base", "tasks": {"x": {"value": "high", "metric": "acc"}}})), ["report", str(d)])[2], 2,
         "base.json is damaged (task 'x' holds a score that is not a number)"),

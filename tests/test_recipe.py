@@ -72,6 +72,8 @@ BAD = [
     (["model.path=./no/such/dir"], "recipe key 'model.path': got './no/such/dir'; expected an existing model directory"),
     (["stages.4.data.path=x"], "recipe key 'stages.4': no such list index (the list has 2 entries, 0..1)"),
     (["stages.1.name=facts"], "recipe key 'stages.1.name': 'facts' is already the name of stage 0"),
+    (["stages.0.name=task-1", "stages.1.name=task.1"], "recipe key 'stages.1.name': 'task.1' and stage 0's 'task-1' "
+     "would be scored as one lm-eval task (llmcl_stage_task_1"),
     (["stages.1.name=a/b"], "recipe key 'stages.1.name': got 'a/b'; expected letters, digits, _ . - only"),
     (["train.adam_betas=[0.9]"], "recipe key 'train.adam_betas': got [0.9]; expected two numbers in [0, 1)"),
     (["train.lr"], "override 'train.lr' must look like KEY=VALUE"),

@@ -45,6 +45,9 @@ class StageTask:
         return "stage_choice" if self.kind == "choice" else "stage"
 
 
+AFTER_THE_FIRST_LINE = "(?<=\\S)\\n[\\s\\S]*"  # what follows the first line holding more than whitespace
+
+
 def stage_task_name(stage_name: str) -> str:
     return STAGE_PREFIX + stage_name.replace("-", "_").replace(".", "_")
 
@@ -127,12 +130,16 @@ def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer
     completions = sorted({r["completion"] for r in rows})  # a classification stage has a handful: one batched call
     longest = max(map(len, tokenizer(completions, add_special_tokens=False)["input_ids"]))
     multiline = any("\n" in r["completion"].strip() for r in rows)
+    # a one-line answer ends at its line's end: a stop at "\n", or, where answers begin on a new line ("Response:",
+    # "\n{label}": a stop would cut them to nothing), no stop and everything after the answer's line ignored
+    new_line_first = not multiline and any("\n" in r["completion"][:-len(r["completion"].lstrip()) or None]
+                                           for r in rows if r["completion"].strip())
     return {**base, "output_type": "generate_until", "doc_to_text": "prompt", "doc_to_target": "completion",
             "target_delimiter": "",
-            "generation_kwargs": {"until": [] if multiline else ["\n"], "do_sample": False,
+            "generation_kwargs": {"until": [] if multiline or new_line_first else ["\n"], "do_sample": False,
                                   "max_gen_toks": min(max_new_tokens, longest + 4)},
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                             "regexes_to_ignore": ["^\\s+", "\\s+$"]}]}
+                             "regexes_to_ignore": [AFTER_THE_FIRST_LINE] * new_line_first + ["^\\s+", "\\s+$"]}]}
 
 
 def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool = True) -> list[StageTask]:

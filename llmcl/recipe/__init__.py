@@ -131,7 +131,10 @@ def from_dict(data: dict[str, Any], default_name: str = "run") -> Recipe:
 
 
 def _name_stages(recipe: Recipe) -> None:
+    from llmcl.eval.tasks import stage_task_name
+
     seen: dict[str, int] = {}
+    tasks: dict[str, int] = {}  # lm-eval task name -> stage: names differing only in - . _ would share one
     for i, stage in enumerate(recipe.stages):
         if stage.name is None:
             base = _default_stage_name(stage.data.path)
@@ -144,6 +147,13 @@ def _name_stages(recipe: Recipe) -> None:
             raise RecipeError(f"stages.{i}.name", message=f"recipe key 'stages.{i}.name': {stage.name!r} is already "
                               f"the name of stage {seen[stage.name]}; stage names must be unique")
         seen[stage.name] = i
+        task = stage_task_name(stage.name)
+        if task in tasks:
+            other = recipe.stages[tasks[task]].name
+            raise RecipeError(f"stages.{i}.name", message=f"recipe key 'stages.{i}.name': {stage.name!r} and stage "
+                              f"{tasks[task]}'s {other!r} would be scored as one lm-eval task ({task}: '-' and '.' "
+                              "become '_'); rename one")
+        tasks[task] = i
 
 
 def _check_metric_keys(recipe: Recipe) -> None:
