@@ -350,7 +350,7 @@ def test_comparison_of_several_runs(run_dir, tmp_path):
 
 def test_the_report_says_how_the_rows_were_scored_and_a_comparison_where_runs_differ(run_dir, tmp_path):
     """Every row records its lm-eval version, weight dtype, item limits and few-shot setting: the report says
-    them in one sentence (from the rows, not the recipe), marks a setting the rows differ in, and a comparison of
+    them in one sentence (from the rows, not the recipe), marks a setting the cells differ in, and a comparison of
     runs scored on different numbers of items says so under the table."""
     import shutil
 
@@ -360,19 +360,23 @@ def test_the_report_says_how_the_rows_were_scored_and_a_comparison_where_runs_di
     assert run_cli("report", str(run_dir)).exit_code == 0
     matrix = json.loads((run_dir / "report" / "matrix.json").read_text())
     assert matrix["scoring"] == {"lm_eval_version": list(version), "dtype": ["float32"], "limit": [6],
-                                 "tasks_limit": [6], "num_fewshot": [None]}
+                                 **({"tasks_limit": [6]} if HAS_EVAL_DATA else {}), "num_fewshot": [None],
+                                 "max_prompt_tokens": [None], "max_new_tokens": [32]}
     general = "general tasks: at most 6 items (eval.tasks_limit); " if HAS_EVAL_DATA else ""
     sentence = (f"Scored with lm-eval {version.pop()}; weights in float32; stage tasks: at most 6 items (eval.limit); "
-                f"{general}few-shot: each task's default (eval.num_fewshot).")
+                f"{general}few-shot: each task's default (eval.num_fewshot); stage prompts: any length "
+                "(eval.max_prompt_tokens); tokens generated: 32 (eval.max_new_tokens).")
     assert sentence in (run_dir / "report" / "report.md").read_text().splitlines()
     other = tmp_path / "fewer"
     shutil.copytree(run_dir, other)
     row = json.loads((other / "eval" / "stage-02.json").read_text())
-    row["limit"] = 3  # as if the last row had been scored with eval.limit 3
+    for task, cell in row["tasks"].items():  # as if the last row had been scored with eval.limit 3
+        if task.startswith("llmcl_stage_"):
+            cell["scoring"]["limit"] = 3
     (other / "eval" / "stage-02.json").write_text(json.dumps(row))
     res = run_cli("report", str(run_dir), str(other), "--markdown", str(tmp_path / "cmp.md"))
     assert res.exit_code == 0, res.output
-    differ = "stage tasks: at most 6 items / at most 3 items (eval.limit) [rows differ]"
+    differ = "stage tasks: at most 6 items / at most 3 items (eval.limit) [cells differ]"
     assert differ in (other / "report" / "report.md").read_text()
     text = " ".join(res.output.split())  # the terminal's tables say it too (brackets are not rich markup)
     assert differ in text and "The runs were scored differently (limit): tiny [run]: Scored with" in text
@@ -383,9 +387,39 @@ def test_the_report_says_how_the_rows_were_scored_and_a_comparison_where_runs_di
     for path in (old / "eval").glob("*.json"):
         row = json.loads(path.read_text())
         del row["num_fewshot"]
+        for cell in row["tasks"].values():
+            del cell["scoring"]
         path.write_text(json.dumps(row))
     res = run_cli("report", str(run_dir), str(old))
     assert res.exit_code == 0 and "scored differently" not in res.output, res.output
+
+
+def test_each_cell_records_how_it_was_scored_and_a_rescored_task_leaves_the_others_records(run_dir, tmp_path):
+    """`llmcl eval --tasks X` with other eval keys than the row was scored with: the other cells keep their own
+    record (the row's used to be rewritten to the new keys), and the report shows both settings and the column's
+    item counts where rows differ."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    data = yaml.safe_load((copy / "recipe.yaml").read_text())
+    data["eval"].update(limit=3, max_new_tokens=16)
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(data))
+    res = run_cli("eval", str(copy), "--stage", "base", "--tasks", "sentiment")
+    assert res.exit_code == 0, res.output
+    cells = json.loads((copy / "eval" / "base.json").read_text())["tasks"]
+    assert cells["llmcl_stage_facts"]["scoring"]["limit"] == 6 and cells["llmcl_stage_facts"]["n"] == 6
+    assert cells["llmcl_stage_facts"]["scoring"]["max_new_tokens"] == 32
+    assert cells["llmcl_stage_sentiment"]["scoring"]["limit"] == 3 and cells["llmcl_stage_sentiment"]["n"] == 3
+    assert cells["llmcl_stage_sentiment"]["scoring"]["max_new_tokens"] == 16
+    assert "max_new_tokens" not in cells["llmcl_stage_sentiment-choice"]["scoring"]  # nothing is generated
+    assert "max_prompt_tokens" not in cells["llmcl_stage_prose"]["scoring"]  # documents are scored whole
+    res = run_cli("report", str(copy))
+    assert res.exit_code == 0, res.output
+    text = " ".join((copy / "report" / "report.md").read_text().split())
+    assert "stage tasks: at most 6 items / at most 3 items (eval.limit) [cells differ]" in text
+    assert "tokens generated: 32 / 16 (eval.max_new_tokens) [cells differ]" in text
+    assert "sentiment (exact_match, n=3/6 [rows differ])" in text and "facts (exact_match, n=6)" in text
 
 
 @pytest.mark.slow  # lm-eval indexes its ~10,000 task files (~18 s here): -m slow, which CI runs (.ci/run)

@@ -15,16 +15,14 @@ from llmcl.rundir.integrity import read_json
 
 
 def scoring_text(report: RunReport) -> str:
-    """One sentence: how the rows were scored, and where rows differ."""
-    kinds = {c.kind for c in report.columns}
+    """One sentence: how the rows' cells were scored, and where cells differ."""
     parts = []
-    for key, (template, null) in SCORING.items():
+    for key, (value, template, null) in SCORING.items():
         values = report.scoring.get(key)
-        if not values or (key == "limit" and not kinds & {"stage", "stage_choice"}) \
-                or (key == "tasks_limit" and "general" not in kinds):
+        if not values:
             continue
-        shown = [null if v is None else f"at most {v} items" if key.endswith("limit") else str(v) for v in values]
-        parts.append(template.format(" / ".join(shown)) + (" [rows differ]" if len(shown) > 1 else ""))
+        shown = [null if v is None else value.format(v) for v in values]
+        parts.append(template.format(" / ".join(shown)) + (" [cells differ]" if len(shown) > 1 else ""))
     return ("Scored with " + "; ".join(parts) + ".") if parts else ""
 
 
@@ -36,6 +34,8 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 def _n(column: Column) -> str:
     """The column's item count as its header shows it (a score over 30 items is not one over 3,000)."""
+    if len(column.ns) > 1:  # rows scored on different items (eval.limit or eval.max_prompt_tokens changed)
+        return f", n={'/'.join(map(str, column.ns))} [rows differ]"
     return "" if column.n is None else f", n={column.n}"
 
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 from llmcl.errors import LlmclError
 from llmcl.eval import metrics as M
 from llmcl.eval.scoring import BASE, load_run_recipe, read_row, written_rows
+from llmcl.eval.tasks import STAGE_PREFIX
 from llmcl.rundir import Ledger
 
 
@@ -25,6 +26,7 @@ class Column:
     metric: str
     higher_is_better: bool
     n: int | None = None  # items scored (the first row's count; eval.limit caps it)
+    ns: list[int] = field(default_factory=list)  # every row's count, each once: more than one = rows differ
 
 
 @dataclass
@@ -80,11 +82,23 @@ class RunReport:
         }
 
 
-# what a row file records of how it was scored: how the report says it, and what a null value means
-SCORING = {"lm_eval_version": ("lm-eval {}", None), "dtype": ("weights in {}", None),
-           "limit": ("stage tasks: {} (eval.limit)", "every item"),
-           "tasks_limit": ("general tasks: {} (eval.tasks_limit)", "every item"),
-           "num_fewshot": ("few-shot: {} (eval.num_fewshot)", "each task's default")}
+# what a row file records of how its cells were scored: how the report says it (a value, then the sentence it goes
+# in), and what a null value means
+SCORING = {"lm_eval_version": ("{}", "lm-eval {}", None), "dtype": ("{}", "weights in {}", None),
+           "limit": ("at most {} items", "stage tasks: {} (eval.limit)", "every item"),
+           "tasks_limit": ("at most {} items", "general tasks: {} (eval.tasks_limit)", "every item"),
+           "num_fewshot": ("{}", "few-shot: {} (eval.num_fewshot)", "each task's default"),
+           "max_prompt_tokens": ("at most {} tokens", "stage prompts: {} (eval.max_prompt_tokens)", "any length"),
+           "max_new_tokens": ("{}", "tokens generated: {} (eval.max_new_tokens)", None)}
+
+
+def _cell_scoring(task: str, cell: dict, row: dict) -> dict[str, Any]:
+    """How a cell was scored: its own record, or for a cell written before cells had one, the keys of its row that
+    apply to it (a row written before a key was recorded says nothing of it)."""
+    if "scoring" in cell:
+        return cell["scoring"]
+    other = "tasks_limit" if task.startswith(STAGE_PREFIX) else "limit"
+    return {k: row[k] for k in SCORING if k in row and k != other}
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -124,10 +138,13 @@ def collect(run_dir: Path) -> RunReport:
     choice_cols = sorted((c for c in seen.values() if c.kind == "stage_choice"), key=lambda c: c.stage)
     general_cols = [c for c in seen.values() if c.kind == "general"]
     report.columns = stage_cols + choice_cols + general_cols
-    for key in SCORING:  # rows written before a key was recorded say nothing of it
-        for _, _, row in rows:
-            if key in row and row[key] not in report.scoring.setdefault(key, []):
-                report.scoring[key].append(row[key])
+    for _, _, row in rows:
+        for task, cell in row["tasks"].items():
+            for key, value in _cell_scoring(task, cell, row).items():
+                if key in SCORING and value not in report.scoring.setdefault(key, []):
+                    report.scoring[key].append(value)
+            if task in seen and cell.get("n") is not None and cell["n"] not in seen[task].ns:
+                seen[task].ns.append(cell["n"])
     for label, stage, row in rows:
         report.rows.append(label)
         report.row_stage.append(stage)

@@ -150,6 +150,22 @@ def row_tasks(recipe: Recipe, row: str | int, stage_tasks: list[StageTask]) -> l
     return stage + general
 
 
+def cell_scoring(recipe: Recipe, task: str, kind: str | None) -> dict[str, Any]:
+    """How one cell was scored, as the report compares cells (report.SCORING's keys): a row's cells may be scored
+    at different times (`llmcl eval --tasks`, eval keys changed between stages), so each records its own."""
+    e = recipe.eval
+    out: dict[str, Any] = {"lm_eval_version": harness.lm_eval_version(),
+                           "dtype": str(eval_dtype(recipe)).removeprefix("torch."), "num_fewshot": e.num_fewshot}
+    if not task.startswith(STAGE_PREFIX):
+        return {**out, "tasks_limit": e.limit if e.tasks_limit == "same" else e.tasks_limit}
+    out["limit"] = e.limit
+    if kind in ("generate", "choice"):  # (another run's stage task, kind None, was written by it, with its keys)
+        out["max_prompt_tokens"] = e.max_prompt_tokens
+    if kind == "generate":
+        out["max_new_tokens"] = e.max_new_tokens
+    return out
+
+
 def prepare_stage_tasks(run_dir: Path, recipe: Recipe, tokenizer: Any, accelerator: Any = None) -> list[StageTask]:
     """The run's stage tasks, written to run_dir/eval/tasks (by rank 0 while the other ranks of a data-parallel
     evaluation wait; every rank calls this then). What a run's rows share: a caller that scores several rows of one
@@ -237,7 +253,8 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
         task = by_name.get(name)
         payload["tasks"][name] = {"kind": task.view if task else "general",
                                   "stage": task.stage if task else None,
-                                  "stage_name": task.stage_name if task else None, **result.to_dict()}
+                                  "stage_name": task.stage_name if task else None, **result.to_dict(),
+                                  "scoring": cell_scoring(recipe, name, task.kind if task else None)}
     path = row_file(run_dir, row)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, payload)
