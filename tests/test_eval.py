@@ -832,3 +832,43 @@ def test_a_one_line_answer_is_scored_on_its_line_whether_or_not_it_begins_a_new_
                                       verbosity="ERROR", bootstrap_iters=0)
     score = res["results"][stage_task_name("cls")]["exact_match,none"]
     assert score == (1.0 if says.startswith("the answer") else 0.0)
+
+
+def test_a_document_is_scored_as_its_tokens_after_the_prefix_whatever_special_tokens_the_tokenizer_adds(tmp_path):
+    """Perplexity and bits per byte: lm-eval's HFLM encoded a document with the tokenizer's special tokens, so a
+    tokenizer that adds a BOS (Llama, Mistral, Gemma) had log p(BOS | BOS) in every document's score. The score is
+    the document's own tokens after the prefix token, computed here independently, with the built-in tokenizer and
+    with a copy of it that adds a BOS."""
+    import copy
+    import math
+
+    from tokenizers import processors
+
+    from llmcl import recipe as recipe_mod
+    from llmcl.eval.harness import evaluate
+    from llmcl.eval.tasks import stage_task_name, write_stage_tasks
+    from llmcl.models import load_base_model
+
+    _write_data(tmp_path)
+    path = write_recipe(tmp_path / "r.yaml", stages=[{"name": "prose", "data": {"path": str(tmp_path / "text")}}])
+    r = recipe_mod.load(path, [])
+    tok = load_tokenizer(r.model)
+    write_stage_tasks(r, tmp_path / "run", tok)
+    adds_bos = copy.deepcopy(tok)
+    adds_bos._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert adds_bos("a b")["input_ids"][0] == tok.bos_token_id != tok("a b")["input_ids"][0]  # the premise
+    model = load_base_model(r.model, 0).eval()
+    docs = [json.loads(line)["text"] for line in (tmp_path / "run" / "eval" / "tasks" / "prose.jsonl").read_text().splitlines()]
+    total = 0.0
+    for doc in docs:  # log p(document | prefix), the prefix being HFLM's (the BOS, where the tokenizer has one)
+        ids = [tok.bos_token_id] + tok(doc, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits.float(), -1)[0]
+        total += sum(logp[k, ids[k + 1]].item() for k in range(len(ids) - 1))
+    expected = -total / sum(len(d.encode()) for d in docs) / math.log(2)
+    task = stage_task_name("prose")
+    for tokenizer in (tok, adds_bos):
+        got = evaluate(model, tokenizer, [task], include_path=[str(tmp_path / "run" / "eval" / "tasks")],
+                       include_defaults=False, limit=None, batch_size=4, num_fewshot=None)[task]
+        assert got.metric == "bits_per_byte" and got.value == pytest.approx(expected, rel=1e-5)

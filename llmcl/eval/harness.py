@@ -127,6 +127,28 @@ def _parse(task: str, results: dict[str, Any]) -> TaskResult:
     )
 
 
+class DocumentsAsTrained:
+    """A mixin for lm-eval's HFLM: a document scored by loglikelihood_rolling (perplexity, bits per byte) is its
+    tokens alone after HFLM's prefix token. HFLM encodes it with the tokenizer's special tokens, so a tokenizer
+    that adds a BOS (Llama, Mistral, Gemma) had that BOS predicted after the prefix BOS: a log p(BOS | BOS) term
+    in every document's score (EleutherAI/lm-evaluation-harness#3333) that training never teaches."""
+
+    _rolling = False
+
+    def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        self._rolling = True
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm)  # type: ignore[misc]
+        finally:
+            self._rolling = False
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs: Any) -> list[int]:
+        if self._rolling and add_special_tokens is None:
+            add_special_tokens = False
+        return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)  # type: ignore[misc]
+
+
 def _raised_in(exc: BaseException, path_end: str) -> bool:
     """Whether a frame of `exc`'s traceback is in a file whose path ends with `path_end`."""
     tb = exc.__traceback__
@@ -152,7 +174,8 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list
 
     if not tasks:
         return {}
-    lm_class = hflm_class()  # imported before the progress bars of lm-eval's modules are silenced
+    lm_class = type("LlmclHFLM", (DocumentsAsTrained, hflm_class()), {})  # imported before the progress bars of
+    # lm-eval's modules are silenced
     was_training = model.training
     model.eval()
     try:
