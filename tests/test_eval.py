@@ -96,11 +96,11 @@ def test_stage_task_yamls_have_the_right_output_types(run_dir):
 
 
 def _loglikelihood(model, tok, context, continuation):
-    """lm-eval's scoring of one (context, continuation) pair, computed independently."""
-    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tok(context, add_special_tokens=False)["input_ids"]
-    cont = whole[len(ctx):]
-    ids = torch.tensor([whole])
+    """The scoring of one (context, continuation) pair of a stage task, computed independently: the prompt's
+    tokens, then the answer's, each tokenized alone (as training tokenizes a prompt and its completion)."""
+    ctx = tok(context)["input_ids"]
+    cont = tok(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + cont])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits.float(), -1)[0]
     return sum(logp[len(ctx) - 1 + k, t].item() for k, t in enumerate(cont))
@@ -872,3 +872,44 @@ def test_a_document_is_scored_as_its_tokens_after_the_prefix_whatever_special_to
         got = evaluate(model, tokenizer, [task], include_path=[str(tmp_path / "run" / "eval" / "tasks")],
                        include_defaults=False, limit=None, batch_size=4, num_fewshot=None)[task]
         assert got.metric == "bits_per_byte" and got.value == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_label_set_is_scored_on_the_tokens_training_gave_its_prompt_and_answers(tmp_path):
+    """lm-eval's HFLM moves a prompt's trailing spaces into the answer and tokenizes the two joined: "Sentiment: "
+    + "positive" was scored as " positive" after "Sentiment:". A stage task's pair is scored as training
+    tokenizes it (prompt, then answer, each alone), checked against an independent computation; a general task's
+    pair keeps HFLM's way (the control)."""
+    from lm_eval.api.instance import Instance
+
+    from llmcl import recipe as recipe_mod
+    from llmcl.eval.harness import ScoredAsTrained
+    from llmcl.eval.shared_context import hflm_class
+    from llmcl.models import load_base_model
+
+    _write_data(tmp_path)
+    path = write_recipe(tmp_path / "r.yaml", stages=[{"name": "cls", "data": {
+        "path": str(tmp_path / "cls"), "prompt_template": "Review: {sentence}\nSentiment: ",
+        "completion_template": "{label}", "choices": ["negative", "positive"]}}])
+    r = recipe_mod.load(path, [])
+    tok = load_tokenizer(r.model)
+    model = load_base_model(r.model, 0).eval()
+    lm = type("LM", (ScoredAsTrained, hflm_class()), {})(pretrained=model, tokenizer=tok, batch_size=4)
+    context = "Review: the film was dull and good\nSentiment: "
+    assert tok(context + "positive")["input_ids"] != tok(context)["input_ids"] + tok("positive")["input_ids"]  # premise
+    pairs = [(context, label) for label in ("negative", "positive")]
+
+    def scores(task):
+        reqs = [Instance("loglikelihood", {}, pair, i, (task, i, 1)) for i, pair in enumerate(pairs)]
+        return [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
+
+    stage = scores("llmcl_stage_cls-choice")
+    assert stage == pytest.approx([_loglikelihood(model, tok, *pair) for pair in pairs], abs=1e-4)
+    general = scores("some_general_task")  # HFLM's: " positive" after "Sentiment:"
+    whole = [tok(c + a)["input_ids"] for c, a in pairs]
+    ctx = tok(context.rstrip())["input_ids"]
+    with torch.no_grad():
+        expected = []
+        for ids in whole:
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits.float(), -1)[0]
+            expected.append(sum(logp[k - 1, ids[k]].item() for k in range(len(ctx), len(ids))))
+    assert general == pytest.approx(expected, abs=1e-4) and general != pytest.approx(stage, abs=1e-2)

@@ -127,13 +127,21 @@ def _parse(task: str, results: dict[str, Any]) -> TaskResult:
     )
 
 
-class DocumentsAsTrained:
-    """A mixin for lm-eval's HFLM: a document scored by loglikelihood_rolling (perplexity, bits per byte) is its
-    tokens alone after HFLM's prefix token. HFLM encodes it with the tokenizer's special tokens, so a tokenizer
-    that adds a BOS (Llama, Mistral, Gemma) had that BOS predicted after the prefix BOS: a log p(BOS | BOS) term
-    in every document's score (EleutherAI/lm-evaluation-harness#3333) that training never teaches."""
+class ScoredAsTrained:
+    """A mixin for lm-eval's HFLM: text is tokenized for scoring as llmcl tokenized it for training.
+
+    - A document scored by loglikelihood_rolling (perplexity, bits per byte) is its tokens alone after HFLM's
+      prefix token. HFLM encodes it with the tokenizer's special tokens, so a tokenizer that adds a BOS (Llama,
+      Mistral, Gemma) had that BOS predicted after the prefix BOS: a log p(BOS | BOS) term in every document's
+      score (EleutherAI/lm-evaluation-harness#3333) that training never teaches.
+    - A stage task's (context, continuation) pair (a label set's loglikelihood) is the prompt's tokens, then the
+      answer's, each tokenized alone as training tokenizes a prompt and its completion. HFLM tokenizes them
+      joined after moving the prompt's trailing spaces into the answer: a prompt "Sentiment: " and an answer
+      "positive" were scored as " positive" after "Sentiment:", tokens training never showed the model there.
+      General tasks keep HFLM's way (their published numbers use it)."""
 
     _rolling = False
+    _stage_pairs: frozenset = frozenset()
 
     def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
         self._rolling = True
@@ -147,6 +155,20 @@ class DocumentsAsTrained:
         if self._rolling and add_special_tokens is None:
             add_special_tokens = False
         return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)  # type: ignore[misc]
+
+    def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        from llmcl.eval.tasks import STAGE_PREFIX
+
+        self._stage_pairs = frozenset(r.args for r in requests if (r.task_name or "").startswith(STAGE_PREFIX))
+        try:
+            return super().loglikelihood(requests, disable_tqdm)  # type: ignore[misc]
+        finally:
+            self._stage_pairs = frozenset()
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if (context, continuation) in self._stage_pairs:
+            return self.tok_encode(context), self.tok_encode(continuation, add_special_tokens=False)
+        return super()._encode_pair(context, continuation)  # type: ignore[misc]
 
 
 def _raised_in(exc: BaseException, path_end: str) -> bool:
@@ -174,7 +196,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list
 
     if not tasks:
         return {}
-    lm_class = type("LlmclHFLM", (DocumentsAsTrained, hflm_class()), {})  # imported before the progress bars of
+    lm_class = type("LlmclHFLM", (ScoredAsTrained, hflm_class()), {})  # imported before the progress bars of
     # lm-eval's modules are silenced
     was_training = model.training
     model.eval()
