@@ -913,3 +913,54 @@ def test_a_label_set_is_scored_on_the_tokens_training_gave_its_prompt_and_answer
             logp = torch.log_softmax(model(torch.tensor([ids])).logits.float(), -1)[0]
             expected.append(sum(logp[k - 1, ids[k]].item() for k in range(len(ctx), len(ids))))
     assert general == pytest.approx(expected, abs=1e-4) and general != pytest.approx(stage, abs=1e-2)
+
+
+def test_with_few_shot_asked_a_chat_stage_is_scored_zero_shot_and_says_so(tmp_path):
+    """lm-eval joins few-shot examples as text: around a prompt rendered by the chat template they made a format
+    training never showed (a shot's answer without its end of turn, the system prompt repeated). With
+    eval.num_fewshot, a chat stage's views are scored zero-shot (a note says it, the cells record 0); a
+    prompt/completion stage still gets its shots (the control)."""
+    import lm_eval
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    from llmcl import recipe as recipe_mod
+    from llmcl.eval.scoring import cell_scoring
+    from llmcl.eval.tasks import write_stage_tasks
+
+    _write_data(tmp_path)
+    data = {"path": str(tmp_path / "cls"), "prompt_template": "Review: {sentence}\nSentiment:",
+            "completion_template": " {label}", "choices": ["negative", "positive"]}
+    path = write_recipe(tmp_path / "r.yaml", stages=[{"name": "plain", "data": data},
+                                                     {"name": "chat", "data": {**data, "chat_template": True}}])
+    r = recipe_mod.load(path, ["eval.num_fewshot=1"])
+    written = {t.task: t for t in write_stage_tasks(r, tmp_path / "run", load_tokenizer(r.model))}
+    assert [t.zero_shot for t in written.values()] == [False, False, True, True]
+    assert written["llmcl_stage_chat"].note == ("note: stage 'chat' is scored zero-shot (eval.num_fewshot=1 is for "
+                                                "the other tasks): its prompts go through the chat template, outside "
+                                                "which lm-eval would join the examples")
+    assert written["llmcl_stage_plain"].note is None and written["llmcl_stage_chat-choice"].note is None
+    assert cell_scoring(r, "llmcl_stage_chat", written["llmcl_stage_chat"])["num_fewshot"] == 0
+    assert cell_scoring(r, "llmcl_stage_plain", written["llmcl_stage_plain"])["num_fewshot"] == 1
+    contexts: dict[str, list[str]] = {}
+
+    class Records(LM):  # what lm-eval asks a model, by task
+        def generate_until(self, requests):
+            for req in requests:
+                contexts.setdefault(req.task_name, []).append(req.args[0])
+            return [""] * len(requests)
+
+        def loglikelihood(self, requests):
+            for req in requests:
+                contexts.setdefault(req.task_name, []).append(req.args[0])
+            return [(0.0, False)] * len(requests)
+
+        loglikelihood_rolling = None
+
+    with offline_and_quiet():
+        manager = TaskManager(include_path=[str(tmp_path / "run" / "eval" / "tasks")], include_defaults=False)
+        lm_eval.simple_evaluate(model=Records(), tasks=list(written), task_manager=manager, num_fewshot=1,
+                                verbosity="ERROR", bootstrap_iters=0)
+    for task in written:
+        shots = {context.count("Review:") - 1 for context in contexts[task]}
+        assert shots == ({0} if "chat" in task else {1}), task

@@ -150,15 +150,18 @@ def row_tasks(recipe: Recipe, row: str | int, stage_tasks: list[StageTask]) -> l
     return stage + general
 
 
-def cell_scoring(recipe: Recipe, task: str, kind: str | None) -> dict[str, Any]:
-    """How one cell was scored, as the report compares cells (report.SCORING's keys): a row's cells may be scored
-    at different times (`llmcl eval --tasks`, eval keys changed between stages), so each records its own."""
+def cell_scoring(recipe: Recipe, name: str, task: StageTask | None) -> dict[str, Any]:
+    """How the cell of task `name` (`task`: this run's stage task, else None) was scored, as the report compares
+    cells (report.SCORING's keys): a row's cells may be scored at different times (`llmcl eval --tasks`, eval
+    keys changed between stages), so each records its own."""
     e = recipe.eval
     out: dict[str, Any] = {"lm_eval_version": harness.lm_eval_version(),
-                           "dtype": str(eval_dtype(recipe)).removeprefix("torch."), "num_fewshot": e.num_fewshot}
-    if not task.startswith(STAGE_PREFIX):
+                           "dtype": str(eval_dtype(recipe)).removeprefix("torch."),
+                           "num_fewshot": 0 if task is not None and task.zero_shot else e.num_fewshot}
+    if not name.startswith(STAGE_PREFIX):
         return {**out, "tasks_limit": e.limit if e.tasks_limit == "same" else e.tasks_limit}
     out["limit"] = e.limit
+    kind = task.kind if task is not None else None
     if kind in ("generate", "choice"):  # (another run's stage task, kind None, was written by it, with its keys)
         out["max_prompt_tokens"] = e.max_prompt_tokens
     if kind == "generate":
@@ -254,7 +257,7 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
         payload["tasks"][name] = {"kind": task.view if task else "general",
                                   "stage": task.stage if task else None,
                                   "stage_name": task.stage_name if task else None, **result.to_dict(),
-                                  "scoring": cell_scoring(recipe, name, task.kind if task else None)}
+                                  "scoring": cell_scoring(recipe, name, task)}
     path = row_file(run_dir, row)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, payload)

@@ -37,6 +37,8 @@ class StageTask:
     n: int
     note: str | None = None
     """A one-line note for the user about this task's scores (answers longer than eval.max_new_tokens)."""
+    zero_shot: bool = False
+    """Scored without few-shot examples whatever eval.num_fewshot says (a chat stage: see write_stage_tasks)."""
 
     @property
     def view(self) -> str:
@@ -154,6 +156,10 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool
         if not records:
             continue
         kind, rows = render_test_records(stage, i, records, tokenizer)
+        # a prompt rendered by the chat template: lm-eval would join few-shot examples as text around it (each
+        # shot's answer without its end of turn, the system prompt repeated), a format training never showed
+        fmt = detect_format(stage.data, records[0], f"stages.{i}.data")
+        zero_shot = bool(recipe.eval.num_fewshot) and (fmt in CHAT_FORMATS or fmt != "text" and stage.data.chat_template)
         cap = recipe.eval.max_prompt_tokens
         if cap is not None and kind != "perplexity":
             lengths = map(len, tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"])
@@ -174,12 +180,18 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool
         for view, task, yaml_file in views:
             if write:
                 config = _yaml_for(task, view, data_file, rows, tokenizer, recipe.eval.max_new_tokens,
-                                   few_shot=bool(recipe.eval.num_fewshot))
+                                   few_shot=bool(recipe.eval.num_fewshot) and not zero_shot)
+                if zero_shot:  # lm-eval keeps a task's own num_fewshot of 0 over simple_evaluate's
+                    config["num_fewshot"] = 0
                 yaml_file.parent.mkdir(exist_ok=True)
                 write_text(yaml_file, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-            written.append(StageTask(i, stage.name, task, view, len(rows),
-                                     _cut_answers_note(stage.name, rows, tokenizer, recipe.eval.max_new_tokens)
-                                     if view == "generate" else None))
+            notes = [_cut_answers_note(stage.name, rows, tokenizer, recipe.eval.max_new_tokens)
+                     if view == "generate" else None,
+                     f"note: stage {stage.name!r} is scored zero-shot (eval.num_fewshot={recipe.eval.num_fewshot} is "
+                     "for the other tasks): its prompts go through the chat template, outside which lm-eval would "
+                     "join the examples" if zero_shot and view == views[0][0] else None]
+            written.append(StageTask(i, stage.name, task, view, len(rows), "\n".join(n for n in notes if n) or None,
+                                     zero_shot))
     return written
 
 
