@@ -19,12 +19,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from llmcl.errors import LlmclError
 
 
 def to_steps(amount: int | float, total: int) -> int:
     """An integer is a number of steps; a float is a fraction of the stage's steps; at most the stage's steps."""
-    steps = amount if isinstance(amount, int) else round(amount * total)
-    return max(0, min(int(steps), total))
+    return max(0, min(_steps(amount, total), total))
+
+
+def _steps(amount: int | float, total: int) -> int:
+    return int(amount if isinstance(amount, int) else round(amount * total))
+
+
+def _too_long(cfg: Any, names: list[str], total: int, key: str) -> LlmclError:
+    """The phases `names` of a stage's schedule add up to more steps than it has: each as the recipe gives it."""
+    steps = {n: _steps(getattr(cfg, n), total) for n in names}
+    return LlmclError("recipe keys " + " + ".join(f"'{key}.{n}' ({steps[n]})" for n in names)
+                      + f" = {sum(steps.values())} steps, more than the stage's {total} steps")
 
 
 warmup_steps = to_steps
@@ -121,8 +134,6 @@ def _infinite(step: int, s: Schedule) -> float:
 def for_stage(cfg, total: int, stage_index: int, previous_final_lr: float | None = None,
               key: str = "train") -> Schedule:
     """Resolve a stage's train settings (recipe TrainConfig) into its Schedule."""
-    from llmcl.errors import LlmclError
-
     start = previous_final_lr if (cfg.warmup_start == "previous" and previous_final_lr is not None) else 0.0
     common = dict(kind=cfg.schedule, total=total, max_lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio, start_lr=start)
     if cfg.schedule == "infinite":
@@ -131,8 +142,7 @@ def for_stage(cfg, total: int, stage_index: int, previous_final_lr: float | None
         cool = 0 if continuing else to_steps(cfg.cooldown, total)
         anneal = to_steps(cfg.anneal, total)
         if warm + cool + anneal > total:
-            raise LlmclError(f"recipe keys '{key}.warmup' + '{key}.cooldown' + '{key}.anneal' = {warm + cool + anneal} "
-                             f"steps, more than the stage's {total} steps")
+            raise _too_long(cfg, ["anneal"] if continuing else ["warmup", "cooldown", "anneal"], total, key)
         return Schedule(**common, warmup=warm, const_lr=cfg.lr * cfg.const_lr_ratio, cooldown=cool,
                         cooldown_shape=cfg.cooldown_shape, alpha=cfg.inv_sqrt_alpha, anneal=anneal,
                         anneal_shape=cfg.anneal_shape, continuing=continuing)
@@ -140,7 +150,6 @@ def for_stage(cfg, total: int, stage_index: int, previous_final_lr: float | None
     if cfg.schedule == "wsd":
         decay = to_steps(cfg.decay, total)
         if warm + decay > total:
-            raise LlmclError(f"recipe keys '{key}.warmup' + '{key}.decay' = {warm + decay} steps, more than the "
-                             f"stage's {total} steps")
+            raise _too_long(cfg, ["warmup", "decay"], total, key)
         return Schedule(**common, warmup=warm, decay=decay, decay_shape=cfg.decay_shape)
     return Schedule(**common, warmup=warm)

@@ -21,7 +21,7 @@ def test_validate_refuses_a_later_stage_whose_schedule_does_not_fit(tmp_path):
     assert run_cli("validate", str(path)).exit_code == 0
     res = run_cli("validate", str(path), "stages.1.train.max_steps=2")
     assert res.exit_code == 2
-    assert "'stages.1.train.warmup' + 'stages.1.train.decay' = 3 steps, more than the stage's 2 steps" in res.stderr
+    assert "'stages.1.train.warmup' (1) + 'stages.1.train.decay' (2) = 3 steps, more than the stage's 2 steps" in res.stderr
 
 
 def test_train_refuses_before_the_first_stage_trains(tmp_path):
@@ -32,7 +32,7 @@ def test_train_refuses_before_the_first_stage_trains(tmp_path):
                                                                                 "warmup": 1000}}])
     assert run_cli("validate", str(path)).exit_code == 0  # epochs: the steps need the data, seen by train
     res = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
-    assert res.exit_code == 2 and "'stages.1.train.warmup' + 'stages.1.train.decay'" in res.stderr
+    assert res.exit_code == 2 and "'stages.1.train.warmup' (1000) + 'stages.1.train.decay' (1) = 1001 steps" in res.stderr
     assert not (tmp_path / "run" / "stage-00-facts").exists()  # nothing trained
 
 

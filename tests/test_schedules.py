@@ -98,5 +98,8 @@ def test_for_stage_resolves_recipe_settings():
     rewarm = for_stage(TrainConfig(lr=1e-3, warmup_start="previous"), 50, 1, previous_final_lr=2e-4)
     assert rewarm.start_lr == 2e-4
     assert for_stage(TrainConfig(lr=1e-3), 50, 1, previous_final_lr=2e-4).start_lr == 0.0
-    with pytest.raises(LlmclError, match="'train.warmup' \\+ 'train.decay' = 120 steps, more than the stage's 100"):
+    with pytest.raises(LlmclError, match="'train.warmup' \\(60\\) \\+ 'train.decay' \\(60\\) = 120 steps, more than the stage's 100"):
         for_stage(TrainConfig(schedule="wsd", warmup=60, decay=60), 100, 0)
+    # each phase as the recipe gives it (a phase alone is capped at the stage's steps; the sum said 5, not 11)
+    with pytest.raises(LlmclError, match=r"'train.warmup' \(10\) \+ 'train.cooldown' \(1\) \+ 'train.anneal' \(0\) = 11 steps, more than the stage's 4"):
+        for_stage(TrainConfig(schedule="infinite", warmup=10, cooldown=1, anneal=0), 4, 0)
