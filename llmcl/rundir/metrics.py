@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,16 @@ from llmcl.rundir.layout import METRICS
 
 
 def append(run_dir: Path, record: dict[str, Any]) -> None:
+    """Add one line; a value that is not finite (a skipped step's gradient norm) is null, so that every line is
+    strict JSON (jq, pandas and JSON.parse refuse NaN)."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(Path(run_dir) / METRICS, "ab+") as fh:
         fh.seek(0, 2)
         torn = False
         if fh.tell():  # a half-written last line (a kill, a full disk) stays on a line of its own
             fh.seek(-1, 2)
             torn = fh.read(1) != b"\n"
-        fh.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
+        fh.write((("\n" if torn else "") + json.dumps(record, allow_nan=False) + "\n").encode())
 
 
 def truncate(run_dir: Path, stage: int, after_step: int) -> None:
