@@ -530,6 +530,24 @@ def test_poor_data_paths_are_one_clear_line(make, overrides, parts, tmp_path):
     _one_line_error(_validate(tmp_path, *[o.format(d=d) for o in overrides]), *parts)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt", ".csv", ".json"])
+def test_a_file_that_is_not_utf8_names_the_line_streamed_or_read_whole(suffix, tmp_path):
+    """The decoder's byte position is within a chunk of a streamed read (8 KB from a line that is not the bad
+    one): the line is found again. Streamed (validate) and read whole (holdout) say the same."""
+    head = {".jsonl": [json.dumps({"prompt": f"p{i}", "completion": " c"}) for i in range(900)],
+            ".txt": [f"a document {i}" for i in range(900)], ".csv": ["prompt,completion"] + [f"p{i}, c" for i in
+                                                                                            range(899)]}
+    lines = head.get(suffix, ["[", *(json.dumps({"prompt": f"p{i}", "completion": " c"}) + "," for i in range(898))])
+    path = tmp_path / f"bad{suffix}"
+    bad = {".jsonl": b'{"prompt": "\xff", "completion": " c"}', ".txt": b"caf\xe9",
+           ".csv": b"\xff, c", ".json": b'{"prompt": "\xff", "completion": " c"}]'}[suffix]
+    path.write_bytes("\n".join(lines).encode() + b"\n" + bad + b"\n")
+    where = f"bad{suffix} (line {len(lines) + 1}): not UTF-8 text"
+    extra = ["stages.1.data.format=text"] if suffix == ".txt" else []
+    _one_line_error(_validate(tmp_path, f"stages.1.data.path={path}", *extra), where)
+    _one_line_error(_validate(tmp_path, f"stages.1.data.path={path}", "stages.1.data.holdout=1", *extra), where)
+
+
 @pytest.mark.parametrize("name,text,where", [
     ("jl.json", '{"prompt": "a", "completion": "b"}\n{"prompt": oops}\n', "line 2 column 12: Expecting value"),
     ("jl.jsonl", '{"prompt": "a", "completion": "b"}\n\n{"prompt": oops}\n', "line 3 column 12: Expecting value"),

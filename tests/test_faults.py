@@ -159,7 +159,7 @@ FAULTS = {
     "parquet_corrupt": (lambda r, d, t: _bad_data(t, r, b"PAR1 this is not parquet PAR1", "bad.parquet"), 2,
                         "cannot read data file"),
     "data_not_utf8": (lambda r, d, t: _bad_data(t, r, json.dumps(GOOD[0]).encode() + b"\n{\"prompt\": \"\xff\"}\n"),
-                      2, "codec can't decode"),
+                      2, "bad.jsonl (line 2): not UTF-8 text (byte 0xff); save it as UTF-8"),
     "later_record_missing_field": (lambda r, d, t: _bad_data(t, r, GOOD[:3] + [{"prompt": "x"}] + GOOD[3:6]), 2,
                                    "record 4 of bad.jsonl"),
     "later_record_wrong_type": (lambda r, d, t: _bad_data(t, r, GOOD[:4] + [{"prompt": "x", "completion": [1, 2]}]),

@@ -148,9 +148,26 @@ def unreadable(path: Path, exc: Exception, where: str = "") -> Exception:
     errors on a damaged parquet file), the exception itself for anything else."""
     if isinstance(exc, LlmclError):
         return exc
+    if isinstance(exc, UnicodeDecodeError):  # (its position is within a chunk of a streamed read: found again here)
+        line = _first_undecodable_line(path)
+        return LlmclError(f"cannot read data file {path}" + (f" (line {line})" if line else "") + ": not UTF-8 text "
+                          f"(byte 0x{exc.object[exc.start]:02x}); save it as UTF-8")
     if isinstance(exc, (ValueError, csv.Error)) or type(exc).__module__.startswith("pyarrow"):
         return LlmclError(f"cannot read data file {path}{where}: {' '.join(str(exc).split())[:160]}")
     return exc
+
+
+def _first_undecodable_line(path: Path) -> int | None:
+    try:
+        with path.open("rb") as fh:
+            for n, line in enumerate(fh, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return n
+    except OSError:
+        pass
+    return None
 
 
 def _split_file(directory: Path, split: str) -> Path | None:
