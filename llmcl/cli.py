@@ -133,7 +133,9 @@ def _run_dir(r, run_dir: str | None) -> Path:
 @click.argument("overrides", nargs=-1)
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default: runs/<recipe name>).")
 def status(recipe_file: str, overrides: tuple[str, ...], run_dir: str | None) -> None:
-    """Where a run stands: its run dir, then one tab-separated line per stage (index, name, status)."""
+    """Where a run stands, tab-separated for scripts: `run_dir<TAB>DIR`, then per stage
+    `stage<TAB>INDEX<TAB>NAME<TAB>STATUS`, STATUS being what `llmcl train` would do with it: done (kept),
+    running (begun: a train works on it now, or stopped in it and resumes it) or pending (to train)."""
     from llmcl.rundir import Ledger
     from llmcl.rundir.lock import check_run_dir_path
 

@@ -108,6 +108,11 @@ def test_a_different_recipe_cannot_reuse_a_run_dir(tmp_path, tiny_recipe):
     assert run_cli("train", str(tiny_recipe), "--run-dir", str(run_dir), "--stage", "0").exit_code == 0
     res = run_cli("train", str(tiny_recipe), "train.lr=0.5", "--run-dir", str(run_dir))
     assert res.exit_code == 2 and "first difference at 'train.lr'" in res.stderr
+    res = run_cli("status", str(tiny_recipe), "distributed.num_processes=2", "--run-dir", str(run_dir))
+    assert res.exit_code == 2 and "first difference at 'distributed.num_processes'" in res.stderr
+    # what does not decide the weights may change: how long ranks wait for each other, e.g.
+    res = run_cli("status", str(tiny_recipe), "distributed.timeout_minutes=10", "--run-dir", str(run_dir))
+    assert res.exit_code == 0, res.output
 
 
 def test_per_stage_overrides_change_that_stage_only(tmp_path):

@@ -41,8 +41,8 @@ class EvalHooks:
             return
         if not row_tasks(self.recipe, row, self._prepared(accelerator if parallel else None)):
             return  # a stage in the middle when only general tasks at the ends are asked for: no row
-        label = "base model" if row == BASE else f"stage {row} ({self.recipe.stages[int(row)].name})"
-        self.display.message(f"evaluating the {label} with lm-eval"
+        label = "the base model" if row == BASE else f"stage {row} ({self.recipe.stages[int(row)].name})"
+        self.display.message(f"evaluating {label} with lm-eval"
                              + (f" on {accelerator.num_processes} processes" if parallel else "") + " ...")
         score_row(self.run_dir, row, recipe=self.recipe, tokenizer=self._tok(),
                   accelerator=accelerator if parallel else None, stage_tasks=self._stage_tasks)

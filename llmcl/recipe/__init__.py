@@ -208,10 +208,12 @@ def dump(recipe: Recipe) -> str:
 
 
 def comparable(recipe_dict: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a resolved recipe that decide the trained weights (logging, eval, checkpoints and
-    train.on_nonfinite may change freely)."""
+    """The parts of a resolved recipe that decide the trained weights (logging, eval, checkpoints,
+    train.on_nonfinite and distributed.timeout_minutes may change freely)."""
     out = {k: v for k, v in recipe_dict.items() if k not in ("logging", "eval", "checkpoints", "description")}
     out = copy.deepcopy(out)
+    if isinstance(out.get("distributed"), dict):
+        out["distributed"].pop("timeout_minutes", None)  # how long ranks wait for each other
     for train in [out.get("train") or {}] + [(s or {}).get("train") or {} for s in out.get("stages") or []]:
         if isinstance(train, dict):
             train.pop("on_nonfinite", None)  # how to react to a divergence: may change before a resume

@@ -84,7 +84,7 @@ def _run(recipe: Recipe, run_dir: Path, only_stage: int | None, display: Display
         _delete_old_weights(recipe, ledger, accelerator, hooks, display)
         return result
     if done:
-        display.message(f"{run_dir}: stages {', '.join(map(str, done))} already done")
+        display.message(f"{run_dir}: {_stages(done)} already done")
 
     # 2) what the launch cannot do, and every stage's steps and schedule: refused now, before the base model is
     #    evaluated and before any stage trains
@@ -137,20 +137,27 @@ def _delete_old_weights(recipe: Recipe, ledger: Ledger, accelerator: Any, hooks:
         ledger.data = Ledger.read(ledger.run_dir).data
 
 
+def _stages(indices: list[int]) -> str:
+    """'stage 0 is', 'stages 0, 1 are', 'no stage is' (then 'done')."""
+    if not indices:
+        return "no stage is"
+    return f"stage {indices[0]} is" if len(indices) == 1 else f"stages {', '.join(map(str, indices))} are"
+
+
 def _evaluating(stop: StopSignals, ledger: Ledger, rows: str) -> Any:
     """Around the evaluation hooks: a signal stops the scoring at once (StopSignals.at_once), naming `rows` as
     what the rerun will score."""
     def message(sig: str) -> str:
-        return (f"{sig}: stopped while evaluating; stages {', '.join(map(str, ledger.done_stages())) or 'none'} are "
-                f"done and {rows} will be scored — rerun the same command to continue")
+        return (f"{sig}: stopped while evaluating; {_stages(ledger.done_stages())} done and {rows} will be scored "
+                "— rerun the same command to continue")
     return stop.at_once(message)
 
 
 def _stop_point(stop: StopSignals, accelerator: Any, ledger: Ledger, where: str) -> None:
     """Between stages (and before the first): leave now if any rank got SIGTERM/SIGUSR1 (set-up, evaluation)."""
     if (sig := stop.agreed(accelerator)) is not None:
-        raise Stopped(f"{sig}: stopped {where}; stages {', '.join(map(str, ledger.done_stages())) or 'none'} are "
-                      "done — rerun the same command to continue", step_checkpoint=False)
+        raise Stopped(f"{sig}: stopped {where}; {_stages(ledger.done_stages())} done — rerun the same command to "
+                      "continue", step_checkpoint=False)
 
 
 def run_context(recipe: Recipe, run_dir: Path, accelerator: Any, ledger: Ledger, display: Display,

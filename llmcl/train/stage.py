@@ -267,7 +267,7 @@ def _restore(run_dir: Path, resume: dict[str, Any], named: list, optimizer: Any,
 def _stage_note(ctx: StageContext, kept: int) -> str:
     cfg, recipe, b = ctx.cfg, ctx.run.recipe, ctx.batches
     trainable, total = ctx.parameters
-    return (f"{ctx.stats.examples} {ctx.stats.format} examples, {ctx.plan.steps} steps x {b.global_batch} (lr "
+    return (f"{ctx.stats.examples} {ctx.stats.format} examples, {ctx.plan.steps} step{'s' * (ctx.plan.steps != 1)} x {b.global_batch} (lr "
             f"{cfg.lr:g} {ctx.plan.schedule.kind}, {recipe.method.name}, {trainable:,}/{total:,} trainable)"
             + (f", replay {b.replay_ratio:.0%} from {len(ctx.replay)} sources" if b.replaying else "")
             + (f", optimizer state kept for {kept} tensors" if kept else "")
