@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, run_cli, write_recipe
@@ -113,6 +114,22 @@ def test_a_different_recipe_cannot_reuse_a_run_dir(tmp_path, tiny_recipe):
     # what does not decide the weights may change: how long ranks wait for each other, e.g.
     res = run_cli("status", str(tiny_recipe), "distributed.timeout_minutes=10", "--run-dir", str(run_dir))
     assert res.exit_code == 0, res.output
+
+
+def test_a_run_whose_recipe_predates_a_key_resumes_with_the_keys_default(tmp_path, tiny_recipe):
+    """A recipe.yaml written before llmcl had a key lacks it: the key is its default (what llmcl did before),
+    not a difference that refuses the run."""
+    run_dir = tmp_path / "run"
+    assert run_cli("train", str(tiny_recipe), "--run-dir", str(run_dir), "--stage", "0").exit_code == 0
+    stored = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    for stage in stored["stages"]:
+        del stage["data"]["add_bos"]  # added after such runs were made
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(stored))
+    res = run_cli("train", str(tiny_recipe), "--run-dir", str(run_dir))
+    assert res.exit_code == 0, res.output
+    assert json.loads((run_dir / "ledger.json").read_text())["stages"][1]["status"] == "done"
+    res = run_cli("status", str(tiny_recipe), "stages.1.data.add_bos=true", "--run-dir", str(run_dir))
+    assert res.exit_code == 2 and "first difference at 'stages.1.data.add_bos'" in res.stderr  # a real difference
 
 
 def test_per_stage_overrides_change_that_stage_only(tmp_path):

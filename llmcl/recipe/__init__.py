@@ -17,7 +17,7 @@ import yaml
 
 from llmcl import methods
 from llmcl.config import build, coerce, require, to_dict
-from llmcl.errors import RecipeError, did_you_mean
+from llmcl.errors import LlmclError, RecipeError, did_you_mean
 from llmcl.methods.base import MethodConfig
 from llmcl.recipe.files import apply_override, parse_override, read_yaml
 from llmcl.recipe.sections import (CheckpointsConfig, DataConfig, DistributedConfig, EvalConfig, LoggingConfig,
@@ -205,6 +205,18 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
 
 def dump(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def with_defaults(recipe_dict: dict[str, Any]) -> dict[str, Any]:
+    """A stored recipe as this llmcl resolves it: keys added since it was written take their defaults (a recipe
+    that no longer resolves is returned as it is, for the comparison to name where it differs)."""
+    from llmcl.data.sources import files_unchecked
+
+    try:
+        with files_unchecked():  # the data files are checked apart (the ledger's records), and may be gone
+            return from_dict(copy.deepcopy(recipe_dict)).to_dict()
+    except LlmclError:
+        return recipe_dict
 
 
 def comparable(recipe_dict: dict[str, Any]) -> dict[str, Any]:

@@ -32,10 +32,12 @@ class Ledger:
         """Open the run dir's ledger, creating the run dir (recipe.yaml first) if it is new.
 
         An existing run dir must have been made by the same recipe; what may differ (eval, logging, checkpoints,
-        train.on_nonfinite: llmcl.recipe.comparable) takes the new values in recipe.yaml."""
+        train.on_nonfinite, distributed.timeout_minutes: llmcl.recipe.comparable) takes the new values in
+        recipe.yaml. A key the stored recipe lacks (written before llmcl had it) is its default, which keeps what
+        llmcl did before the key existed."""
         import yaml
 
-        from llmcl.recipe import comparable, dump, first_difference
+        from llmcl.recipe import comparable, dump, first_difference, with_defaults
 
         recipe_path = run_dir / RECIPE
         resolved = recipe.to_dict()
@@ -44,7 +46,7 @@ class Ledger:
                 stored = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
                 if not isinstance(stored, dict):
                     raise ValueError("not a recipe mapping")
-            diff = first_difference(comparable(stored), comparable(resolved))
+            diff = first_difference(comparable(with_defaults(stored)), comparable(resolved))
             if diff is not None:
                 raise LlmclError(f"run dir {run_dir} was made by a different recipe (first difference at "
                                  f"'{diff}'); use the same recipe and overrides, or a new --run-dir")
