@@ -39,8 +39,8 @@ def check(recipe: Recipe) -> list[str]:
              for key, data in data_sources(recipe)
              if data.chat_template and formats[key] not in (None, "prompt_completion")]
     notes += [f"note: recipe key '{key}.add_bos': true has no effect on {formats[key]} data (it begins text documents; "
-              + ("chat data gets the chat template's BOS" if formats[key] != "prompt_completion" else
-                 "a prompt gets the BOS the tokenizer adds") + ")"
+              + ("a prompt gets the BOS the tokenizer adds" if formats[key] == "prompt_completion"
+                 and not data.chat_template else "chat data gets the chat template's BOS") + ")"
               for key, data in data_sources(recipe) if data.add_bos and formats[key] not in (None, "text")]
     for i, stage in enumerate(recipe.stages):
         fmt = formats[f"stages.{i}.data"]

@@ -492,12 +492,32 @@ def _no_chat_template_tokenizer():
 def test_data_needing_a_chat_template_the_tokenizer_lacks_is_refused_before_training(overrides, key, tmp_path):
     from conftest import write_recipe
     from llmcl import recipe as recipe_mod
-    from llmcl.data.mixing import check_chat_templates
+    from llmcl.data.mixing import check_tokenizer
 
     recipe = recipe_mod.load(write_recipe(tmp_path / "r.yaml", **overrides))
-    check_chat_templates(recipe, _tokenizer())  # the built-in tokenizer has one
+    check_tokenizer(recipe, _tokenizer())  # the built-in tokenizer has one
     with pytest.raises(LlmclError, match=rf"^recipe key '{key}': .*tokenizer of model.path='builtin:tiny' has no"):
-        check_chat_templates(recipe, _no_chat_template_tokenizer())
+        check_tokenizer(recipe, _no_chat_template_tokenizer())
+
+
+def test_add_bos_with_a_tokenizer_without_one_is_refused_before_stage_0_trains(tmp_path):
+    """Not when the text stage is reached, after the stages before it (hours, in a real run)."""
+    import copy
+
+    from conftest import write_recipe
+    from llmcl import recipe as recipe_mod
+    from llmcl.data.mixing import check_tokenizer
+
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+    nobos = copy.deepcopy(_tokenizer())
+    nobos.bos_token = None
+    for add_bos, path in ((False, tmp_path / "t.jsonl"), (True, "builtin:facts")):  # controls: nothing to refuse
+        check_tokenizer(recipe_mod.load(write_recipe(tmp_path / "r.yaml"), [
+            f"stages.1.data.path={path}", f"stages.1.data.add_bos={str(add_bos).lower()}"]), nobos)
+    recipe = recipe_mod.load(write_recipe(tmp_path / "r.yaml"), [f"stages.1.data.path={tmp_path / 't.jsonl'}",
+                                                                  "stages.1.data.add_bos=true"])
+    with pytest.raises(LlmclError, match=r"^recipe key 'stages.1.data.add_bos': the tokenizer of model.path=.* has no BOS"):
+        check_tokenizer(recipe, nobos)
 
 
 def test_encoding_chat_data_without_a_chat_template_is_one_line():

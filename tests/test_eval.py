@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
@@ -420,6 +421,24 @@ def test_each_cell_records_how_it_was_scored_and_a_rescored_task_leaves_the_othe
     assert "stage tasks: at most 6 items / at most 3 items (eval.limit) [cells differ]" in text
     assert "tokens generated: 32 / 16 (eval.max_new_tokens) [cells differ]" in text
     assert "sentiment (exact_match, n=3/6 [rows differ])" in text and "facts (exact_match, n=6)" in text
+    from rich.console import Console
+
+    from llmcl.eval import render, report as report_mod
+
+    console = Console(width=400, record=True, file=io.StringIO())
+    console.print(render.tables(report_mod.collect(copy))[0])
+    assert "n=3/6 [rows differ]" in console.export_text()  # the terminal's header too (not read as rich markup)
+    # a row written before cells kept their own record: rescoring one task keeps the others' (the row's, then)
+    row = json.loads((copy / "eval" / "stage-00.json").read_text())
+    for cell in row["tasks"].values():
+        del cell["scoring"]
+    row["tasks"]["llmcl_stage_prose"]["scoring"] = None  # damaged: read as a cell without a record
+    (copy / "eval" / "stage-00.json").write_text(json.dumps(row))
+    res = run_cli("eval", str(copy), "--stage", "0", "--tasks", "sentiment")
+    assert res.exit_code == 0, res.output
+    cells = json.loads((copy / "eval" / "stage-00.json").read_text())["tasks"]
+    assert cells["llmcl_stage_facts"]["scoring"]["limit"] == 6 and cells["llmcl_stage_prose"]["scoring"]["limit"] == 6
+    assert cells["llmcl_stage_sentiment"]["scoring"]["limit"] == 3
 
 
 @pytest.mark.slow  # lm-eval indexes its ~10,000 task files (~18 s here): -m slow, which CI runs (.ci/run)
@@ -789,7 +808,7 @@ def test_answers_longer_than_max_new_tokens_are_a_note_naming_the_key(run_dir, t
 
 
 @pytest.mark.parametrize("template", [" {label}", "\n{label}", "\n\n{label}"])
-@pytest.mark.parametrize("says", ["the answer, then more lines", "the other label"])
+@pytest.mark.parametrize("says", ["the answer, then more lines", "the answer, a space, more lines", "the other label"])
 def test_a_one_line_answer_is_scored_on_its_line_whether_or_not_it_begins_a_new_line(template, says, tmp_path):
     """An answer template beginning with a newline ("Response:" + "\\n{output}") was cut to nothing by the
     stop at "\\n" (exact match 0 whatever the model said). A model that says a stage's answer and then goes on with
@@ -817,8 +836,9 @@ def test_a_one_line_answer_is_scored_on_its_line_whether_or_not_it_begins_a_new_
             out = []
             for context, kwargs in (req.args for req in requests):
                 answer = answers[context]
-                s = answer + "\nReview: more\n" if says.startswith("the answer") else answer.replace(
-                    answer.strip(), other[answer.strip()])
+                s = {"the answer, then more lines": answer + "\nReview: more\n",
+                     "the answer, a space, more lines": answer + " \r\nReview: more\n",
+                     "the other label": answer.replace(answer.strip(), other[answer.strip()])}[says]
                 for term in kwargs["until"]:  # HFLM.generate_until's cut at its stop sequences
                     s = s.split(term)[0]
                 out.append(s)

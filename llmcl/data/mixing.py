@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from llmcl.data.batching import ListPool
-from llmcl.data.formatting import EncodeStats, check_chat_template, detect_format, encode
+from llmcl.data.formatting import EncodeStats, bos_of, check_chat_template, detect_format, encode
 from llmcl.data.sources import load_records
 from llmcl.data.stream import iter_records, text_blocks
 
@@ -106,12 +106,15 @@ def data_sources(recipe: Any) -> list[tuple[str, Any]]:
     return list(dict(out).items())  # the recipe-wide replay datasets once
 
 
-def check_chat_templates(recipe: Any, tokenizer: Any) -> None:
-    """Before stage 0 trains (the tokenizer of model.path loaded): every stage and replay source whose data goes
-    through the chat template (chat_template: true, messages/sharegpt/alpaca data) has one to go through; one
-    line naming the key otherwise. Reads nothing when the tokenizer has a chat template."""
-    if getattr(tokenizer, "chat_template", None):
-        return
+def check_tokenizer(recipe: Any, tokenizer: Any) -> None:
+    """Before stage 0 trains (the tokenizer of model.path loaded), what the data needs of it, one line naming the
+    key otherwise: every stage and replay source whose data goes through the chat template (chat_template: true,
+    messages/sharegpt/alpaca data) has one to go through; text with data.add_bos has a BOS to begin with. Reads
+    a record only of sources whose format that decides."""
     for key, cfg in data_sources(recipe):
+        if getattr(tokenizer, "chat_template", None) and not (cfg.add_bos and tokenizer.bos_token_id is None):
+            continue
         fmt = detect_format(cfg, first_record(cfg, recipe.seed, key), key) if cfg.format == "auto" else cfg.format
         check_chat_template(cfg, fmt, tokenizer, key, recipe.model.path)
+        if fmt == "text":
+            bos_of(cfg, tokenizer, key)

@@ -138,7 +138,8 @@ class ScoredAsTrained:
       answer's, each tokenized alone as training tokenizes a prompt and its completion. HFLM tokenizes them
       joined after moving the prompt's trailing spaces into the answer: a prompt "Sentiment: " and an answer
       "positive" were scored as " positive" after "Sentiment:", tokens training never showed the model there.
-      General tasks keep HFLM's way (their published numbers use it)."""
+      General tasks keep HFLM's way (their published numbers use it: a convention, where the first is a fault,
+      fixed for every task)."""
 
     _rolling = False
     _stage_pairs: frozenset = frozenset()
@@ -154,7 +155,8 @@ class ScoredAsTrained:
                    **kwargs: Any) -> list[int]:
         if self._rolling and add_special_tokens is None:
             add_special_tokens = False
-        return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)  # type: ignore[misc]
+        return super().tok_encode(string, add_special_tokens=add_special_tokens,  # type: ignore[misc]
+                                  left_truncate_len=left_truncate_len, **kwargs)
 
     def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
         from llmcl.eval.tasks import STAGE_PREFIX

@@ -120,15 +120,14 @@ def write(report: RunReport) -> list[Path]:
 # -- terminal tables --------------------------------------------------------------------------------
 
 def tables(report: RunReport) -> list[Any]:
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     matrix = Table(title=f"{report.name}: accuracy matrix ({report.method})", title_justify="left",
                    caption=escape(scoring_text(report)) or None, caption_justify="left")
     matrix.add_column("after \\ task")
     for c in report.columns:
-        matrix.add_column(f"{c.label}\n[dim]{c.metric}{_n(c)}[/dim]", justify="right")
+        matrix.add_column(f"{escape(c.label)}\n[dim]{escape(c.metric + _n(c))}[/dim]", justify="right")
     for label, vals in zip(report.rows, report.values):
         matrix.add_row(label, *[_fmt(v) for v in vals])
     summary = Table(box=None)

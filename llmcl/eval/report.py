@@ -12,8 +12,7 @@ from typing import Any, Optional
 
 from llmcl.errors import LlmclError
 from llmcl.eval import metrics as M
-from llmcl.eval.scoring import BASE, load_run_recipe, read_row, written_rows
-from llmcl.eval.tasks import STAGE_PREFIX
+from llmcl.eval.scoring import BASE, load_run_recipe, read_row, recorded_scoring, written_rows
 from llmcl.rundir import Ledger
 
 
@@ -57,8 +56,8 @@ class RunReport:
     train_seconds: float = 0.0
     stages_done: int = 0
     scoring: dict[str, list[Any]] = field(default_factory=dict)
-    """How the rows were scored (SCORING keys of the row files: lm-eval version, weight dtype, item limits,
-    few-shot): the distinct values over the rows, in row order; more than one = rows scored differently."""
+    """How the cells were scored (SCORING keys: lm-eval version, weight dtype, item limits, few-shot, prompt cap,
+    tokens generated): the distinct values over the cells, in row order; more than one = cells scored differently."""
 
     @property
     def general_mean(self) -> float | None:
@@ -82,23 +81,14 @@ class RunReport:
         }
 
 
-# what a row file records of how its cells were scored: how the report says it (a value, then the sentence it goes
-# in), and what a null value means
+# how the report says how a cell was scored (scoring.SCORING_KEYS, in that order): a value, the sentence it goes in,
+# and what null means
 SCORING = {"lm_eval_version": ("{}", "lm-eval {}", None), "dtype": ("{}", "weights in {}", None),
            "limit": ("at most {} items", "stage tasks: {} (eval.limit)", "every item"),
            "tasks_limit": ("at most {} items", "general tasks: {} (eval.tasks_limit)", "every item"),
            "num_fewshot": ("{}", "few-shot: {} (eval.num_fewshot)", "each task's default"),
            "max_prompt_tokens": ("at most {} tokens", "stage prompts: {} (eval.max_prompt_tokens)", "any length"),
            "max_new_tokens": ("{}", "tokens generated: {} (eval.max_new_tokens)", None)}
-
-
-def _cell_scoring(task: str, cell: dict, row: dict) -> dict[str, Any]:
-    """How a cell was scored: its own record, or for a cell written before cells had one, the keys of its row that
-    apply to it (a row written before a key was recorded says nothing of it)."""
-    if "scoring" in cell:
-        return cell["scoring"]
-    other = "tasks_limit" if task.startswith(STAGE_PREFIX) else "limit"
-    return {k: row[k] for k in SCORING if k in row and k != other}
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -140,7 +130,7 @@ def collect(run_dir: Path) -> RunReport:
     report.columns = stage_cols + choice_cols + general_cols
     for _, _, row in rows:
         for task, cell in row["tasks"].items():
-            for key, value in _cell_scoring(task, cell, row).items():
+            for key, value in recorded_scoring(task, cell, row).items():
                 if key in SCORING and value not in report.scoring.setdefault(key, []):
                     report.scoring[key].append(value)
             if task in seen and cell.get("n") is not None and cell["n"] not in seen[task].ns:

@@ -3,7 +3,9 @@
 Writes run_dir/eval/base.json or run_dir/eval/stage-NN.json:
   {"row": "stage-01", "stage": 1, "stage_name": ..., "checkpoint": ..., "lm_eval_version": ..., "limit": ...,
    "seconds": ..., "tasks": {task: {kind: stage|general, stage: j|null, metric, value, stderr, n, version,
-                                    higher_is_better, metrics}}}
+                                    higher_is_better, metrics, scoring: {how this cell was scored}}}}
+(the row-level lm_eval_version, limit, tasks_limit, dtype, num_fewshot: the settings of the call that wrote it
+last; the report reads each cell's `scoring`, and a cell's without one, from before cells had it, its row's)
 The checkpoint is loaded from its manifest (no method code), so what is scored is exactly what was saved.
 """
 
@@ -150,6 +152,25 @@ def row_tasks(recipe: Recipe, row: str | int, stage_tasks: list[StageTask]) -> l
     return stage + general
 
 
+# how a cell was scored, as a row file records it (each cell its own; before cells did, the row)
+SCORING_KEYS = ("lm_eval_version", "dtype", "limit", "tasks_limit", "num_fewshot", "max_prompt_tokens",
+                "max_new_tokens")
+
+
+def tasks_limit(e: Any) -> int | None:
+    """The item limit of the general tasks (eval.tasks_limit; 'same' = eval.limit)."""
+    return e.limit if e.tasks_limit == "same" else e.tasks_limit
+
+
+def recorded_scoring(name: str, cell: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """How the cell of task `name` was scored: its own record, or for a cell written before cells had one, the
+    keys of its row that apply to it (a row written before a key was recorded says nothing of it)."""
+    if isinstance(cell.get("scoring"), dict):
+        return cell["scoring"]
+    other = "tasks_limit" if name.startswith(STAGE_PREFIX) else "limit"
+    return {k: row[k] for k in SCORING_KEYS if k in row and k != other}
+
+
 def cell_scoring(recipe: Recipe, name: str, task: StageTask | None) -> dict[str, Any]:
     """How the cell of task `name` (`task`: this run's stage task, else None) was scored, as the report compares
     cells (report.SCORING's keys): a row's cells may be scored at different times (`llmcl eval --tasks`, eval
@@ -159,7 +180,7 @@ def cell_scoring(recipe: Recipe, name: str, task: StageTask | None) -> dict[str,
                            "dtype": str(eval_dtype(recipe)).removeprefix("torch."),
                            "num_fewshot": 0 if task is not None and task.zero_shot else e.num_fewshot}
     if not name.startswith(STAGE_PREFIX):
-        return {**out, "tasks_limit": e.limit if e.tasks_limit == "same" else e.tasks_limit}
+        return {**out, "tasks_limit": tasks_limit(e)}
     out["limit"] = e.limit
     kind = task.kind if task is not None else None
     if kind in ("generate", "choice"):  # (another run's stage task, kind None, was written by it, with its keys)
@@ -223,7 +244,7 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
     dd = data_dir(recipe)
     t0 = time.perf_counter()
     e = recipe.eval
-    general_limit = e.limit if e.tasks_limit == "same" else e.tasks_limit
+    general_limit = tasks_limit(e)
     groups: dict[int | None, list[str]] = {}  # lm-eval takes one limit per call
     for name in names:  # stage tasks (this run's, or another run's by name) get eval.limit, the rest tasks_limit
         groups.setdefault(e.limit if name.startswith(STAGE_PREFIX) else general_limit, []).append(name)
@@ -241,6 +262,8 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
         return None
     payload = read_row(run_dir, row) if only else None
     payload = payload or {"tasks": {}}
+    for name, cell in payload["tasks"].items():  # a cell written before cells kept their own record: its row's,
+        cell["scoring"] = recorded_scoring(name, cell, payload)  # before the row's keys become this call's
     ledger_entry = None if row == BASE else Ledger.read(run_dir).stage(int(row))
     payload.update({
         "row": row_name(row), "stage": None if row == BASE else int(row),

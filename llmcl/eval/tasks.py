@@ -47,7 +47,7 @@ class StageTask:
         return "stage_choice" if self.kind == "choice" else "stage"
 
 
-AFTER_THE_FIRST_LINE = "(?<=\\S)\\n[\\s\\S]*"  # what follows the first line holding more than whitespace
+AFTER_THE_FIRST_LINE = "\\n[\\s\\S]*"  # once leading whitespace is gone: what follows the answer's line
 
 
 def stage_task_name(stage_name: str) -> str:
@@ -141,7 +141,7 @@ def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer
             "generation_kwargs": {"until": [] if multiline or new_line_first else ["\n"], "do_sample": False,
                                   "max_gen_toks": min(max_new_tokens, longest + 4)},
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                             "regexes_to_ignore": [AFTER_THE_FIRST_LINE] * new_line_first + ["^\\s+", "\\s+$"]}]}
+                             "regexes_to_ignore": ["^\\s+", *[AFTER_THE_FIRST_LINE] * new_line_first, "\\s+$"]}]}
 
 
 def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool = True) -> list[StageTask]:

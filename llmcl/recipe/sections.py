@@ -268,7 +268,7 @@ class EvalConfig:
     """Leave out stage test items whose prompt is longer than this many tokens (null = keep all), e.g. the
     train.seq_len the stages train at; applied before the seeded shuffle and eval.limit."""
     num_fewshot: int | None = None
-    """Few-shot examples for every task (null = each task's default: none for a stage's task, whose shots come from its own test split)."""
+    """Few-shot examples for every task but a chat stage's, which is scored zero-shot (null = each task's default: none for a stage's task, whose shots come from its own test split)."""
     unseen_stages: Literal["all", "next"] = "all"
     """Which stages not trained yet a row scores: all (the whole matrix) or next (only the next stage's task, all that FWT reads: the matrix above that stays empty; the base row scores every stage)."""
     seen_stages: Literal["all", "current"] = "all"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcl import methods
-from llmcl.data.mixing import build_pool, check_chat_templates
+from llmcl.data.mixing import build_pool, check_tokenizer
 from llmcl.errors import LlmclError
 from llmcl.models import load_tokenizer
 from llmcl.recipe import Recipe
@@ -165,7 +165,7 @@ def run_context(recipe: Recipe, run_dir: Path, accelerator: Any, ledger: Ledger,
     """What the stages of a run share: the tokenizer, every stage's plan, the metrics log. Stages after `upto`
     (a `--stage N` job) are planned only where that needs no data."""
     tokenizer = load_tokenizer(recipe.model)
-    check_chat_templates(recipe, tokenizer)  # chat data needs the tokenizer's template: refused before stage 0
+    check_tokenizer(recipe, tokenizer)  # chat data needs its template, data.add_bos its BOS: refused before stage 0
 
     def pool_size(j: int) -> int | None:  # only stages that train for epochs need it
         if upto is not None and j > upto:
