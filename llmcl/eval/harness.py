@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -235,6 +236,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list
     return parsed
 
 
+@functools.cache  # asked for every cell a row records
 def lm_eval_version() -> str:
     from importlib.metadata import version
 

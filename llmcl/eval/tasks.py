@@ -50,6 +50,11 @@ class StageTask:
 AFTER_THE_FIRST_LINE = "\\n[\\s\\S]*"  # once leading whitespace is gone: what follows the answer's line
 
 
+def _lead(completion: str) -> str:
+    """The whitespace an answer begins with (" " of " positive", "\n" of "\nnegative")."""
+    return completion[:len(completion) - len(completion.lstrip())]
+
+
 def stage_task_name(stage_name: str) -> str:
     return STAGE_PREFIX + stage_name.replace("-", "_").replace(".", "_")
 
@@ -100,8 +105,7 @@ def render_test_records(stage: Any, index: int, records: list[dict[str, Any]], t
         if gold not in choices:
             raise LlmclError(f"recipe key '{key}.choices': test completion {gold!r} is not one of the choices {choices} "
                              f"(set {key}.drop_unknown_answers: true to leave such items out)")
-        lead = row["completion"][: len(row["completion"]) - len(row["completion"].lstrip())]
-        row["choices"] = [lead + c for c in choices]
+        row["choices"] = [_lead(row["completion"]) + c for c in choices]
         row["gold"] = choices.index(gold)
     return "generate", rows
 
@@ -134,8 +138,7 @@ def _yaml_for(task: str, kind: str, data_file: Path, rows: list[dict], tokenizer
     multiline = any("\n" in r["completion"].strip() for r in rows)
     # a one-line answer ends at its line's end: a stop at "\n", or, where answers begin on a new line ("Response:",
     # "\n{label}": a stop would cut them to nothing), no stop and everything after the answer's line ignored
-    new_line_first = not multiline and any("\n" in r["completion"][:-len(r["completion"].lstrip()) or None]
-                                           for r in rows if r["completion"].strip())
+    new_line_first = not multiline and any("\n" in _lead(r["completion"]) for r in rows if r["completion"].strip())
     return {**base, "output_type": "generate_until", "doc_to_text": "prompt", "doc_to_target": "completion",
             "target_delimiter": "",
             "generation_kwargs": {"until": [] if multiline or new_line_first else ["\n"], "do_sample": False,
