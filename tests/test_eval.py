@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +63,18 @@ def run_dir(tmp_path_factory):
     return d / "run"
 
 
+def _items_files(tasks_dir, stage):
+    """The rendered test items files of `stage` (named by their content) in a run's eval/tasks."""
+    return [p for p in tasks_dir.glob("*.jsonl") if re.fullmatch(re.escape(stage) + r"-[0-9a-f]{12}\.jsonl", p.name)]
+
+
+def _test_items(tasks_dir, stage):
+    """The rendered test items of `stage` that the run's task YAMLs point at (its one file)."""
+    files = _items_files(tasks_dir, stage)
+    assert len(files) == 1, files
+    return [json.loads(line) for line in files[0].read_text().splitlines()]
+
+
 def _rows(run_dir):
     return {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("*.json"))}
 
@@ -92,7 +106,7 @@ def test_stage_task_yamls_have_the_right_output_types(run_dir):
     # a classification stage (data.choices) both ways: its generated label and the label set's loglikelihood
     assert kinds == {"facts.yaml": "generate_until", "sentiment.yaml": "generate_until",
                      "choice/sentiment.yaml": "multiple_choice", "prose.yaml": "loglikelihood_rolling"}
-    first = json.loads((tasks / "sentiment.jsonl").read_text().splitlines()[0])
+    first = _test_items(tasks, "sentiment")[0]
     assert first["choices"] == [" negative", " positive"] and first["choices"][first["gold"]] == first["completion"]
 
 
@@ -113,7 +127,7 @@ def test_multiple_choice_accuracy_matches_an_independent_computation(run_dir):
     cfg = ModelConfig(path="builtin:tiny")
     model = artifacts.load(run_dir, manifest, cfg, 0, trainable=False).eval()
     tok = load_tokenizer(cfg)
-    docs = [json.loads(x) for x in (run_dir / "eval" / "tasks" / "sentiment.jsonl").read_text().splitlines()][:6]
+    docs = _test_items(run_dir / "eval" / "tasks", "sentiment")[:6]
     correct = 0
     for doc in docs:
         lls = [_loglikelihood(model, tok, doc["prompt"], c) for c in doc["choices"]]
@@ -607,6 +621,48 @@ def test_seen_stages_current_scores_the_diagonal_and_the_last_row_and_keeps_aa_b
             assert cheap[key][metric] == pytest.approx(full[key][metric]), (key, metric)
 
 
+def test_rendered_test_items_are_named_by_their_content_so_a_rewrite_is_never_read_as_the_old_items(tmp_path):
+    """`datasets` caches a data file by path and modification time: a stage's test items rendered again with other
+    settings (here another seed's order) under the same name, within one tick of a coarse file-system clock, were
+    read as the old items. Named by their content they are a new file; the same items leave the file as it was (no
+    new cache entry), and the stage's earlier file goes, not another stage's whose name begins with it."""
+    import os
+
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from llmcl import recipe as recipe_mod
+    from llmcl.eval.tasks import write_stage_tasks
+
+    _write_data(tmp_path)
+    data = {"path": str(tmp_path / "cls"), "prompt_template": "Review: {sentence}\nSentiment:",
+            "completion_template": " {label}"}
+    path = write_recipe(tmp_path / "r.yaml", stages=[{"name": "cls", "data": data}, {"name": "cls-b", "data": data}])
+    tok, tasks_dir = load_tokenizer(recipe_mod.load(path, []).model), tmp_path / "run" / "eval" / "tasks"
+
+    def write(overrides):  # the file stage cls's YAML points at
+        write_stage_tasks(recipe_mod.load(path, overrides), tmp_path / "run", tok)
+        return Path(yaml.safe_load((tasks_dir / "cls.yaml").read_text())["dataset_kwargs"]["data_files"]["test"])
+
+    def read():  # the prompts lm-eval reads for stage cls
+        with offline_and_quiet():
+            task = get_task_dict(["llmcl_stage_cls"], TaskManager(include_path=[str(tasks_dir)],
+                                                                   include_defaults=False))["llmcl_stage_cls"]
+            return [d["prompt"] for d in task.test_docs()]
+
+    first_file = write([])
+    first = read()
+    assert first == [r["prompt"] for r in _test_items(tasks_dir, "cls")] and _items_files(tasks_dir, "cls") == [first_file]
+    stamp = first_file.stat()
+    second_file = write(["seed=7"])
+    os.utime(second_file, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # written within the first one's clock tick
+    written = [json.loads(line)["prompt"] for line in second_file.read_text().splitlines()]
+    assert sorted(written) == sorted(first) and written != first  # the same items in the other seed's order
+    assert read() == written
+    assert _items_files(tasks_dir, "cls") == [second_file] and len(_items_files(tasks_dir, "cls-b")) == 1  # the
+    assert write(["seed=7"]) == second_file  # earlier file went, cls-b's stayed; the same items again: the file
+    assert second_file.stat().st_mtime_ns == stamp.st_mtime_ns  # left as it was
+
+
 def test_a_stage_task_reads_its_test_split_for_few_shot_only_when_shots_are_asked(run_dir, tmp_path):
     """Without eval.num_fewshot, lm-eval builds a stage task with an empty few-shot pool (by default it reads the
     whole test split into it, for every row); with eval.num_fewshot: 1 a prompt carries one other test item."""
@@ -685,7 +741,7 @@ def test_max_prompt_tokens_leaves_out_longer_test_prompts_and_names_the_key(tmp_
     for value in (None, cap):
         r = recipe_mod.load(write_recipe(tmp_path / "r.yaml", stages=[stage], eval={"max_prompt_tokens": value}))
         (task,) = write_stage_tasks(r, tmp_path / f"run{value}", tok)
-        rows = [json.loads(x) for x in (tmp_path / f"run{value}" / "eval" / "tasks" / "sentiment.jsonl").read_text().splitlines()]
+        rows = _test_items(tmp_path / f"run{value}" / "eval" / "tasks", "sentiment")
         assert task.n == len(rows)
         kept.append(rows)
     assert len(kept[0]) == len(lengths) and len(kept[1]) == sum(n <= cap for n in lengths) < len(lengths)
@@ -790,7 +846,7 @@ def test_answers_longer_than_max_new_tokens_are_a_note_naming_the_key(run_dir, t
     assert [t.note for t in write_stage_tasks(r, tmp_path / "a", tok, write=False)] == [None] * 4
     r = recipe_mod.load(run_dir.parent / "r.yaml", ["eval.max_new_tokens=1"])
     notes = {t.task: t.note for t in write_stage_tasks(r, tmp_path / "b", tok, write=False)}
-    rows = [json.loads(line) for line in (run_dir / "eval" / "tasks" / "facts.jsonl").read_text().splitlines()]
+    rows = _test_items(run_dir / "eval" / "tasks", "facts")
     lengths = [len(tok(row["completion"], add_special_tokens=False)["input_ids"]) for row in rows]
     assert notes["llmcl_stage_facts"] == (
         f"note: stage 'facts': {sum(n > 1 for n in lengths)} of {len(rows)} test answers are longer than "
@@ -827,8 +883,7 @@ def test_a_one_line_answer_is_scored_on_its_line_whether_or_not_it_begins_a_new_
         "completion_template": template}}])
     r = recipe_mod.load(path, [])
     write_stage_tasks(r, tmp_path / "run", load_tokenizer(r.model))
-    answers = {row["prompt"]: row["completion"] for row in map(json.loads, (
-        tmp_path / "run" / "eval" / "tasks" / "cls.jsonl").read_text().splitlines())}
+    answers = {row["prompt"]: row["completion"] for row in _test_items(tmp_path / "run" / "eval" / "tasks", "cls")}
     other = {"positive": "negative", "negative": "positive"}
 
     class Says(LM):  # a model that answers as `says`
@@ -879,7 +934,7 @@ def test_a_document_is_scored_as_its_tokens_after_the_prefix_whatever_special_to
         single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
     assert adds_bos("a b")["input_ids"][0] == tok.bos_token_id != tok("a b")["input_ids"][0]  # the premise
     model = load_base_model(r.model, 0).eval()
-    docs = [json.loads(line)["text"] for line in (tmp_path / "run" / "eval" / "tasks" / "prose.jsonl").read_text().splitlines()]
+    docs = [r["text"] for r in _test_items(tmp_path / "run" / "eval" / "tasks", "prose")]
     total = 0.0
     for doc in docs:  # log p(document | prefix), the prefix being HFLM's (the BOS, where the tokenizer has one)
         ids = [tok.bos_token_id] + tok(doc, add_special_tokens=False)["input_ids"]
@@ -933,6 +988,30 @@ def test_a_label_set_is_scored_on_the_tokens_training_gave_its_prompt_and_answer
             logp = torch.log_softmax(model(torch.tensor([ids])).logits.float(), -1)[0]
             expected.append(sum(logp[k - 1, ids[k]].item() for k in range(len(ctx), len(ids))))
     assert general == pytest.approx(expected, abs=1e-4) and general != pytest.approx(stage, abs=1e-2)
+
+
+def test_a_cell_records_the_shots_lm_eval_gave_not_only_those_asked(run_dir, tmp_path):
+    """With eval.num_fewshot, lm-eval keeps 0 for a task whose own YAML fixes num_fewshot: 0 (79 of its tasks do):
+    the cell records the 0 it was scored with (it recorded the shots asked); a task without one records them."""
+    import shutil
+
+    general = tmp_path / "general"
+    general.mkdir()
+    config = yaml.safe_load((run_dir / "eval" / "tasks" / "choice" / "sentiment.yaml").read_text())
+    del config["fewshot_config"]  # (the stage task's empty few-shot pool: these draw from the test split)
+    for name, fixed in (("fixed_zero", {"num_fewshot": 0}), ("free_shots", {})):
+        (general / f"{name}.yaml").write_text(yaml.safe_dump({**config, "task": name, "tag": [], **fixed}))
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    data = yaml.safe_load((other / "recipe.yaml").read_text())
+    data["eval"].update(include_path=[str(general)], num_fewshot=1, tasks=["fixed_zero", "free_shots"])
+    (other / "recipe.yaml").write_text(yaml.safe_dump(data))
+    res = run_cli("eval", str(other), "--stage", "base", "--tasks", "fixed_zero,free_shots,sentiment")
+    assert res.exit_code == 0, res.output
+    cells = json.loads((other / "eval" / "base.json").read_text())["tasks"]
+    assert {t: c["scoring"]["num_fewshot"] for t, c in cells.items() if t in ("fixed_zero", "free_shots",
+            "llmcl_stage_sentiment")} == {"fixed_zero": 0, "free_shots": 1, "llmcl_stage_sentiment": 1}
+    assert all("num_fewshot" not in c for c in cells.values())  # in the cell's scoring record only
 
 
 def test_with_few_shot_asked_a_chat_stage_is_scored_zero_shot_and_says_so(tmp_path):

@@ -35,6 +35,9 @@ class TaskResult:
     """Whether higher is better, for every metric (lm-eval's word where it gives one)."""
     processes: int = 1
     """How many processes lm-eval split the requests over (data-parallel evaluation)."""
+    num_fewshot: int | None = None
+    """How many examples lm-eval put before each item (its "n-shot"): a task whose own YAML fixes 0 keeps 0
+    whatever eval.num_fewshot asked."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +128,7 @@ def _parse(task: str, results: dict[str, Any]) -> TaskResult:
         metrics=metrics,
         stderrs={k: v for k, v in stderrs.items() if v == v},  # N/A (nan) left out
         higher_is_better_by_metric=higher,
+        num_fewshot=results.get("n-shot", {}).get(task),
     )
 
 

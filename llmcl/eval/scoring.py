@@ -171,14 +171,17 @@ def recorded_scoring(name: str, cell: dict[str, Any], row: dict[str, Any]) -> di
     return {k: row[k] for k in SCORING_KEYS if k in row and k != other}
 
 
-def cell_scoring(recipe: Recipe, name: str, task: StageTask | None) -> dict[str, Any]:
+def cell_scoring(recipe: Recipe, name: str, task: StageTask | None, shots: int | None = None) -> dict[str, Any]:
     """How the cell of task `name` (`task`: this run's stage task, else None) was scored, as the report compares
     cells (report.SCORING's keys): a row's cells may be scored at different times (`llmcl eval --tasks`, eval
-    keys changed between stages), so each records its own."""
+    keys changed between stages), so each records its own. `shots`: the examples lm-eval says it put before each
+    item, recorded where eval.num_fewshot asked for some (a task whose YAML fixes 0 keeps 0; without
+    eval.num_fewshot the record says "each task's default", as the report words it)."""
     e = recipe.eval
+    asked = 0 if task is not None and task.zero_shot else e.num_fewshot
     out: dict[str, Any] = {"lm_eval_version": harness.lm_eval_version(),
                            "dtype": str(eval_dtype(recipe)).removeprefix("torch."),
-                           "num_fewshot": 0 if task is not None and task.zero_shot else e.num_fewshot}
+                           "num_fewshot": shots if asked is not None and shots is not None else asked}
     if not name.startswith(STAGE_PREFIX):
         return {**out, "tasks_limit": tasks_limit(e)}
     out["limit"] = e.limit
@@ -277,10 +280,12 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
     })
     for name, result in results.items():
         task = by_name.get(name)
+        cell = result.to_dict()
+        shots = cell.pop("num_fewshot")  # (the cell's scoring records it)
         payload["tasks"][name] = {"kind": task.view if task else "general",
                                   "stage": task.stage if task else None,
-                                  "stage_name": task.stage_name if task else None, **result.to_dict(),
-                                  "scoring": cell_scoring(recipe, name, task)}
+                                  "stage_name": task.stage_name if task else None, **cell,
+                                  "scoring": cell_scoring(recipe, name, task, shots)}
     path = row_file(run_dir, row)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, payload)

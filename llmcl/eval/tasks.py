@@ -1,7 +1,7 @@
 """Stage test splits as lm-eval tasks, llmcl's local general-ability tasks, and task-name checks.
 
-Every stage with test data becomes an lm-eval task YAML (plus its rendered JSON-lines data) under
-run_dir/eval/tasks/:
+Every stage with test data becomes an lm-eval task YAML (plus its rendered JSON-lines data, named by its content:
+<stage>-<sha256[:12]>.jsonl) under run_dir/eval/tasks/:
   prompt/completion or chat data  -> generate_until, exact match (surrounding whitespace ignored)
   ... with data.choices           -> multiple_choice, loglikelihood over the choices (acc)
   text data                       -> loglikelihood_rolling perplexity (bits_per_byte, word/byte perplexity)
@@ -10,8 +10,10 @@ run_dir/eval/tasks/:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,9 +174,7 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool
                                  f"within {cap} tokens")
         # a seeded shuffle: eval.limit (lm-eval takes the first N) then scores a random subset, not the head
         random.Random(f"llmcl-eval-order:{recipe.seed}:{i}").shuffle(rows)
-        data_file = out_dir / f"{stage.name}.jsonl"
-        if write:
-            write_text(data_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        data_file = _write_test_data(out_dir, stage.name, rows, write)
         # a classification stage is scored both ways: its generated label (exact match) and loglikelihood over
         # its label set, so "forgot the task" and "answers in another task's labels" can be told apart
         views = [(kind, stage_task_name(stage.name), out_dir / f"{stage.name}.yaml")]
@@ -196,6 +196,25 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool
             written.append(StageTask(i, stage.name, task, view, len(rows), "\n".join(n for n in notes if n) or None,
                                      zero_shot))
     return written
+
+
+def _write_test_data(out_dir: Path, stage_name: str, rows: list[dict], write: bool) -> Path:
+    """The stage's rendered test items as JSON lines, in a file named by their content (`write=False`: only its
+    path). `datasets` caches a data file by path and modification time: items rewritten under one name (another
+    eval.max_prompt_tokens, seed or tokenizer) within one tick of a coarse file-system clock were read as the
+    old ones, and each rewrite added a cache entry. A file with the same items is left as it is; the stage's
+    files of other items are removed."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    data_file = out_dir / f"{stage_name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
+    if not write:
+        return data_file
+    if not (data_file.is_file() and data_file.read_text(encoding="utf-8") == text):
+        write_text(data_file, text)
+    stale = re.compile(re.escape(stage_name) + r"(-[0-9a-f]{12})?\.jsonl")  # (and the unhashed name of before)
+    for path in out_dir.glob("*.jsonl"):
+        if path != data_file and stale.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+    return data_file
 
 
 def _cut_answers_note(stage_name: str, rows: list[dict], tokenizer: Any, max_new_tokens: int) -> str | None:
