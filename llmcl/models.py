@@ -176,7 +176,11 @@ def load_tokenizer(model_cfg: Any):
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model_cfg.trust_remote_code,
                                             revision=model_cfg.revision)
-    except OSError as exc:  # not found locally and not reachable on the hub
+    except (OSError, ValueError) as exc:  # not found locally, not reachable on the hub, or no tokenizer files there
+        files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+        if Path(src).is_dir() and not any((Path(src) / f).exists() for f in files):
+            raise LlmclError(f"cannot load the tokenizer of model.path={path!r}: the directory holds no tokenizer files "
+                             f"({', '.join(files)}); save the tokenizer there too (tokenizer.save_pretrained)") from None
         raise LlmclError(f"cannot load the tokenizer of model.path={path!r}: {_first_line(exc)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -290,10 +294,15 @@ def _load_base_model(model_cfg: Any, seed: int):
         kwargs["revision"] = model_cfg.revision
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(resolve_path(model_cfg.path), **kwargs)
     except OSError as exc:  # not found locally and not reachable on the hub
         raise LlmclError(f"cannot load model.path={model_cfg.path!r}: {_first_line(exc)}") from None
+    except SafetensorError as exc:  # a weight file cut short (an interrupted download or copy) or not safetensors
+        raise LlmclError(f"cannot load model.path={model_cfg.path!r}: a weight file is damaged ({_first_line(exc)}); "
+                         "download or save the model again") from None
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -581,3 +581,31 @@ def test_a_bad_line_of_a_json_file_names_its_own_line(name, text, where, tmp_pat
                     f"{name}: {where}")  # read whole, not streamed
     with pytest.raises(LlmclError, match=where):
         read_file(tmp_path / name)
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_one_line_naming_the_key(tok):
+    """Gemma's template raises "System role not supported", Mistral's on roles that do not alternate (jinja2's
+    TemplateError, a traceback before): training and the test tasks both say it in one line, naming the key."""
+    import copy
+    from types import SimpleNamespace
+
+    from llmcl.eval.tasks import render_test_records
+
+    strict = copy.deepcopy(tok)
+    strict.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                            "{% endif %}" + tok.chat_template)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    system = [{"role": "system", "content": "be brief"}, *msgs]
+    cfg = DataConfig(path="x.jsonl")
+    assert encode([{"messages": msgs}], cfg, strict, 64)[0]  # the control: no system turn, no complaint
+    message = (r"^recipe key 'stages.1.data.path': the tokenizer's chat template refuses a conversation of the data "
+               r"\(roles system, user(, assistant)?\): System role not supported$")
+    with pytest.raises(LlmclError, match=message):
+        encode([{"messages": system}], cfg, strict, 64, key="stages.1.data")
+    with pytest.raises(LlmclError, match=message):
+        render_test_records(SimpleNamespace(data=cfg), 1, [{"messages": system}], strict)
+    pc = DataConfig(path="x.jsonl", chat_template=True)
+    alternating = copy.deepcopy(tok)  # a prompt/completion stage through a template that refuses every user turn
+    alternating.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(LlmclError, match=r"^recipe key 'stages.0.data.chat_template': .*roles user\): Conversation"):
+        render_test_records(SimpleNamespace(data=pc), 0, [{"prompt": "a", "completion": " b"}], alternating)

@@ -395,3 +395,29 @@ def test_data_that_trains_nothing_within_seq_len_is_refused_naming_its_recipe_ke
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in res.output, res.output
     assert lines[0].startswith(f"error: {where}.path {str(bad)!r}: no example keeps a trained token"), lines[0]
+
+
+def test_a_model_directory_without_tokenizer_files_or_with_a_cut_weight_file_is_one_line(tmp_path):
+    """Two common states of a user's own model directory: only model.save_pretrained was called (transformers
+    raised a ValueError about sentencepiece), and a weight file cut short by an interrupted copy (safetensors'
+    SafetensorError): each is one line, exit 2, saying what is wrong with the directory."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from llmcl.models import smollm2_tokenizer_dir, tiny_config
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    model = tmp_path / "mine"
+    LlamaForCausalLM(tiny_config()).save_pretrained(model)
+    recipe = write_recipe(tmp_path / "r.yaml", model={"path": str(model)}, train={"max_steps": 1, "batch_size": 2})
+
+    def error(run):
+        res = run_cli("train", str(recipe), "--run-dir", str(tmp_path / run))
+        lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert res.exit_code == 2 and len(lines) == 1 and "Traceback" not in res.output, res.output
+        return lines[0]
+
+    assert "the directory holds no tokenizer files (tokenizer.json," in error("no_tokenizer")
+    tokenizer.save_pretrained(model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert f"cannot load model.path={str(model)!r}: a weight file is damaged (" in error("cut")

@@ -221,22 +221,36 @@ def check_chat_template(cfg: Any, fmt: str, tokenizer: Any, key: str = "data", m
                      "prompt/completion data")
 
 
-def _chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-    """Split a rendered conversation into (text, is_assistant) segments by rendering growing prefixes."""
+def chat_render(tokenizer: Any, messages: list[dict[str, str]], key: str, **kwargs: Any) -> str:
+    """`messages` through the tokenizer's chat template, as text; a template that refuses them (Gemma's "System
+    role not supported", Mistral's roles that must alternate: jinja2's TemplateError) is one line naming `key`."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as exc:
+        roles = ", ".join(str(m.get("role")) for m in messages)
+        raise LlmclError(f"recipe key '{key}': the tokenizer's chat template refuses a conversation of the data "
+                         f"(roles {roles}): {str(exc).strip()}") from None
+
+
+def _chat_segments(tokenizer: Any, messages: list[dict[str, str]], key: str) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, is_assistant) segments by rendering growing prefixes (`key`: the
+    recipe key that sends the data through the chat template, for the messages)."""
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, msg in enumerate(messages):
         if msg.get("role") != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        prefix = chat_render(tokenizer, messages[:i], key, add_generation_prompt=True)
+        full = chat_render(tokenizer, messages[: i + 1], key)
         if not prefix.startswith(done) or not full.startswith(prefix):
-            raise LlmclError("the tokenizer's chat template does not render conversations as growing prefixes; "
-                             "use format prompt_completion instead")
+            raise LlmclError(f"recipe key '{key}': the tokenizer's chat template does not render conversations as "
+                             "growing prefixes; use format prompt_completion instead")
         segments.append((prefix[len(done):], False))
         segments.append((full[len(prefix):], True))
         done = full
-    rest = tokenizer.apply_chat_template(messages, tokenize=False)[len(done):]
+    rest = chat_render(tokenizer, messages, key)[len(done):]
     if rest:
         segments.append((rest, False))
     return segments
@@ -271,15 +285,16 @@ def encode(records: list[dict[str, Any]], cfg: Any, tokenizer: Any, seq_len: int
         examples = pack([r[cfg.text_field] for r in records], tokenizer, seq_len, bos_of(cfg, tokenizer, key))
     else:
         examples = []
+        template_key = chat_template_key(cfg, stats.format, key) or key
         for r in records:
             if stats.format in CHAT_FORMATS:
-                segments = _chat_segments(tokenizer, conversation(cfg, r, stats.format))
+                segments = _chat_segments(tokenizer, conversation(cfg, r, stats.format), template_key)
                 ex = _encode_supervised(tokenizer, segments, add_eos=False, rendered=True)
             else:
                 prompt, completion = render(cfg, r)
                 if cfg.chat_template:
                     msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion.strip()}]
-                    ex = _encode_supervised(tokenizer, _chat_segments(tokenizer, msgs), add_eos=False,
+                    ex = _encode_supervised(tokenizer, _chat_segments(tokenizer, msgs, template_key), add_eos=False,
                                             rendered=True)
                 else:
                     ex = _encode_supervised(tokenizer, [(prompt, False), (completion, True)], add_eos=True,

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from llmcl.data.formatting import CHAT_FORMATS, conversation, detect_format, render
+from llmcl.data.formatting import CHAT_FORMATS, chat_render, chat_template_key, conversation, detect_format, render
 from llmcl.data.sources import load_records
 from llmcl.errors import LlmclError, RecipeError, did_you_mean
 from llmcl.rundir import EVAL
@@ -70,8 +70,8 @@ def local_task_names() -> list[str]:
     return sorted(p.stem for p in LOCAL_TASKS_DIR.glob("*.yaml"))
 
 
-def _chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _chat_prompt(tokenizer: Any, messages: list[dict[str, str]], key: str) -> str:
+    return chat_render(tokenizer, messages, key, add_generation_prompt=True)
 
 
 def render_test_records(stage: Any, index: int, records: list[dict[str, Any]], tokenizer: Any) -> tuple[str, list[dict]]:
@@ -82,6 +82,7 @@ def render_test_records(stage: Any, index: int, records: list[dict[str, Any]], t
     fmt = detect_format(cfg, records[0], key)
     if fmt == "text":
         return "perplexity", [{"text": r[cfg.text_field]} for r in records]
+    template_key = chat_template_key(cfg, fmt, key) or key
     rows = []
     for r in records:
         if fmt in CHAT_FORMATS:
@@ -89,11 +90,12 @@ def render_test_records(stage: Any, index: int, records: list[dict[str, Any]], t
             last = max((k for k, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
             if last is None:
                 raise LlmclError(f"recipe key '{key}': a test conversation has no assistant turn to score")
-            prompt, completion = _chat_prompt(tokenizer, msgs[:last]), msgs[last]["content"]
+            prompt, completion = _chat_prompt(tokenizer, msgs[:last], template_key), msgs[last]["content"]
         else:
             prompt, completion = render(cfg, r)
             if cfg.chat_template:
-                prompt, completion = _chat_prompt(tokenizer, [{"role": "user", "content": prompt}]), completion.strip()
+                prompt = _chat_prompt(tokenizer, [{"role": "user", "content": prompt}], template_key)
+                completion = completion.strip()
         rows.append({"prompt": prompt, "completion": completion})
     if cfg.choices is None:
         return "generate", rows
