@@ -25,6 +25,8 @@ class RecipeError(LlmclError):
         self.key, self.value, self.expected = key, value, expected
         if message is None:
             message = f"recipe key '{key}': got {value!r}; expected {expected}"
+            if isinstance(value, bool) and ("string" in expected or "letters" in expected):
+                message += " (YAML reads an unquoted yes, no, on, off, true or false as a boolean: quote it)"
         super().__init__(message)
 
 

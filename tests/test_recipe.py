@@ -53,6 +53,21 @@ def test_local_data_paths_are_stored_absolute(tmp_path, monkeypatch):
     assert r.stages[0].name == "d"
 
 
+
+@pytest.mark.parametrize("given", ["models/mine", "./models/mine", "org/name"])
+def test_a_local_model_directory_is_stored_absolute_and_a_hub_id_as_given(given, tmp_path, monkeypatch):
+    """A relative model.path stored as given was read from elsewhere (llmcl eval/export from another directory)
+    as a hub id, or as another directory of that name; one that is a directory here is stored absolute (as
+    transformers would load it), a hub id is left as it is."""
+    if given != "org/name":
+        (tmp_path / "models" / "mine").mkdir(parents=True)
+    path = write_recipe(tmp_path / "r.yaml", model={"path": given})
+    monkeypatch.chdir(tmp_path)
+    r = recipe.load(path)
+    assert r.model.path == (given if given == "org/name" else str(tmp_path.resolve() / "models" / "mine"))
+    assert recipe.from_dict(r.to_dict()).model.path == r.model.path  # what recipe.yaml holds reads the same
+
+
 BAD = [
     (["train.lrr=1"], "recipe key 'train.lrr' is unknown (did you mean 'train.lr'?)"),
     (["model.pth=x"], "recipe key 'model.pth' is unknown (did you mean 'model.path'?)"),
@@ -63,6 +78,8 @@ BAD = [
     (["train.warmup=1.5"], "recipe key 'train.warmup': got 1.5; expected a fraction in [0, 1]"),
     (["train.precision=bf17"], "recipe key 'train.precision': got 'bf17'; expected one of 'auto', 'fp32', 'bf16', 'fp16' (did you mean 'bf16'"),
     (["stages=[]"], "recipe key 'stages': got []; expected a non-empty list of stages"),
+    (["stages.0.name=no"], "recipe key 'stages.0.name': got False; expected a string or null (YAML reads an unquoted "
+                           "yes, no, on, off, true or false as a boolean: quote it)"),
     (["stages.1.data.path=missing.json"], "recipe key 'stages.1.data.path': data file 'missing.json' does not exist"),
     (["stages.1.data.path=builtin:fact"], "recipe key 'stages.1.data.path': unknown built-in task 'builtin:fact' (did you mean 'builtin:facts'"[:-15]),
     (["method.name=lorra"], "recipe key 'method.name': unknown method 'lorra' (did you mean 'lora'"),

@@ -180,8 +180,13 @@ def _default_stage_name(path: str) -> str:
 
 
 def _absolute_paths(recipe: Recipe) -> None:
-    """Local data paths are relative to the working directory; store them absolute in the resolved recipe."""
+    """Local data paths are relative to the working directory; store them absolute in the resolved recipe. So is
+    a model directory (a relative one stored as given read as a hub id, or another directory, from elsewhere)."""
     from llmcl.data.sources import is_local
+
+    model = Path(recipe.model.path).expanduser()
+    if not recipe.model.path.startswith("builtin:") and model.is_dir():  # (what transformers loads, too)
+        recipe.model.path = str(model.resolve())
 
     sources = [stage.data for stage in recipe.stages] + list(recipe.replay.datasets)
     for data in sources:

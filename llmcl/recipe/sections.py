@@ -16,7 +16,7 @@ class ModelConfig:
     """The model every stage starts from."""
 
     path: str = "builtin:smollm2-135m"
-    """A hub id (org/name), a local model directory, builtin:smollm2-135m or builtin:tiny."""
+    """A hub id (org/name), a local model directory (relative to the working directory; stored absolute), builtin:smollm2-135m or builtin:tiny."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype. auto = float32 master weights (bf16 autocast on GPUs that support it)."""
     trust_remote_code: bool = False
