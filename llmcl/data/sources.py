@@ -77,11 +77,11 @@ def read_file(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix
     try:
         if suffix == ".jsonl":
-            return _json_lines(path, path.read_text(encoding="utf-8"))
+            return _json_lines(path, path.read_text(encoding="utf-8-sig"))
         if suffix == ".json":
-            return _json_records(path, path.read_text(encoding="utf-8"))
+            return _json_records(path, path.read_text(encoding="utf-8-sig"))
         if suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as fh:
+            with path.open(newline="", encoding="utf-8-sig") as fh:
                 return list(csv_records(path, fh))
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -89,7 +89,7 @@ def read_file(path: Path) -> list[dict[str, Any]]:
             return pq.read_table(path).to_pylist()
         if suffix == ".txt":
             # lines as the streamed reader cuts them (universal newlines; not str.splitlines' \f, \u2028, ...)
-            return [{"text": line} for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+            return [{"text": line} for line in path.read_text(encoding="utf-8-sig").split("\n") if line.strip()]
     except Exception as exc:  # noqa: BLE001
         raise unreadable(path, exc) from None
     raise LlmclError(f"data file {path}: unsupported extension {suffix!r} (use {', '.join(EXTENSIONS)})")

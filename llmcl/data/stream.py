@@ -89,13 +89,13 @@ def _local_records(p: Path) -> Iterator[dict[str, Any]]:
     n = 0
     try:
         if p.suffix == ".jsonl" or p.suffix == ".txt":
-            with p.open(encoding="utf-8") as fh:
+            with p.open(encoding="utf-8-sig") as fh:
                 for line in fh:
                     n += 1
                     if line.strip():
                         yield json_line(p, line, n) if p.suffix == ".jsonl" else {"text": line.rstrip("\n")}
         elif p.suffix == ".csv":
-            with p.open(newline="", encoding="utf-8") as fh:
+            with p.open(newline="", encoding="utf-8-sig") as fh:
                 yield from csv_records(p, fh)
         elif p.suffix == ".parquet":
             import pyarrow.parquet as pq
