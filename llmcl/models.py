@@ -297,12 +297,24 @@ def _load_base_model(model_cfg: Any, seed: int):
     from safetensors import SafetensorError
 
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve_path(model_cfg.path), **kwargs)
+        return bidirectional_refused(AutoModelForCausalLM.from_pretrained(resolve_path(model_cfg.path), **kwargs),
+                                     model_cfg.path)
     except OSError as exc:  # not found locally and not reachable on the hub
         raise LlmclError(f"cannot load model.path={model_cfg.path!r}: {_first_line(exc)}") from None
     except SafetensorError as exc:  # a weight file cut short (an interrupted download or copy) or not safetensors
         raise LlmclError(f"cannot load model.path={model_cfg.path!r}: a weight file is damaged ({_first_line(exc)}); "
                          "download or save the model again") from None
+
+
+def bidirectional_refused(model: Any, path: str) -> Any:
+    """`model`, unless its attention sees the whole text: an encoder family's LM head (BERT, RoBERTa, ELECTRA...)
+    that AutoModelForCausalLM loads without is_decoder attends to the tokens it is to predict, so training and
+    scoring it as a causal LM would be silently wrong (transformers only logs a warning)."""
+    if any(getattr(m, "is_decoder", None) is False for m in model.modules()):
+        raise LlmclError(f"model.path={path!r} is a {model.config.model_type} model whose attention sees the whole "
+                         "text (its config's is_decoder is false): a causal LM must not see the tokens it predicts; "
+                         "use a decoder (causal) model, or set \"is_decoder\": true in its config.json")
+    return model
 
 
 def count_parameters(model) -> tuple[int, int]:

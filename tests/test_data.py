@@ -609,3 +609,22 @@ def test_a_chat_template_that_refuses_a_conversation_is_one_line_naming_the_key(
     alternating.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
     with pytest.raises(LlmclError, match=r"^recipe key 'stages.0.data.chat_template': .*roles user\): Conversation"):
         render_test_records(SimpleNamespace(data=pc), 0, [{"prompt": "a", "completion": " b"}], alternating)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".txt"])
+def test_a_file_saved_with_a_utf8_byte_order_mark_reads_as_without_it(suffix, tmp_path):
+    """Excel's "CSV UTF-8" and Windows editors begin a file with a byte order mark: its first field was named
+    '\\ufeffprompt' (a missing-field error), a JSON-lines file's first line did not parse, and a text corpus's
+    first document began with U+FEFF. Read whole and streamed, the records are those of the file without it."""
+    from llmcl.data.stream import _local_records
+
+    records = [{"prompt": f"p{i}", "completion": f" c{i}"} for i in range(3)]
+    text = {".jsonl": "".join(json.dumps(r) + "\n" for r in records), ".json": json.dumps(records),
+            ".csv": "prompt,completion\n" + "".join(f"{r['prompt']},{r['completion']}\n" for r in records),
+            ".txt": "first document\nsecond document\n"}[suffix]
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"marked{suffix}"
+    plain.write_text(text, encoding="utf-8")
+    marked.write_text(text, encoding="utf-8-sig")
+    assert marked.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_file(marked) == read_file(plain) and list(_local_records(marked)) == list(_local_records(plain))
+    assert read_file(plain)[0] == ({"text": "first document"} if suffix == ".txt" else records[0])

@@ -409,6 +409,29 @@ def test_the_report_says_how_the_rows_were_scored_and_a_comparison_where_runs_di
     assert res.exit_code == 0 and "scored differently" not in res.output, res.output
 
 
+def test_a_column_whose_rows_were_scored_on_other_test_items_says_so(run_dir, tmp_path):
+    """A stage's test data edited between two rows (one job per stage, the file rewritten between them): as many
+    items, other ones, and the column compared them as forgetting. Each stage cell records its items' content
+    hash; a column with two says [items differ] (the control: the run as scored says nothing)."""
+    import shutil
+
+    rows = _rows(run_dir)
+    items = _items_files(run_dir / "eval" / "tasks", "sentiment")[0].stem.rsplit("-", 1)[1]
+    assert {r["tasks"][t]["scoring"]["items"] for r in rows.values()
+            for t in ("llmcl_stage_sentiment", "llmcl_stage_sentiment-choice")} == {items}
+    assert "items" not in rows["base"]["tasks"].get("llmcl_arc_easy", {}).get("scoring", {})  # general: no such hash
+    assert run_cli("report", str(run_dir)).exit_code == 0
+    assert "[items differ]" not in (run_dir / "report" / "report.md").read_text()
+    other = tmp_path / "edited"
+    shutil.copytree(run_dir, other)
+    row = json.loads((other / "eval" / "stage-02.json").read_text())
+    row["tasks"]["llmcl_stage_sentiment"]["scoring"]["items"] = "0" * 12  # as if scored after the file changed
+    (other / "eval" / "stage-02.json").write_text(json.dumps(row))
+    assert run_cli("report", str(other)).exit_code == 0
+    text = " ".join((other / "report" / "report.md").read_text().split())
+    assert "sentiment (exact_match, n=6 [items differ])" in text and "sentiment (labels) (acc, n=6)" in text
+
+
 def test_each_cell_records_how_it_was_scored_and_a_rescored_task_leaves_the_others_records(run_dir, tmp_path):
     """`llmcl eval --tasks X` with other eval keys than the row was scored with: the other cells keep their own
     record (the row's used to be rewritten to the new keys), and the report shows both settings and the column's
@@ -1063,3 +1086,75 @@ def test_with_few_shot_asked_a_chat_stage_is_scored_zero_shot_and_says_so(tmp_pa
     for task in written:
         shots = {context.count("Review:") - 1 for context in contexts[task]}
         assert shots == ({0} if "chat" in task else {1}), task
+
+
+def _special_tokens_variant(tok, case):
+    """The built-in tokenizer made to add a BOS its (ChatML) chat template does not render (Zephyr's and
+    TinyLlama-Chat's layout), or to end every text with an EOS (add_eos_token), or as it is (adds neither)."""
+    import copy
+
+    from tokenizers import processors
+
+    out = copy.deepcopy(tok)
+    if case == "bos_the_template_does_not_render":
+        out.bos_token = "<|endoftext|>"
+        out._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", out.bos_token_id)])
+        assert out("hi")["input_ids"][0] == out.bos_token_id
+    elif case == "eos_after_every_text":
+        out._tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A <|im_end|>", special_tokens=[("<|im_end|>", out.eos_token_id)])
+        assert out("hi")["input_ids"][-1] == out.eos_token_id
+    return out
+
+
+@pytest.mark.parametrize("case", ["bos_the_template_does_not_render", "eos_after_every_text", "as_built"])
+def test_a_stage_prompt_is_scored_with_the_special_tokens_it_was_trained_with(case, tmp_path, monkeypatch):
+    """A chat-rendered prompt carries the template's own special tokens: training adds none, and lm-eval added
+    the tokenizer's BOS to it where the template renders none; a tokenizer that ends every text with an EOS put
+    one between prompt and answer, in training and in scoring. Generation's prompts and a label set's contexts
+    are now the tokens training gave the prompt, here against an independent construction (the built-in
+    tokenizer as it is: the control, the same before and after)."""
+    from transformers import LlamaForCausalLM
+
+    from llmcl import recipe as recipe_mod
+    from llmcl.data.formatting import IGNORE, encode
+    from llmcl.data.sources import load_records
+    from llmcl.eval import harness
+    from llmcl.eval.scoring import score_row
+    from llmcl.eval.tasks import render_test_records
+
+    tok = _special_tokens_variant(load_tokenizer(ModelConfig(path="builtin:tiny")), case)
+    _write_data(tmp_path)
+    data = {"path": str(tmp_path / "cls"), "prompt_template": "Review: {sentence}\nSentiment:",
+            "completion_template": " {label}", "choices": ["negative", "positive"],
+            "chat_template": case == "bos_the_template_does_not_render"}
+    r = recipe_mod.load(write_recipe(tmp_path / "r.yaml", stages=[{"name": "cls", "data": data}],
+                                     eval={"limit": 4, "batch_size": 2}), [])
+    records = load_records(r.stages[0].data, "test", r.seed)
+    prompts = [row["prompt"] for row in render_test_records(r.stages[0], 0, records, tok)[1]]
+    expected = {p: tok(p, add_special_tokens=False)["input_ids"] for p in prompts}  # no BOS: neither case adds one
+    trained = encode(records, r.stages[0].data, tok, 512)[0]  # training's prompt tokens: up to the first label
+    assert {tuple(ex.input_ids[:next(i for i, x in enumerate(ex.labels) if x != IGNORE)]) for ex in trained} == \
+        {tuple(ids) for ids in expected.values()}
+    generated, paired = [], []
+    original_generate = LlamaForCausalLM.generate
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        generated.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask))
+        return original_generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    original_pair = harness.ScoredAsTrained._encode_pair
+
+    def encode_pair(self, context, continuation):
+        out = original_pair(self, context, continuation)
+        paired.append(out[0])
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", generate)
+    monkeypatch.setattr(harness.ScoredAsTrained, "_encode_pair", encode_pair)
+    row = score_row(tmp_path / "run", "base", recipe=r, tokenizer=tok)
+    assert {c["n"] for c in row["tasks"].values()} == {4}
+    assert len(generated) == 4 and len(paired) == 8  # 4 items, and 4 items x 2 labels
+    valid = [list(ids) for ids in expected.values()]
+    assert all(ids in valid for ids in generated) and all(ids in valid for ids in paired), (generated, paired)

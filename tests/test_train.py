@@ -421,3 +421,74 @@ def test_a_model_directory_without_tokenizer_files_or_with_a_cut_weight_file_is_
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert f"cannot load model.path={str(model)!r}: a weight file is damaged (" in error("cut")
+
+
+def test_an_encoder_model_that_would_see_the_tokens_it_predicts_is_refused(tmp_path):
+    """AutoModelForCausalLM loads BERT's LM head without is_decoder (a warning in transformers' log, which llmcl
+    keeps quiet): its attention is bidirectional, so a changed later token moves an earlier position's logits and
+    the "causal" loss is learned by looking. Refused in one line; with is_decoder: true it is causal and loads."""
+    from transformers import AutoTokenizer, BertConfig, BertLMHeadModel
+
+    from llmcl.errors import LlmclError
+    from llmcl.models import load_base_model, smollm2_tokenizer_dir
+    from llmcl.recipe import ModelConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    for decoder in (False, True):
+        path = tmp_path / f"bert-{decoder}"
+        BertLMHeadModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32, is_decoder=decoder)).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    from transformers import AutoModelForCausalLM
+
+    ids, later_changed = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[5, 6, 7, 9]])
+    causal = load_base_model(ModelConfig(path=str(tmp_path / "bert-True")), 0).eval()
+    seeing = AutoModelForCausalLM.from_pretrained(tmp_path / "bert-False").eval()
+    with torch.no_grad():  # the premise: is_decoder decides whether an earlier position sees a later token
+        assert torch.equal(causal(ids).logits[0, 0], causal(later_changed).logits[0, 0])
+        assert not torch.equal(seeing(ids).logits[0, 0], seeing(later_changed).logits[0, 0])
+    with pytest.raises(LlmclError, match=r"^model.path='.*bert-False' is a bert model whose attention sees the whole "
+                                         r"text \(its config's is_decoder is false\)"):
+        load_base_model(ModelConfig(path=str(tmp_path / "bert-False")), 0)
+
+
+def test_a_lora_run_refuses_a_base_model_directory_that_changed_since_it_started(tmp_path):
+    """A LoRA stage is a delta over the base model, loaded again from model.path for every later stage, row and
+    export: a directory re-saved with other weights in between was used without a word (exports and scores of
+    a model never trained). The run records the directory's files when its first stage starts; a changed file
+    is one line, for training, evaluation and export alike; the same bytes put back (a new modification time)
+    are the same model."""
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from llmcl.models import smollm2_tokenizer_dir, tiny_config
+
+    model_dir, kept = tmp_path / "mine", tmp_path / "kept"
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config()).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(model_dir)
+    shutil.copytree(model_dir, kept)
+    recipe = write_recipe(tmp_path / "r.yaml", model={"path": str(model_dir)}, method={"name": "lora", "r": 4},
+                          train={"max_steps": 2, "batch_size": 2, "seq_len": 32}, eval={"after_each_stage": False})
+    run_dir = tmp_path / "run"
+    assert run_cli("train", str(recipe), "--run-dir", str(run_dir), "--stage", "0").exit_code == 0
+    recorded = json.loads((run_dir / "ledger.json").read_text())["base_model"]
+    assert recorded["path"] == str(model_dir) and "model.safetensors" in recorded["files"]
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    model.save_pretrained(model_dir)  # the same size, other weights
+
+    for args in (["train", str(recipe), "--run-dir", str(run_dir)], ["eval", str(run_dir), "--stage", "0"],
+                 ["export", str(run_dir), "--to", str(tmp_path / "export")]):
+        res = run_cli(*args)
+        lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert res.exit_code == 2 and len(lines) == 1 and "Traceback" not in res.output, (args, res.output)
+        assert (f"model.path={str(model_dir)!r} changed since this run started (model.safetensors has other content "
+                "(sha256 differs))") in lines[0], lines[0]
+    assert not (tmp_path / "export").exists() and not (run_dir / "stage-01-reverse").exists()
+    shutil.copy(kept / "model.safetensors", model_dir / "model.safetensors")  # the original bytes, a new mtime
+    assert run_cli("train", str(recipe), "--run-dir", str(run_dir)).exit_code == 0
+    assert (run_dir / "stage-01-reverse" / "manifest.json").is_file()

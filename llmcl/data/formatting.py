@@ -256,15 +256,28 @@ def _chat_segments(tokenizer: Any, messages: list[dict[str, str]], key: str) -> 
     return segments
 
 
+def prompt_ids(tokenizer: Any, text: str, rendered: bool) -> list[int]:
+    """The tokens of a prompt (an example's first segment) as training and scoring see them. `rendered`: the text
+    is a chat template's output, which carries the template's own special tokens (its BOS), so the tokenizer
+    adds none, as transformers' apply_chat_template(tokenize=True) does; otherwise the special tokens the
+    tokenizer puts before a text (its BOS), unless the text already begins with the BOS, and never those it puts
+    after one (a tokenizer with add_eos_token would end the prompt with an EOS)."""
+    bare = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = getattr(tokenizer, "bos_token", None)
+    if rendered or (bos and text.startswith(bos)):
+        return bare
+    full = tokenizer(text)["input_ids"]
+    lead = next((k for k in range(len(full) - len(bare) + 1) if full[k:k + len(bare)] == bare), 0)
+    return full[:lead] + bare
+
+
 def _encode_supervised(tokenizer: Any, segments: list[tuple[str, bool]], add_eos: bool, *, rendered: bool) -> Example:
-    """`segments` tokenized one after another. `rendered`: the segments are a chat template's output, which
-    carries the template's own special tokens (its BOS), so the tokenizer adds none, as transformers'
-    apply_chat_template(tokenize=True) does; otherwise the first segment gets the tokenizer's (a BOS where
-    the tokenizer adds one)."""
+    """`segments` tokenized one after another, the first as a prompt (prompt_ids: `rendered` by a chat template
+    or not), the others alone."""
     ids: list[int] = []
     labels: list[int] = []
     for i, (text, trained) in enumerate(segments):
-        piece = tokenizer(text, add_special_tokens=(i == 0 and not rendered))["input_ids"]
+        piece = prompt_ids(tokenizer, text, rendered) if i == 0 else tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += piece
         labels += piece if trained else [IGNORE] * len(piece)
     if add_eos and tokenizer.eos_token_id is not None:

@@ -144,10 +144,16 @@ class ScoredAsTrained:
       joined after moving the prompt's trailing spaces into the answer: a prompt "Sentiment: " and an answer
       "positive" were scored as " positive" after "Sentiment:", tokens training never showed the model there.
       General tasks keep HFLM's way (their published numbers use it: a convention, where the first is a fault,
-      fixed for every task)."""
+      fixed for every task).
+    - A stage task's prompt, for generation and for a label set alike, gets the special tokens training gave it
+      (formatting.prompt_ids): none where the chat template rendered it (`rendered`: HFLM added the tokenizer's
+      BOS to a template that renders none, Zephyr's, TinyLlama-Chat's), and never a trailing EOS (a tokenizer
+      with add_eos_token)."""
 
     _rolling = False
     _stage_pairs: frozenset = frozenset()
+    _prompts: dict[str, bool] = {}  # a stage task's prompts of the requests at hand -> rendered by a chat template
+    rendered: frozenset[str] = frozenset()  # the stage tasks whose prompts the chat template rendered
 
     def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
         self._rolling = True
@@ -163,19 +169,53 @@ class ScoredAsTrained:
         return super().tok_encode(string, add_special_tokens=add_special_tokens,  # type: ignore[misc]
                                   left_truncate_len=left_truncate_len, **kwargs)
 
+    def _stage_prompts(self, requests: Any) -> dict[str, bool]:
+        from llmcl.eval.tasks import STAGE_PREFIX
+
+        return {r.args[0]: r.task_name in self.rendered for r in requests
+                if (r.task_name or "").startswith(STAGE_PREFIX)}
+
     def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
         from llmcl.eval.tasks import STAGE_PREFIX
 
         self._stage_pairs = frozenset(r.args for r in requests if (r.task_name or "").startswith(STAGE_PREFIX))
+        self._prompts = self._stage_prompts(requests)
         try:
             return super().loglikelihood(requests, disable_tqdm)  # type: ignore[misc]
         finally:
-            self._stage_pairs = frozenset()
+            self._stage_pairs, self._prompts = frozenset(), {}
+
+    def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        self._prompts = self._stage_prompts(requests)
+        try:
+            return super().generate_until(requests, disable_tqdm)  # type: ignore[misc]
+        finally:
+            self._prompts = {}
+
+    def _prompt_ids(self, context: str) -> list[int]:
+        from llmcl.data.formatting import prompt_ids
+
+        return prompt_ids(self.tokenizer, context, self._prompts.get(context, False))  # type: ignore[attr-defined]
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if (context, continuation) in self._stage_pairs:
-            return self.tok_encode(context), self.tok_encode(continuation, add_special_tokens=False)
+            return self._prompt_ids(context), self.tok_encode(continuation, add_special_tokens=False)
         return super()._encode_pair(context, continuation)  # type: ignore[misc]
+
+    def tok_batch_encode(self, strings: list[str], padding_side: str = "left", left_truncate_len: int | None = None,
+                         truncation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generation's prompts, left-padded: a stage task's as training tokenized it (the others as HFLM does)."""
+        if not any(s in self._prompts for s in strings) or padding_side != "left":
+            return super().tok_batch_encode(strings, padding_side, left_truncate_len, truncation)  # type: ignore[misc]
+        rows = [self._prompt_ids(s) if s in self._prompts
+                else super(ScoredAsTrained, self).tok_batch_encode([s])[0][0].tolist() for s in strings]
+        if left_truncate_len:
+            rows = [r[-left_truncate_len:] for r in rows]
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id  # type: ignore[attr-defined]
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        return ids, mask
 
 
 def _raised_in(exc: BaseException, path_end: str) -> bool:
@@ -190,8 +230,10 @@ def _raised_in(exc: BaseException, path_end: str) -> bool:
 
 def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list[str], include_defaults: bool,
              limit: int | None, batch_size: int | str, num_fewshot: int | None,
-             metadata: dict[str, Any] | None = None, accelerator: Any = None) -> dict[str, TaskResult]:
-    """Score `model` on lm-eval `tasks`; returns task -> TaskResult.
+             metadata: dict[str, Any] | None = None, accelerator: Any = None,
+             rendered: frozenset[str] = frozenset()) -> dict[str, TaskResult]:
+    """Score `model` on lm-eval `tasks`; returns task -> TaskResult. `rendered`: the stage tasks whose prompts
+    went through the chat template (tokenized without the tokenizer's special tokens, as trained).
 
     With an `accelerator` of several processes (all of them calling this at once), lm-eval shards the requests
     by rank and gathers the per-sample metrics on rank 0, which gets the results; the other ranks get {}."""
@@ -213,6 +255,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, include_path: list
                                   metadata=metadata or {})
             lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype="float32",
                       max_length=getattr(model.config, "max_position_embeddings", None))
+            lm.rendered = rendered
             if accelerator is not None and accelerator.num_processes > 1:  # data-parallel: lm-eval shards by rank
                 lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
                 lm.accelerator, lm._device = accelerator, accelerator.device

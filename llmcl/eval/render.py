@@ -36,6 +36,8 @@ def _n(column: Column) -> str:
     """The column's item count as its header shows it (a score over 30 items is not one over 3,000)."""
     if len(column.ns) > 1:  # rows scored on different items (eval.limit or eval.max_prompt_tokens changed)
         return f", n={'/'.join(map(str, column.ns))} [rows differ]"
+    if len(column.items) > 1:  # as many items, other ones (the stage's test data edited between the rows)
+        return f", n={column.n} [items differ]"
     return "" if column.n is None else f", n={column.n}"
 
 

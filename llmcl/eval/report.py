@@ -26,6 +26,7 @@ class Column:
     higher_is_better: bool
     n: int | None = None  # items scored (the first row's count; eval.limit caps it)
     ns: list[int] = field(default_factory=list)  # every row's count, each once: more than one = rows differ
+    items: list[str] = field(default_factory=list)  # every row's test items (their hash), each once: likewise
 
 
 @dataclass
@@ -135,6 +136,9 @@ def collect(run_dir: Path) -> RunReport:
                     report.scoring[key].append(value)
             if task in seen and cell.get("n") is not None and cell["n"] not in seen[task].ns:
                 seen[task].ns.append(cell["n"])
+            items = recorded_scoring(task, cell, row).get("items")
+            if task in seen and items is not None and items not in seen[task].items:
+                seen[task].items.append(items)
     for label, stage, row in rows:
         report.rows.append(label)
         report.row_stage.append(stage)

@@ -90,10 +90,8 @@ def load_run_recipe(run_dir: Path, *, data_files: bool = True) -> Recipe:
 def _load_model(run_dir: Path, recipe: Recipe, row: str | int, device: Any = None):
     import torch
 
-    from llmcl.models import load_base_model
-
     if row == BASE:
-        model = load_base_model(recipe.model, recipe.seed)
+        model = artifacts.load_base(run_dir, recipe.model, recipe.seed)
     else:
         ledger = Ledger.read(run_dir, recipe)
         if not ledger.is_done(int(row)):
@@ -185,6 +183,8 @@ def cell_scoring(recipe: Recipe, name: str, task: StageTask | None, shots: int |
     if not name.startswith(STAGE_PREFIX):
         return {**out, "tasks_limit": tasks_limit(e)}
     out["limit"] = e.limit
+    if task is not None:
+        out["items"] = task.items  # (a setting of no sentence: the report compares it within a column)
     kind = task.kind if task is not None else None
     if kind in ("generate", "choice"):  # (another run's stage task, kind None, was written by it, with its keys)
         out["max_prompt_tokens"] = e.max_prompt_tokens
@@ -258,6 +258,7 @@ def score_row(run_dir: Path, row: str | int, *, recipe: Recipe | None = None, to
             include_defaults=needs_harness_index(group), limit=limit, batch_size=e.batch_size,
             num_fewshot=e.num_fewshot, metadata={"llmcl_eval_data": dd} if dd else None,
             accelerator=accelerator if parallel else None,
+            rendered=frozenset(t.task for t in stage_tasks if t.rendered),
         ))
     seconds = time.perf_counter() - t0
     del model

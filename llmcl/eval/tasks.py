@@ -41,6 +41,12 @@ class StageTask:
     """A one-line note for the user about this task's scores (answers longer than eval.max_new_tokens)."""
     zero_shot: bool = False
     """Scored without few-shot examples whatever eval.num_fewshot says (a chat stage: see write_stage_tasks)."""
+    rendered: bool = False
+    """Its prompts went through the tokenizer's chat template (chat data, or data.chat_template): they are scored
+    without the tokenizer's special tokens, as they were trained."""
+    items: str | None = None
+    """The content hash of its rendered test items (their file's name): rows scored on other items (the stage's
+    test data edited between them) differ in it."""
 
     @property
     def view(self) -> str:
@@ -166,7 +172,8 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool
         # a prompt rendered by the chat template: lm-eval would join few-shot examples as text around it (each
         # shot's answer without its end of turn, the system prompt repeated), a format training never showed
         fmt = detect_format(stage.data, records[0], f"stages.{i}.data")
-        zero_shot = bool(recipe.eval.num_fewshot) and (fmt in CHAT_FORMATS or fmt != "text" and stage.data.chat_template)
+        rendered = fmt in CHAT_FORMATS or fmt != "text" and bool(stage.data.chat_template)
+        zero_shot = bool(recipe.eval.num_fewshot) and rendered
         cap = recipe.eval.max_prompt_tokens
         if cap is not None and kind != "perplexity":
             lengths = map(len, tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"])
@@ -196,7 +203,7 @@ def write_stage_tasks(recipe: Any, run_dir: Path, tokenizer: Any, *, write: bool
                      "for the other tasks): its prompts go through the chat template, outside which lm-eval would "
                      "join the examples" if zero_shot and view == views[0][0] else None]
             written.append(StageTask(i, stage.name, task, view, len(rows), "\n".join(n for n in notes if n) or None,
-                                     zero_shot))
+                                     zero_shot, rendered, data_file.stem.rsplit("-", 1)[1]))
     return written
 
 

@@ -190,6 +190,4 @@ def load_into(model: nn.Module, directory: Path) -> nn.Module:
 
 @artifacts.loader("mora")
 def _load_artifact(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, trainable: bool) -> nn.Module:
-    from llmcl.models import load_base_model
-
-    return load_into(load_base_model(model_cfg, seed), run_dir / manifest["path"])
+    return load_into(artifacts.load_base(run_dir, model_cfg, seed), run_dir / manifest["path"])

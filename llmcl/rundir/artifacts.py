@@ -58,6 +58,41 @@ def load(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, *, 
     return model
 
 
+# -- the base model ----------------------------------------------------------------------------------
+
+BASE_MODEL = "base_model"  # the ledger's record of a local model.path's files, from the run's first stage
+
+
+def check_base(ledger: Any, path: str, *, record: bool = False) -> None:
+    """A local model.path is what the run started from, or one line: its LoRA/MoRA stages are deltas over it
+    (loaded over whatever the directory holds now) and its base row scores it. `record`: the first stage starts
+    here (rank 0): a run without a record gets one (a run from before llmcl recorded it has none to check)."""
+    from llmcl.rundir.integrity import model_difference, model_record
+
+    directory = Path(path)
+    if path.startswith("builtin:") or not directory.is_dir():
+        return
+    recorded = ledger.data.get(BASE_MODEL)
+    if recorded is None or recorded.get("path") != path:
+        if record:
+            ledger.data[BASE_MODEL] = {"path": path, "files": model_record(directory)}
+            ledger.save()
+        return
+    diff = model_difference(directory, recorded["files"])
+    if diff is not None:
+        raise LlmclError(f"model.path={path!r} changed since this run started ({diff}): its stages were trained from "
+                         "the original; put it back, or train again in a new run directory (--run-dir)")
+
+
+def load_base(run_dir: Path, model_cfg: Any, seed: int) -> Any:
+    """The run's base model, its directory checked against the run's record first (check_base)."""
+    from llmcl.models import load_base_model
+    from llmcl.rundir.ledger import Ledger
+
+    check_base(Ledger.read(run_dir), model_cfg.path)
+    return load_base_model(model_cfg, seed)
+
+
 # -- full models -------------------------------------------------------------------------------------
 
 def save_full(model: Any, out_dir: Path, state_dict: dict | None = None) -> dict[str, Any]:
@@ -90,9 +125,7 @@ def save_peft(model: Any, out_dir: Path, merged: list[str], *, adapter: str | No
 def _load_peft(run_dir: Path, manifest: dict[str, Any], model_cfg: Any, seed: int, trainable: bool):
     from peft import PeftModel
 
-    from llmcl.models import load_base_model
-
-    model = load_base_model(model_cfg, seed)
+    model = load_base(run_dir, model_cfg, seed)
     for adapter in manifest.get("merged", []):
         model = PeftModel.from_pretrained(model, run_dir / adapter).merge_and_unload()
     return PeftModel.from_pretrained(model, run_dir / manifest["path"], is_trainable=trainable)

@@ -36,6 +36,29 @@ def fingerprint(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, dict[s
     return {rel: file_record(p) for p in files if (rel := p.relative_to(directory).as_posix()) not in skip}
 
 
+def model_record(directory: Path) -> dict[str, dict[str, Any]]:
+    """{file name: {size, mtime_ns, sha256}} of the files at the top of a model directory (weights, config,
+    tokenizer; not subdirectories such as Llama 3's original/)."""
+    files = sorted(p for p in Path(directory).iterdir() if p.is_file())
+    return {p.name: {**file_record(p), "mtime_ns": p.stat().st_mtime_ns} for p in files}
+
+
+def model_difference(directory: Path, recorded: dict[str, dict[str, Any]]) -> str | None:
+    """How a model directory's files differ from `recorded` (model_record), or None. A file whose size and
+    modification time are as recorded is not read again (a model's weights are many GB); one touched since is
+    hashed, so a copy of the same bytes is the same model."""
+    for name, want in recorded.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{name} is gone"
+        stat = path.stat()
+        if stat.st_size != want["size"]:
+            return f"{name} has {stat.st_size} bytes, {want['size']} before"
+        if stat.st_mtime_ns != want.get("mtime_ns") and sha256(path) != want["sha256"]:
+            return f"{name} has other content (sha256 differs)"
+    return None
+
+
 def difference(directory: Path, recorded: dict[str, dict[str, Any]]) -> str | None:
     """How the files under `directory` differ from `recorded` (the first difference), or None. Sizes first
     (cheap), then hashes."""

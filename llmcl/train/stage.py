@@ -153,6 +153,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
     origin, prev_dir = artifacts.stage_origin(run.ledger, i)
     with accelerator.main_process_first():  # rank 0 builds caches (SmolLM2 dequantization) first
         if prev_dir is None:
+            artifacts.check_base(run.ledger, recipe.model.path, record=accelerator.is_main_process)
             model = load_base_model(recipe.model, recipe.seed)
         else:
             model = artifacts.load(run.run_dir, origin, recipe.model, recipe.seed, trainable=True)
@@ -186,6 +187,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
     data_files = data_fingerprint([stage.data] + [p.data for p in replay_plan(recipe, i)])
     if resume is not None:
         _same_data(run.run_dir, resume["state"].get("data_files"), data_files)
+    _same_as_trained(run, i, data_files)
     if resume is not None and "deepspeed" in resume:  # the shards are loaded into the engine below
         method.load_state_dict(resume["method_state"])
     elif resume is not None:
@@ -244,11 +246,29 @@ def _same_data(run_dir: Path, saved: dict[str, Any] | None, now_files: dict[str,
         before, after = saved.get(path), now_files.get(path)
         if before == after:
             continue
-        how = ("is new" if before is None else "is gone" if after is None
-               else f"has {after['size']} bytes, {before['size']} before" if after["size"] != before["size"]
-               else "has the same size but other content")
-        raise LlmclError(f"data file {path} changed since the step checkpoint was saved ({how}); put the original "
+        raise LlmclError(f"data file {path} changed since the step checkpoint was saved "
+                         f"({_how_changed(before, after)}); put the original "
                          f"back to resume, or delete {run_dir / STEP_DIR} to restart the stage on the new data")
+
+
+def _how_changed(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
+    return ("is new" if before is None else "is gone" if after is None
+            else f"has {after['size']} bytes, {before['size']} before" if after["size"] != before["size"]
+            else "has the same size but other content")
+
+
+def _same_as_trained(run: RunContext, i: int, now_files: dict[str, Any]) -> None:
+    """A file stage `i` reads (replay of an earlier stage's data) that a finished stage trained on is what that
+    stage read, or stage `i` is refused in one line: a run trained one stage per job, with the data edited
+    between jobs, is not the run one job would train."""
+    for j in range(i):
+        if not run.ledger.is_done(j):
+            continue
+        for path, before in (run.ledger.stage(j).get("data_files") or {}).items():
+            if path in now_files and now_files[path] != before:
+                raise LlmclError(f"data file {path} changed since stage {j} ({run.recipe.stages[j].name}) trained on "
+                                 f"it ({_how_changed(before, now_files[path])}), and stage {i} reads it again; put "
+                                 "the original back, or train the run again in a new run directory (--run-dir)")
 
 
 def _restore(run_dir: Path, resume: dict[str, Any], named: list, optimizer: Any, method: Method) -> None:
