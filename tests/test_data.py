@@ -628,3 +628,29 @@ def test_a_file_saved_with_a_utf8_byte_order_mark_reads_as_without_it(suffix, tm
     assert marked.read_bytes().startswith(b"\xef\xbb\xbf")
     assert read_file(marked) == read_file(plain) and list(_local_records(marked)) == list(_local_records(plain))
     assert read_file(plain)[0] == ({"text": "first document"} if suffix == ".txt" else records[0])
+
+
+def test_a_prompt_gets_the_special_tokens_a_tokenizer_puts_before_a_text_even_an_empty_one(tok):
+    """The BOS a tokenizer adds (and never the EOS one with add_eos_token puts after a text) begins every prompt
+    of prompt/completion data, an empty one too; a chat-rendered prompt, or one already beginning with the BOS
+    text, gets none."""
+    import copy
+
+    from tokenizers import processors
+
+    from llmcl.data.formatting import prompt_ids
+
+    both = copy.deepcopy(tok)
+    both.bos_token = "<|endoftext|>"
+    both._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A <|im_end|>", special_tokens=[("<|endoftext|>", both.bos_token_id),
+                                                              ("<|im_end|>", both.eos_token_id)])
+    bos, bare = both.bos_token_id, both("Question: x", add_special_tokens=False)["input_ids"]
+    assert both("Question: x")["input_ids"] == [bos, *bare, both.eos_token_id]  # the premise
+    assert prompt_ids(both, "Question: x", rendered=False) == [bos, *bare]
+    assert prompt_ids(both, "", rendered=False) == [bos]
+    assert prompt_ids(both, "Question: x", rendered=True) == bare
+    assert prompt_ids(both, "<|endoftext|>Question: x", rendered=False)[:2] != [bos, bos]
+    (ex,), _ = encode([{"prompt": "", "completion": " yes"}], DataConfig(path="x.jsonl"), both, 64)
+    assert ex.input_ids == [bos, *both(" yes", add_special_tokens=False)["input_ids"], both.eos_token_id]
+    assert prompt_ids(tok, "", rendered=False) == [] and prompt_ids(tok, "hi", rendered=False) == tok("hi")["input_ids"]

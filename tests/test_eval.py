@@ -1101,6 +1101,11 @@ def _special_tokens_variant(tok, case):
         out._tokenizer.post_processor = processors.TemplateProcessing(
             single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", out.bos_token_id)])
         assert out("hi")["input_ids"][0] == out.bos_token_id
+    elif case == "bos_without_a_chat_template":
+        out.bos_token = "<|endoftext|>"
+        out._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A <|im_end|>", special_tokens=[("<|endoftext|>", out.bos_token_id),
+                                                                  ("<|im_end|>", out.eos_token_id)])
     elif case == "eos_after_every_text":
         out._tokenizer.post_processor = processors.TemplateProcessing(
             single="$A <|im_end|>", special_tokens=[("<|im_end|>", out.eos_token_id)])
@@ -1108,7 +1113,8 @@ def _special_tokens_variant(tok, case):
     return out
 
 
-@pytest.mark.parametrize("case", ["bos_the_template_does_not_render", "eos_after_every_text", "as_built"])
+@pytest.mark.parametrize("case", ["bos_the_template_does_not_render", "bos_without_a_chat_template",
+                                  "eos_after_every_text", "as_built"])
 def test_a_stage_prompt_is_scored_with_the_special_tokens_it_was_trained_with(case, tmp_path, monkeypatch):
     """A chat-rendered prompt carries the template's own special tokens: training adds none, and lm-eval added
     the tokenizer's BOS to it where the template renders none; a tokenizer that ends every text with an EOS put
@@ -1133,7 +1139,8 @@ def test_a_stage_prompt_is_scored_with_the_special_tokens_it_was_trained_with(ca
                                      eval={"limit": 4, "batch_size": 2}), [])
     records = load_records(r.stages[0].data, "test", r.seed)
     prompts = [row["prompt"] for row in render_test_records(r.stages[0], 0, records, tok)[1]]
-    expected = {p: tok(p, add_special_tokens=False)["input_ids"] for p in prompts}  # no BOS: neither case adds one
+    bos = [tok.bos_token_id] if case == "bos_without_a_chat_template" else []  # (a chat prompt gets none)
+    expected = {p: bos + tok(p, add_special_tokens=False)["input_ids"] for p in prompts}
     trained = encode(records, r.stages[0].data, tok, 512)[0]  # training's prompt tokens: up to the first label
     assert {tuple(ex.input_ids[:next(i for i, x in enumerate(ex.labels) if x != IGNORE)]) for ex in trained} == \
         {tuple(ids) for ids in expected.values()}
@@ -1141,7 +1148,10 @@ def test_a_stage_prompt_is_scored_with_the_special_tokens_it_was_trained_with(ca
     original_generate = LlamaForCausalLM.generate
 
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
-        generated.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask))
+        for ids, mask in zip(input_ids, attention_mask):  # left-padded with the pad token
+            pads = int((mask == 0).sum())
+            assert mask[pads:].all() and (ids[:pads] == tok.pad_token_id).all(), (ids, mask)
+            generated.append(ids[pads:].tolist())
         return original_generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     original_pair = harness.ScoredAsTrained._encode_pair

@@ -591,25 +591,33 @@ def test_a_run_kept_without_its_data_still_reports_and_exports(tmp_path):
 
 
 def test_data_an_earlier_stage_trained_on_edited_before_a_later_stage_replays_it_is_one_line(tmp_path):
-    """One job per stage (--stage N) with stage 0's data edited between the jobs: stage 1 replays that data, so
-    the run would not be the one a single job trains. Stage 1 is refused in one line naming the file and the
-    stage that trained on it; stage 0 stays as it was; with the original back the stage trains."""
-    facts = _write_jsonl(tmp_path / "facts.jsonl", _records("facts"))
+    """One job per stage (--stage N) with stage 0's training data edited between the jobs: the later stages replay
+    it, so the run would not be the one a single job trains. The stage is refused in one line naming the file and
+    the stage that trained on it; stage 0 stays as it was; with the original back the stage trains. Its test split
+    may change (nothing trains on it: the report marks the rows scored on other items)."""
+    d0 = tmp_path / "facts"
+    d0.mkdir()
+    train = _write_jsonl(d0 / "train.jsonl", _records("facts"))
+    test = _write_jsonl(d0 / "test.jsonl", _records("facts")[:8])
     reverse = _write_jsonl(tmp_path / "reverse.jsonl", _records("reverse"))
     recipe = write_recipe(tmp_path / "r.yaml", train={"lr": 1e-3, "max_steps": 2, "batch_size": 4, "seq_len": 48,
                                                       "warmup": 0},
                           replay={"ratio": 0.5}, eval={"after_each_stage": False},
-                          stages=[{"name": "facts", "data": {"path": str(facts)}},
-                                  {"name": "reverse", "data": {"path": str(reverse)}}])
+                          stages=[{"name": "facts", "data": {"path": str(d0)}},
+                                  {"name": "reverse", "data": {"path": str(reverse)}},
+                                  {"name": "again", "data": {"path": str(reverse)}}])
     run_dir = tmp_path / "run"
     assert run_cli(*_train(recipe, run_dir, "--stage", "0")).exit_code == 0
     before = fingerprint(run_dir / STAGE0)
-    original = facts.read_bytes()
-    _write_jsonl(facts, _records("facts")[:-1])
+    _write_jsonl(test, _records("facts")[8:16])  # the test split: no stage trains on it
     res = run_cli(*_train(recipe, run_dir, "--stage", "1"))
+    assert res.exit_code == 0, res.output
+    original = train.read_bytes()
+    _write_jsonl(train, _records("facts")[:-1])
+    res = run_cli(*_train(recipe, run_dir, "--stage", "2"))
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert res.exit_code == 2 and len(lines) == 1 and "Traceback" not in res.output, res.output
-    assert f"data file {facts} changed since stage 0 (facts) trained on it (has " in lines[0], lines[0]
+    assert f"data file {train} changed since stage 0 (facts) trained on it (has " in lines[0], lines[0]
     assert fingerprint(run_dir / STAGE0) == before
-    facts.write_bytes(original)
-    assert run_cli(*_train(recipe, run_dir, "--stage", "1")).exit_code == 0
+    train.write_bytes(original)
+    assert run_cli(*_train(recipe, run_dir, "--stage", "2")).exit_code == 0

@@ -419,8 +419,12 @@ def test_a_model_directory_without_tokenizer_files_or_with_a_cut_weight_file_is_
     assert "the directory holds no tokenizer files (tokenizer.json," in error("no_tokenizer")
     tokenizer.save_pretrained(model)
     weights = model / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
     assert f"cannot load model.path={str(model)!r}: a weight file is damaged (" in error("cut")
+    weights.write_bytes(whole)  # as the message says: saved again; the same run directory then trains
+    res = run_cli("train", str(recipe), "--run-dir", str(tmp_path / "cut"))
+    assert res.exit_code == 0, res.output
 
 
 def test_an_encoder_model_that_would_see_the_tokens_it_predicts_is_refused(tmp_path):

@@ -266,9 +266,14 @@ def prompt_ids(tokenizer: Any, text: str, rendered: bool) -> list[int]:
     bos = getattr(tokenizer, "bos_token", None)
     if rendered or (bos and text.startswith(bos)):
         return bare
-    full = tokenizer(text)["input_ids"]
-    lead = next((k for k in range(len(full) - len(bare) + 1) if full[k:k + len(bare)] == bare), 0)
-    return full[:lead] + bare
+    return _leading_special(tokenizer) + bare
+
+
+def _leading_special(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text (its BOS, or none), read off a one-letter text (an
+    empty one would not tell a BOS from an EOS)."""
+    full, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    return next((full[:k] for k in range(len(full) - len(bare) + 1) if full[k:k + len(bare)] == bare), [])
 
 
 def _encode_supervised(tokenizer: Any, segments: list[tuple[str, bool]], add_eos: bool, *, rendered: bool) -> Example:

@@ -274,6 +274,17 @@ def seeded_subset(n: int, limit: int, split: str, seed: int) -> list[int]:
     return sorted(order[:limit])
 
 
+def train_files(cfg: Any) -> list[Path]:
+    """The local files a data config's training records come from (its file, or its directory's train split
+    file; not test_path nor a directory's test split)."""
+    if not cfg.path or not is_local(cfg.path):
+        return []
+    p = Path(cfg.path).expanduser()
+    if p.is_dir():
+        return [f] if (f := _split_file(p, cfg.train_split)) else []
+    return [p] if p.is_file() else []
+
+
 def local_files(cfg: Any) -> list[Path]:
     """The local files a data config reads (its file, or its directory's split files, and test_path)."""
     files = []

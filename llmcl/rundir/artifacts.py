@@ -65,18 +65,20 @@ BASE_MODEL = "base_model"  # the ledger's record of a local model.path's files, 
 
 def check_base(ledger: Any, path: str, *, record: bool = False) -> None:
     """A local model.path is what the run started from, or one line: its LoRA/MoRA stages are deltas over it
-    (loaded over whatever the directory holds now) and its base row scores it. `record`: the first stage starts
-    here (rank 0): a run without a record gets one (a run from before llmcl recorded it has none to check)."""
+    (loaded over whatever the directory holds now) and its base row scores it. `record`: the first stage has
+    just loaded it and nothing trained from it is kept (rank 0): the record is made (again). A run from before
+    llmcl recorded it has none to check."""
     from llmcl.rundir.integrity import model_difference, model_record
 
     directory = Path(path)
     if path.startswith("builtin:") or not directory.is_dir():
         return
+    if record:
+        ledger.data[BASE_MODEL] = {"path": path, "files": model_record(directory)}
+        ledger.save()
+        return
     recorded = ledger.data.get(BASE_MODEL)
     if recorded is None or recorded.get("path") != path:
-        if record:
-            ledger.data[BASE_MODEL] = {"path": path, "files": model_record(directory)}
-            ledger.save()
         return
     diff = model_difference(directory, recorded["files"])
     if diff is not None:
@@ -87,9 +89,11 @@ def check_base(ledger: Any, path: str, *, record: bool = False) -> None:
 def load_base(run_dir: Path, model_cfg: Any, seed: int) -> Any:
     """The run's base model, its directory checked against the run's record first (check_base)."""
     from llmcl.models import load_base_model
+    from llmcl.rundir.layout import LEDGER
     from llmcl.rundir.ledger import Ledger
 
-    check_base(Ledger.read(run_dir), model_cfg.path)
+    if (Path(run_dir) / LEDGER).exists():  # (a directory scored without being trained has nothing recorded)
+        check_base(Ledger.read(run_dir), model_cfg.path)
     return load_base_model(model_cfg, seed)
 
 

@@ -20,7 +20,7 @@ import torch
 from llmcl import methods
 from llmcl.data.batching import BatchPlan, collate, fetch
 from llmcl.data.mixing import build_pool, replay_key, replay_plan, replay_sources, replay_token_note
-from llmcl.data.sources import local_files
+from llmcl.data.sources import local_files, train_files
 from llmcl.errors import LlmclError
 from llmcl.layers import varlen
 from llmcl.methods.base import Method, StageInfo
@@ -153,8 +153,11 @@ def build_stage(run: RunContext, i: int) -> StageContext:
     origin, prev_dir = artifacts.stage_origin(run.ledger, i)
     with accelerator.main_process_first():  # rank 0 builds caches (SmolLM2 dequantization) first
         if prev_dir is None:
-            artifacts.check_base(run.ledger, recipe.model.path, record=accelerator.is_main_process)
             model = load_base_model(recipe.model, recipe.seed)
+            # recorded once it loads, while nothing trained from it is kept (no step checkpoint of stage 0)
+            fresh = not (run.run_dir / STEP_DIR).exists()
+            if not fresh or accelerator.is_main_process:
+                artifacts.check_base(run.ledger, recipe.model.path, record=fresh)
         else:
             model = artifacts.load(run.run_dir, origin, recipe.model, recipe.seed, trainable=True)
     model.to(device)
@@ -187,7 +190,7 @@ def build_stage(run: RunContext, i: int) -> StageContext:
     data_files = data_fingerprint([stage.data] + [p.data for p in replay_plan(recipe, i)])
     if resume is not None:
         _same_data(run.run_dir, resume["state"].get("data_files"), data_files)
-    _same_as_trained(run, i, data_files)
+    _same_as_trained(run, i, data_files, [stage.data] + [p.data for p in replay_plan(recipe, i)])
     if resume is not None and "deepspeed" in resume:  # the shards are loaded into the engine below
         method.load_state_dict(resume["method_state"])
     elif resume is not None:
@@ -257,15 +260,16 @@ def _how_changed(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
             else "has the same size but other content")
 
 
-def _same_as_trained(run: RunContext, i: int, now_files: dict[str, Any]) -> None:
-    """A file stage `i` reads (replay of an earlier stage's data) that a finished stage trained on is what that
+def _same_as_trained(run: RunContext, i: int, now_files: dict[str, Any], sources: list[Any]) -> None:
+    """A file stage `i` trains on (`sources`: its data and replay's) that a finished stage trained on is what that
     stage read, or stage `i` is refused in one line: a run trained one stage per job, with the data edited
-    between jobs, is not the run one job would train."""
+    between jobs, is not the run one job would train. (Test files may change: the report marks the rows.)"""
+    trained_now = {str(p) for cfg in sources for p in train_files(cfg)}
     for j in range(i):
         if not run.ledger.is_done(j):
             continue
         for path, before in (run.ledger.stage(j).get("data_files") or {}).items():
-            if path in now_files and now_files[path] != before:
+            if path in trained_now and path in now_files and now_files[path] != before:
                 raise LlmclError(f"data file {path} changed since stage {j} ({run.recipe.stages[j].name}) trained on "
                                  f"it ({_how_changed(before, now_files[path])}), and stage {i} reads it again; put "
                                  "the original back, or train the run again in a new run directory (--run-dir)")
