@@ -1027,7 +1027,8 @@ def test_a_cell_records_the_shots_lm_eval_gave_not_only_those_asked(run_dir, tmp
     other = tmp_path / "run"
     shutil.copytree(run_dir, other)
     data = yaml.safe_load((other / "recipe.yaml").read_text())
-    data["eval"].update(include_path=[str(general)], num_fewshot=1, tasks=["fixed_zero", "free_shots"])
+    data["eval"].update(include_path=[str(general)], num_fewshot=1, tasks=["fixed_zero", "free_shots"], limit=2,
+                        tasks_limit=2)
     (other / "recipe.yaml").write_text(yaml.safe_dump(data))
     res = run_cli("eval", str(other), "--stage", "base", "--tasks", "fixed_zero,free_shots,sentiment")
     assert res.exit_code == 0, res.output

@@ -284,7 +284,11 @@ def _edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("fault", sorted(FAULTS))
+SLOW_FAULTS = {"eval_task_yaml_that_does_not_parse"}  # ~15 s: lm-eval indexes its whole task catalogue
+
+
+@pytest.mark.parametrize("fault", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAULTS else f
+                                   for f in sorted(FAULTS)])
 def test_fault_is_one_line_and_keeps_the_finished_stage(fault, run_copy, tmp_path):
     recipe, run_dir = run_copy
     prepare, code, text = FAULTS[fault]

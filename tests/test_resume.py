@@ -33,8 +33,8 @@ def _metrics(run_dir):
 
 # 5 steps per stage, a step checkpoint every 2 steps; the crash comes after the n-th step of the whole run,
 # before that step's checkpoint would be written, so each case resumes from an earlier step checkpoint
-@pytest.mark.parametrize("method,crash_at,resume_from", [("seqft", 8, (1, 2)), ("seqft", 4, (0, 2)),
-                                                         ("lora", 9, (1, 2))])
+@pytest.mark.parametrize("method,crash_at,resume_from", [  # (every method's resume: test_method_contract)
+    ("seqft", 8, (1, 2)), ("seqft", 4, (0, 2)), pytest.param("lora", 9, (1, 2), marks=pytest.mark.slow)])
 def test_crash_then_same_command_equals_uninterrupted(tmp_path, monkeypatch, method, crash_at, resume_from):
     recipe = write_recipe(tmp_path / "r.yaml", method={"name": method, "between_stages": "merge", "dropout": 0.1} if method == "lora"
                           else {"name": method}, train={"lr": 1e-3, "max_steps": 5, "batch_size": 4, "seq_len": 48,

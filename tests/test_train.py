@@ -423,7 +423,7 @@ def test_a_model_directory_without_tokenizer_files_or_with_a_cut_weight_file_is_
     weights.write_bytes(whole[: len(whole) // 2])
     assert f"cannot load model.path={str(model)!r}: a weight file is damaged (" in error("cut")
     weights.write_bytes(whole)  # as the message says: saved again; the same run directory then trains
-    res = run_cli("train", str(recipe), "--run-dir", str(tmp_path / "cut"))
+    res = run_cli("train", str(recipe), "--run-dir", str(tmp_path / "cut"), "--stage", "0")
     assert res.exit_code == 0, res.output
 
 
