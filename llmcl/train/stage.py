@@ -187,10 +187,11 @@ def build_stage(run: RunContext, i: int) -> StageContext:
 
     # 4) resume from this stage's step checkpoint, if a previous attempt left one (and read the same data)
     resume = load_step(run.run_dir, i, plan.steps)
-    data_files = data_fingerprint([stage.data] + [p.data for p in replay_plan(recipe, i)])
+    sources = [stage.data] + [p.data for p in replay_plan(recipe, i)]
+    data_files = data_fingerprint(sources)
     if resume is not None:
         _same_data(run.run_dir, resume["state"].get("data_files"), data_files)
-    _same_as_trained(run, i, data_files, [stage.data] + [p.data for p in replay_plan(recipe, i)])
+    _same_as_trained(run, i, data_files, sources)
     if resume is not None and "deepspeed" in resume:  # the shards are loaded into the engine below
         method.load_state_dict(resume["method_state"])
     elif resume is not None:
